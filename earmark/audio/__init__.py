@@ -1,0 +1,17 @@
+"""Audio in: decoding, resampling, pad/crop and log-mel features."""
+
+from earmark.audio.features import FeatureConfig, FeatureNormalizer, LogMel, mel_filterbank
+from earmark.audio.io import AudioConfig, AudioDecodeError, fix_length, load_audio, load_batch, to_mono
+
+__all__ = [
+    "AudioConfig",
+    "AudioDecodeError",
+    "FeatureConfig",
+    "FeatureNormalizer",
+    "LogMel",
+    "fix_length",
+    "load_audio",
+    "load_batch",
+    "mel_filterbank",
+    "to_mono",
+]

@@ -1,0 +1,111 @@
+"""Log-mel filterbank features in torch, batched, Kaldi-style as AST / SSAST / AuM use them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Kaldi-like fbank: 25 ms Hann window, 10 ms hop, 128 mel bins, no dither, mean removed."""
+
+    sample_rate: int = 16000
+    n_mels: int = 128
+    win_ms: float = 25.0
+    hop_ms: float = 10.0
+    n_fft: int = 512
+    f_min: float = 20.0
+    f_max: float | None = None  # None = Nyquist
+    log_floor: float = 1.1920928955078125e-07  # float32 eps, as Kaldi
+
+    @property
+    def win_length(self) -> int:
+        return int(round(self.sample_rate * self.win_ms / 1000))
+
+    @property
+    def hop_length(self) -> int:
+        return int(round(self.sample_rate * self.hop_ms / 1000))
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames with Kaldi's snip_edges: only whole windows."""
+        if num_samples < self.win_length:
+            return 1
+        return 1 + (num_samples - self.win_length) // self.hop_length
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _mel(f: Tensor) -> Tensor:
+    return 1127.0 * torch.log1p(f / 700.0)
+
+
+def mel_filterbank(config: FeatureConfig) -> Tensor:
+    """(n_mels, n_fft // 2 + 1) triangular filters, equally spaced on the Kaldi mel scale."""
+    f_max = config.f_max or config.sample_rate / 2
+    n_bins = config.n_fft // 2 + 1
+    freqs = torch.linspace(0, config.sample_rate / 2, n_bins, dtype=torch.float64)
+    mel_pts = torch.linspace(
+        float(_mel(torch.tensor(config.f_min))), float(_mel(torch.tensor(f_max))), config.n_mels + 2,
+        dtype=torch.float64,
+    )
+    m = _mel(freqs)[None, :]
+    left, center, right = mel_pts[:-2, None], mel_pts[1:-1, None], mel_pts[2:, None]
+    up = (m - left) / (center - left)
+    down = (right - m) / (right - center)
+    return torch.clamp(torch.minimum(up, down), min=0.0).to(torch.float32)
+
+
+class LogMel(nn.Module):
+    """Waveforms (batch, samples) -> log-mel (batch, n_mels, frames)."""
+
+    def __init__(self, config: FeatureConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or FeatureConfig()
+        c = self.config
+        if c.win_length > c.n_fft:
+            raise ValueError(f"window of {c.win_length} samples does not fit n_fft={c.n_fft}")
+        self.register_buffer("window", torch.hann_window(c.win_length, periodic=False), persistent=False)
+        self.register_buffer("fbank", mel_filterbank(c), persistent=False)
+
+    def forward(self, wave: Tensor) -> Tensor:
+        if wave.ndim == 1:
+            wave = wave[None]
+        c = self.config
+        wave = wave.to(self.window.dtype)
+        if wave.shape[-1] < c.win_length:
+            wave = nn.functional.pad(wave, (0, c.win_length - wave.shape[-1]))
+        frames = wave.unfold(-1, c.win_length, c.hop_length)  # (B, T, win)
+        frames = frames - frames.mean(dim=-1, keepdim=True)  # Kaldi removes the DC offset per frame
+        spec = torch.fft.rfft(frames * self.window, n=c.n_fft).abs().pow(2)  # (B, T, bins)
+        mel = spec @ self.fbank.T  # (B, T, n_mels)
+        return torch.log(mel.clamp_min(c.log_floor)).transpose(1, 2).contiguous()
+
+
+class FeatureNormalizer(nn.Module):
+    """Dataset-level (x - mean) / (2 * std), as AST; the constants are saved with the model."""
+
+    def __init__(self, mean: float = 0.0, std: float = 0.5) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+    @torch.no_grad()
+    def fit(self, features: Tensor) -> FeatureNormalizer:
+        """Set the constants from a stack of log-mel features (any shape)."""
+        x = features.double()
+        self.mean.fill_(float(x.mean()))
+        self.std.fill_(max(float(x.std()), 1e-8))
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / (2.0 * self.std)
+
+
+def frames_for_seconds(seconds: float, config: FeatureConfig | None = None) -> int:
+    config = config or FeatureConfig()
+    return config.num_frames(int(math.floor(seconds * config.sample_rate)))

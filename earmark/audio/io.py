@@ -1,0 +1,114 @@
+"""Decoding audio files into mono float32 waveforms at the model rate.
+
+Every failure is raised as :class:`AudioDecodeError`, which names the file and the reason, so a
+caller can fail clearly or skip and report without parsing library-specific messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+
+class AudioDecodeError(ValueError):
+    """A file could not be turned into usable audio."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """How files become model input: rate, clip length and what counts as an absurd file."""
+
+    sample_rate: int = 16000
+    clip_seconds: float | None = 2.0  # None keeps the whole file
+    min_rate: int = 1000
+    max_rate: int = 768000
+    max_channels: int = 64
+    resample_quality: str = "HQ"
+
+    @property
+    def clip_samples(self) -> int | None:
+        return None if self.clip_seconds is None else int(round(self.clip_seconds * self.sample_rate))
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _check_info(path: Path, config: AudioConfig) -> sf._SoundFileInfo:
+    if not path.exists():
+        raise AudioDecodeError(path, "file does not exist")
+    if path.is_dir():
+        raise AudioDecodeError(path, "is a directory, not an audio file")
+    try:
+        info = sf.info(str(path))
+    except Exception as exc:  # soundfile raises several types for undecodable input
+        raise AudioDecodeError(path, f"cannot be decoded ({exc})") from exc
+    if not config.min_rate <= info.samplerate <= config.max_rate:
+        raise AudioDecodeError(
+            path, f"sample rate {info.samplerate} Hz is outside {config.min_rate}..{config.max_rate} Hz"
+        )
+    if not 1 <= info.channels <= config.max_channels:
+        raise AudioDecodeError(path, f"{info.channels} channels (at most {config.max_channels} accepted)")
+    return info
+
+
+def to_mono(x: np.ndarray) -> np.ndarray:
+    """Average channels; soundfile returns (frames, channels) for multichannel files."""
+    return x if x.ndim == 1 else x.mean(axis=1, dtype=np.float64).astype(np.float32)
+
+
+def resample(x: np.ndarray, rate: int, target: int, quality: str = "HQ") -> np.ndarray:
+    if rate == target:
+        return x
+    return soxr.resample(x, rate, target, quality=quality).astype(np.float32, copy=False)
+
+
+def fix_length(x: np.ndarray, n: int) -> np.ndarray:
+    """Crop from the start or zero-pad at the end to exactly ``n`` samples."""
+    if len(x) >= n:
+        return x[:n]
+    return np.pad(x, (0, n - len(x)))
+
+
+def load_audio(path: str | Path, config: AudioConfig | None = None) -> np.ndarray:
+    """Decode, downmix, resample and pad/crop one file to a float32 waveform."""
+    config = config or AudioConfig()
+    path = Path(path)
+    info = _check_info(path, config)
+    stop = None
+    if config.clip_samples is not None:
+        # Read only what the clip needs (plus resampler slack): long files never load whole.
+        stop = int(np.ceil(config.clip_samples * info.samplerate / config.sample_rate)) + 64
+    try:
+        x, rate = sf.read(str(path), dtype="float32", always_2d=False, stop=stop)
+    except Exception as exc:
+        raise AudioDecodeError(path, f"cannot be decoded ({exc})") from exc
+    if x.size == 0:
+        raise AudioDecodeError(path, "contains no samples")
+    x = to_mono(x)
+    finite = np.isfinite(x)
+    if not finite.all():
+        bad = int((~finite).sum())
+        if bad == len(x):
+            raise AudioDecodeError(path, "has no finite samples")
+        raise AudioDecodeError(path, f"{bad} of {len(x)} samples are NaN or infinite")
+    x = resample(x, rate, config.sample_rate, config.resample_quality)
+    if config.clip_samples is not None:
+        x = fix_length(x, config.clip_samples)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def load_batch(paths: list[str | Path], config: AudioConfig | None = None) -> np.ndarray:
+    """Stack equal-length clips into (batch, samples); needs a fixed clip length."""
+    config = config or AudioConfig()
+    if config.clip_samples is None:
+        raise ValueError("load_batch needs AudioConfig.clip_seconds to stack clips")
+    return np.stack([load_audio(p, config) for p in paths]) if paths else np.zeros((0, config.clip_samples))

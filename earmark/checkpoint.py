@@ -1,0 +1,81 @@
+"""Checkpoints as safetensors plus JSON, written atomically; never pickle.
+
+The JSON description travels inside the safetensors header (``metadata["earmark"]``), so one file
+replaced with one ``os.replace`` holds both: a crash leaves either the old file or the new one.
+A readable ``.json`` copy is written beside it for people; loading never trusts that copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+META_KEY = "earmark"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt or of the wrong kind."""
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> str:
+    """Save tensors with a JSON description; returns the sha256 of the file written."""
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    data = st_save(flat, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+    atomic_write_bytes(path, data)
+    atomic_write_text(Path(path).with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_tensors(path: str | Path, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """Load tensors, their JSON description and the file's sha256; checks ``meta['kind']``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    data = path.read_bytes()
+    try:
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        meta = json.loads(header.get("__metadata__", {})[META_KEY])
+    except (SafetensorError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not an earmark checkpoint ({exc})") from exc
+    if kind is not None and meta.get("kind") != kind:
+        raise CheckpointError(f"{path}: holds a {meta.get('kind')!r}, expected a {kind!r}")
+    return tensors, meta, hashlib.sha256(data).hexdigest()
+
+
+def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in tensors.items()}
+
+
+def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    p = prefix + "."
+    return {k[len(p) :]: v for k, v in tensors.items() if k.startswith(p)}

@@ -1,0 +1,37 @@
+"""The dataset registry: each loader reads a local copy and returns an :class:`AudioDataset`."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+
+from earmark.data.dataset import AudioDataset
+from earmark.registry import Registry
+
+DatasetLoader = Callable[..., AudioDataset]
+DATASETS: Registry[DatasetLoader] = Registry("dataset")
+
+
+class DatasetLayoutError(ValueError):
+    """A dataset folder does not have the layout its loader expects."""
+
+
+def read_csv_rows(path: Path, required: list[str]) -> list[dict[str, str]]:
+    """Read a metadata CSV and check that it has the required columns."""
+    if not path.is_file():
+        raise DatasetLayoutError(f"{path}: metadata file not found")
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DatasetLayoutError(f"{path}: missing column(s) {', '.join(missing)}")
+        rows = list(reader)
+    if not rows:
+        raise DatasetLayoutError(f"{path}: no rows")
+    return rows
+
+
+def load_dataset(name: str, root: str | Path, **kwargs) -> AudioDataset:
+    """Load a registered dataset from a local folder."""
+    return DATASETS.get(name)(Path(root), **kwargs)

@@ -1,0 +1,84 @@
+"""An audio embedder: waveform -> log-mel -> normalized -> encoder embedding, saved as one checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from earmark.audio import AudioConfig, FeatureConfig, FeatureNormalizer, LogMel
+from earmark.checkpoint import load_tensors, prefixed, save_tensors, unprefixed
+from earmark.encoders.config import EncoderConfig
+from earmark.encoders.mamba import build_encoder
+
+
+class AudioEmbedder(nn.Module):
+    """The frozen feature extractor that every incremental learner reads from."""
+
+    def __init__(
+        self,
+        encoder_config: EncoderConfig | str = "fast",
+        audio_config: AudioConfig | None = None,
+        feature_config: FeatureConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.audio_config = audio_config or AudioConfig()
+        self.feature_config = feature_config or FeatureConfig(sample_rate=self.audio_config.sample_rate)
+        if self.feature_config.sample_rate != self.audio_config.sample_rate:
+            raise ValueError("feature and audio sample rates differ")
+        self.logmel = LogMel(self.feature_config)
+        self.normalizer = FeatureNormalizer()
+        self.encoder = build_encoder(encoder_config)
+        self.digest: str | None = None  # sha256 of the checkpoint this was loaded from or saved to
+
+    @property
+    def embed_dim(self) -> int:
+        return self.encoder.embed_dim
+
+    def features(self, wave: Tensor | np.ndarray) -> Tensor:
+        """Normalized log-mel (batch, n_mels, frames) from waveforms (batch, samples)."""
+        device = self.normalizer.mean.device
+        wave = torch.as_tensor(wave, dtype=torch.float32, device=device)
+        return self.normalizer(self.logmel(wave))
+
+    def forward(self, wave: Tensor | np.ndarray) -> Tensor:
+        return self.encoder(self.features(wave))
+
+    @torch.no_grad()
+    def embed(self, wave: Tensor | np.ndarray) -> Tensor:
+        was_training = self.training
+        self.eval()
+        try:
+            return self(wave).float()
+        finally:
+            self.train(was_training)
+
+    def describe(self) -> dict:
+        return {
+            "kind": "embedder",
+            "encoder_config": self.encoder.config.to_dict(),
+            "audio_config": self.audio_config.to_dict(),
+            "feature_config": self.feature_config.to_dict(),
+        }
+
+    def save(self, path: str | Path) -> str:
+        tensors = prefixed("encoder", self.encoder.state_dict()) | prefixed(
+            "normalizer", self.normalizer.state_dict()
+        )
+        self.digest = save_tensors(path, tensors, self.describe())
+        return self.digest
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> AudioEmbedder:
+        tensors, meta, digest = load_tensors(path, kind="embedder")
+        model = cls(
+            EncoderConfig.from_dict(meta["encoder_config"]),
+            AudioConfig(**meta["audio_config"]),
+            FeatureConfig(**meta["feature_config"]),
+        )
+        model.encoder.load_state_dict(unprefixed("encoder", tensors))
+        model.normalizer.load_state_dict(unprefixed("normalizer", tensors))
+        model.digest = digest
+        return model.to(map_location).eval()

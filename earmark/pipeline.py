@@ -1,0 +1,315 @@
+"""The main job: dataset -> base-session encoder -> cached embeddings -> incremental sessions -> report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from earmark.audio import AudioDecodeError, load_audio
+from earmark.checkpoint import atomic_write_text
+from earmark.data import AudioDataset, RenderConfig, default_data_dir, load_dataset, render_default_dataset
+from earmark.encoders import ENCODER_CONFIGS
+from earmark.encoders.cache import EmbeddingCache, audio_digest, embed_paths, embedder_fingerprint
+from earmark.encoders.embedder import AudioEmbedder
+from earmark.learners import AnalyticLearner, IncrementalLearner, joint_ridge, make_learner
+from earmark.metrics import AccuracyMatrix, format_table
+from earmark.scenarios import ClassIncremental
+from earmark.training.supervised import TrainConfig, train_supervised
+
+JOINT = "joint"  # name of the joint ridge upper bound in reports
+
+
+@dataclass
+class RunConfig:
+    """Everything a run depends on; written resolved into results.json."""
+
+    root: str | None = None  # a dataset folder; None renders/reuses the embedded default
+    dataset: str = "esc50"  # loader name for `root`
+    out: str = "runs/demo"
+    cache_dir: str | None = None  # default: <data dir>/cache
+    num_classes: int | None = None  # None: every class of the dataset
+    initial: int = 60
+    increment: int = 5
+    shots: int | None = 5  # training clips per new class in later sessions; None = all
+    test_fold: int = 5
+    encoder: str = "fast"
+    learners: list[str] = field(default_factory=lambda: ["ncm", "analytic"])
+    learner_params: dict[str, dict] = field(default_factory=dict)
+    joint_bound: bool = True
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 64  # for embedding
+    retrain: bool = False  # ignore a cached trained encoder
+    progress: bool = True
+    render: RenderConfig = field(default_factory=RenderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _log(msg: str, progress: bool) -> None:
+    if progress:
+        tqdm.write(msg)
+    else:
+        print(msg, flush=True)
+
+
+def resolve_dataset(config: RunConfig) -> AudioDataset:
+    if config.root is None:
+        data_dir = default_data_dir()
+        root = render_default_dataset(
+            data_dir / f"gm-default-{_digest(asdict(config.render))[:10]}", config.render, progress=config.progress
+        )
+        return load_dataset("esc50", root)
+    return load_dataset(config.dataset, config.root)
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load_features(embedder: AudioEmbedder, paths: list[Path], progress: bool) -> torch.Tensor:
+    """Raw log-mel of every path (batch by batch), before normalization."""
+    out = []
+    for start in tqdm(range(0, len(paths), 64), desc="log-mel", unit="batch", disable=not progress, leave=False):
+        waves = np.stack([load_audio(p, embedder.audio_config) for p in paths[start : start + 64]])
+        out.append(embedder.logmel(torch.as_tensor(waves)))
+    return torch.cat(out)
+
+
+def base_embedder(
+    config: RunConfig, dataset: AudioDataset, scenario: ClassIncremental, cache_root: Path
+) -> tuple[AudioEmbedder, dict]:
+    """Train the encoder on the base session's audio only, or reuse an identical earlier training."""
+    base = scenario[0]
+    key = _digest(
+        {
+            "encoder": config.encoder,
+            "train": asdict(config.train),
+            "files": [audio_digest(dataset.paths[i]) for i in base.train_indices],
+            "labels": scenario.dense_targets(base.train_indices).tolist(),
+        }
+    )
+    ckpt = cache_root / "encoders" / f"{key[:32]}.safetensors"
+    if ckpt.is_file() and not config.retrain:
+        _log(f"reusing the base-session encoder trained earlier: {ckpt}", config.progress)
+        return AudioEmbedder.load(ckpt, config.device), {"reused": True, "checkpoint": str(ckpt)}
+    torch.manual_seed(config.seed)
+    embedder = AudioEmbedder(config.encoder)
+    paths = [dataset.paths[i] for i in base.train_indices]
+    raw = load_features(embedder, paths, config.progress)
+    embedder.normalizer.fit(raw)
+    feats = embedder.normalizer(raw)
+    labels = torch.as_tensor(scenario.dense_targets(base.train_indices))
+    _log(
+        f"training the '{config.encoder}' encoder on {len(paths)} clips of {len(base.classes)} base classes",
+        config.progress,
+    )
+    history = train_supervised(
+        embedder.encoder, feats, labels, len(base.classes), config.train, device=config.device,
+        progress=config.progress,
+    )
+    embedder = embedder.to("cpu").eval()
+    embedder.save(ckpt)
+    embedder.to(config.device)
+    return embedder, {"reused": False, "checkpoint": str(ckpt), "loss": history.loss,
+                      "train_accuracy": history.accuracy, "seconds": history.seconds}
+
+
+def evaluate_learner(
+    learner: IncrementalLearner, scenario: ClassIncremental, X: torch.Tensor, row_of: dict[int, int]
+) -> tuple[AccuracyMatrix, list[float]]:
+    """Run the sessions in order: fit on each session's data, test on all classes seen so far."""
+    matrix = AccuracyMatrix.empty(len(scenario))
+    seconds = []
+    for session in scenario:
+        rows = [row_of[i] for i in session.train_indices]
+        t0 = time.perf_counter()
+        learner.partial_fit(X[rows], scenario.dense_targets(session.train_indices))
+        seconds.append(time.perf_counter() - t0)
+        test_rows = [row_of[i] for i in session.test_indices]
+        pred = learner.predict(X[test_rows]).cpu().numpy()
+        matrix.record(session.index, scenario.dense_targets(session.test_indices), pred, scenario.session_classes)
+    return matrix, seconds
+
+
+def evaluate_joint(
+    scenario: ClassIncremental, X: torch.Tensor, row_of: dict[int, int], params: dict
+) -> tuple[AccuracyMatrix, list[float]]:
+    """The joint upper bound: after each session, one ridge solve on all training data seen so far."""
+    probe = AnalyticLearner(AnalyticLearner.Config(**params))
+    matrix = AccuracyMatrix.empty(len(scenario))
+    seconds = []
+    seen: list[int] = []
+    for session in scenario:
+        seen.extend(session.train_indices.tolist())
+        t0 = time.perf_counter()
+        y = scenario.dense_targets(np.asarray(seen))
+        H = probe.expand(X[[row_of[i] for i in seen]]).double()
+        classes = np.unique(y)
+        Y = torch.as_tensor(y[:, None] == classes[None, :], dtype=torch.float64)
+        W = joint_ridge(H, Y, probe.config.gamma)
+        seconds.append(time.perf_counter() - t0)
+        Ht = probe.expand(X[[row_of[i] for i in session.test_indices]]).double()
+        pred = classes[(Ht @ W).argmax(1).numpy()]
+        matrix.record(session.index, scenario.dense_targets(session.test_indices), pred, scenario.session_classes)
+    return matrix, seconds
+
+
+def run(config: RunConfig) -> dict:
+    """Run the whole job and write results.json, a plot and the encoder checkpoint under config.out."""
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.encoder not in ENCODER_CONFIGS:
+        raise KeyError(f"unknown encoder config {config.encoder!r}; known: {', '.join(ENCODER_CONFIGS.names())}")
+
+    t = time.perf_counter()
+    dataset = resolve_dataset(config)
+    timings["dataset"] = time.perf_counter() - t
+    train_idx, test_idx = dataset.split(config.test_fold)
+    scenario = ClassIncremental(
+        dataset, train_idx, test_idx, initial_increment=config.initial, increment=config.increment,
+        shots=config.shots, seed=config.seed, num_classes=config.num_classes,
+    )
+    _log(
+        f"dataset {dataset.name}: {len(dataset)} clips, {dataset.num_classes} classes; scenario: "
+        f"{config.initial} base classes + {len(scenario) - 1} sessions, shots={config.shots}",
+        config.progress,
+    )
+    cache_root = Path(config.cache_dir) if config.cache_dir else default_data_dir() / "cache"
+
+    t = time.perf_counter()
+    embedder, training = base_embedder(config, dataset, scenario, cache_root)
+    timings["base_training"] = time.perf_counter() - t
+    embedder_path = out / "embedder.safetensors"
+    embedder.to("cpu").save(embedder_path)
+    embedder.to(config.device)
+
+    t = time.perf_counter()
+    needed = sorted({int(i) for s in scenario for i in np.concatenate([s.train_indices, s.test_indices])})
+    cache = EmbeddingCache(cache_root / "embeddings", embedder_fingerprint(embedder))
+    result = embed_paths(
+        embedder, [dataset.paths[i] for i in needed], cache, batch_size=config.batch_size,
+        progress=config.progress, desc="embedding clips",
+    )
+    X = result.embeddings
+    row_of = {needed[k]: r for r, k in enumerate(result.kept)}
+    timings["embedding"] = time.perf_counter() - t
+    _log(f"embeddings: {len(needed)} clips, {result.computed} computed, "
+         f"{len(needed) - result.computed} from the cache", config.progress)
+
+    matrices: dict[str, AccuracyMatrix] = {}
+    fit_seconds: dict[str, list[float]] = {}
+    nbytes: dict[str, int] = {}
+    learners: dict[str, IncrementalLearner] = {}
+    for name in config.learners:
+        learner = make_learner(name, **config.learner_params.get(name, {}))
+        t = time.perf_counter()
+        matrices[name], fit_seconds[name] = evaluate_learner(learner, scenario, X, row_of)
+        timings[f"learner:{name}"] = time.perf_counter() - t
+        nbytes[name] = learner.nbytes()
+        learners[name] = learner
+    if config.joint_bound:
+        params = config.learner_params.get("analytic", {})
+        t = time.perf_counter()
+        matrices[JOINT], fit_seconds[JOINT] = evaluate_joint(scenario, X, row_of, params)
+        timings["learner:joint"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+
+    results = {
+        "config": _jsonable(asdict(config)),
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "threads": torch.get_num_threads(), "machine": platform.machine()},
+        "dataset": {"name": dataset.name, "root": str(dataset.root), "clips": len(dataset),
+                    "classes": dataset.num_classes},
+        "scenario": scenario.to_dict(),
+        "encoder": {"config": embedder.encoder.config.to_dict(), "checkpoint": str(embedder_path),
+                    "digest": embedder.digest, "parameters": sum(p.numel() for p in embedder.encoder.parameters()),
+                    "training": training},
+        "embeddings": {"clips": len(needed), "computed": result.computed, "dim": embedder.embed_dim},
+        "learners": {
+            name: {"accuracy_matrix": m.to_dict(), "matrix": _nan_to_none(m.matrix),
+                   "seen_accuracy": m.seen_accuracy().tolist(), "metrics": m.summary(),
+                   "fit_seconds": fit_seconds[name], "nbytes": nbytes.get(name)}
+            for name, m in matrices.items()
+        },
+        "timings": timings,
+    }
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
+    from earmark.plots import plot_sessions
+
+    plot_sessions(results, out / "accuracy.png")
+    for name, learner in learners.items():
+        learner_path = out / f"learner-{name}.safetensors"
+        from earmark.checkpoint import save_tensors
+
+        save_tensors(learner_path, learner.state_dict(),
+                     {"kind": "learner", "name": name, "config": asdict(learner.config)})
+    print(render_report(results))
+    return results
+
+
+def _nan_to_none(a: np.ndarray) -> list:
+    return [[None if np.isnan(v) else float(v) for v in row] for row in a]
+
+
+def _jsonable(obj: object) -> object:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def render_report(results: dict) -> str:
+    """The per-session table and the summary metrics, as printed by `earmark demo`."""
+    names = list(results["learners"])
+    scen = results["scenario"]
+    sizes = np.cumsum([len(c) for c in scen["session_classes"]])
+    rows = []
+    for i, n_seen in enumerate(sizes):
+        row = {"session": i, "classes": int(n_seen)}
+        for name in names:
+            row[name] = f"{100 * results['learners'][name]['seen_accuracy'][i]:.1f}"
+        rows.append(row)
+    lines = ["Accuracy (%) on all classes seen so far, after each session:",
+             format_table(rows, ["session", "classes", *names]), ""]
+    labels = {
+        "average_incremental_accuracy": "AA", "last_accuracy": "last", "performance_drop": "PD",
+        "forgetting": "forgetting", "backward_transfer": "BWT", "base_accuracy": "base",
+        "novel_accuracy": "novel", "harmonic_mean": "HM",
+    }
+    summary = []
+    for name in names:
+        entry = results["learners"][name]
+        row = {"learner": name}
+        for key, label in labels.items():
+            v = entry["metrics"].get(key)
+            row[label] = "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f}"
+        row["memory"] = _human_bytes(entry["nbytes"]) if entry.get("nbytes") is not None else "-"
+        row["fit s"] = f"{sum(entry['fit_seconds']):.2f}"
+        summary.append(row)
+    lines += [
+        "Summary (%): AA = average incremental accuracy (session 0 included), last = final accuracy,",
+        "PD = performance drop (first - last), forgetting = mean over earlier class groups of",
+        "best earlier accuracy - final accuracy, BWT = backward transfer, HM = harmonic mean of base/novel.",
+        format_table(summary, ["learner", *labels.values(), "memory", "fit s"]),
+        "",
+        "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in results["timings"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+__all__ = ["RunConfig", "run", "render_report", "AudioDecodeError"]

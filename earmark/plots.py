@@ -1,0 +1,33 @@
+"""PNG plots of results; matplotlib with the Agg backend so no display is needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def plot_sessions(results: dict, path: str | Path) -> Path:
+    """Accuracy on all seen classes after each session, one line per learner."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = np.cumsum([len(c) for c in results["scenario"]["session_classes"]])
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for name, entry in results["learners"].items():
+        acc = 100 * np.asarray(entry["seen_accuracy"])
+        style = "--" if name == "joint" else "-"
+        ax.plot(sizes, acc, style, marker="o", label=f"{name} (AA {100 * entry['metrics']['average_incremental_accuracy']:.1f})")
+    ax.set_xlabel("classes seen")
+    ax.set_ylabel("accuracy on seen classes (%)")
+    ax.set_title(f"{results['dataset']['name']}: accuracy per session")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
