@@ -237,7 +237,7 @@ def run(config: RunConfig) -> dict:
         "embeddings": {"clips": len(needed), "computed": result.computed, "dim": embedder.embed_dim},
         "learners": {
             name: {"accuracy_matrix": m.to_dict(), "matrix": _nan_to_none(m.matrix),
-                   "seen_accuracy": m.seen_accuracy().tolist(), "metrics": m.summary(),
+                   "seen_accuracy": m.seen_accuracy().tolist(), "metrics": _nan_to_none(m.summary()),
                    "fit_seconds": fit_seconds[name], "nbytes": nbytes.get(name)}
             for name, m in matrices.items()
         },
@@ -257,8 +257,15 @@ def run(config: RunConfig) -> dict:
     return results
 
 
-def _nan_to_none(a: np.ndarray) -> list:
-    return [[None if np.isnan(v) else float(v) for v in row] for row in a]
+def _nan_to_none(value: object) -> object:
+    """JSON has no NaN: undefined metrics (e.g. forgetting after one session) become null."""
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | np.ndarray):
+        return [_nan_to_none(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return None if np.isnan(value) else float(value)
+    return value
 
 
 def _jsonable(obj: object) -> object:

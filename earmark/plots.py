@@ -19,7 +19,8 @@ def plot_sessions(results: dict, path: str | Path) -> Path:
     for name, entry in results["learners"].items():
         acc = 100 * np.asarray(entry["seen_accuracy"])
         style = "--" if name == "joint" else "-"
-        ax.plot(sizes, acc, style, marker="o", label=f"{name} (AA {100 * entry['metrics']['average_incremental_accuracy']:.1f})")
+        aa = entry["metrics"]["average_incremental_accuracy"]
+        ax.plot(sizes, acc, style, marker="o", label=f"{name} (AA {100 * aa:.1f})")
     ax.set_xlabel("classes seen")
     ax.set_ylabel("accuracy on seen classes (%)")
     ax.set_title(f"{results['dataset']['name']}: accuracy per session")

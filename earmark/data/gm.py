@@ -63,6 +63,7 @@ _PROGRAM_RANGES: dict[int, tuple[int, int]] = {
     70: (34, 72),  # bassoon
     71: (50, 91),  # clarinet
     72: (74, 105),  # piccolo
+    78: (60, 78),  # whistle: TimGM6mb has no whistle sample above key 78
     112: (72, 96),  # tinkle bell
     114: (52, 76),  # steel drums
     116: (36, 60),  # taiko

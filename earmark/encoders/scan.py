@@ -1,0 +1,381 @@
+"""Selective scan (the Mamba recurrence) in plain PyTorch, fast enough to train on a CPU.
+
+The recurrence, per batch item, channel ``e`` and state ``n``::
+
+    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
+    y_t = C_t . h_t + D * u_t
+
+Shapes: ``u, delta``: (batch, L, E); ``A``: (E, N); ``B, C``: (batch, L, N); ``D``: (E,) or None.
+
+Two implementations:
+
+* :func:`selective_scan_reference` - a plain loop over time (``unbind``, autograd through every
+  step). Slow but obviously right: the test oracle.
+* :func:`selective_scan_chunked` - a two-level chunked scan with a hand-written backward.
+
+Why the chunked scan is not the textbook closed form ``h_t = exp(S_t) (h_0 + sum_s exp(-S_s) x_s)``
+with ``S = cumsum(delta * A)``: on a CPU in eager PyTorch that form costs about twice the memory
+passes of a recurrence (exp, divide, cumsum along a strided axis, which is itself slow) and
+``exp(-S)`` overflows float32 once the decay summed within a chunk passes ~88, which needs a
+guard. Here the time axis is cut into ``nc`` chunks of length ``Lc`` and
+
+1. the within-chunk recurrence (zero initial state) runs for all chunks at once: ``Lc`` steps,
+   each a single ``addcmul`` over (nc, batch, E, N);
+2. a short sequential pass over the ``nc`` chunk boundaries carries the true state from chunk
+   to chunk (using each chunk's total decay, a product of the per-step decays);
+3. one more vectorized pass adds ``(running decay product) * (carried state)`` to every step.
+
+Only products of decays in (0, 1] appear - nothing can overflow, nothing is clamped, and a decay
+that underflows to 0 is exactly what the sequential loop computes too. There are ``~2 Lc + nc``
+small Python-level steps instead of ``L``. The backward pass is the same scan run backwards in time
+(the adjoint recurrence ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}``) followed by a few
+contractions; inputs are saved and the states recomputed in backward, so training memory stays at
+the size of the inputs per layer.
+
+Computation runs in float64 when any input is float64, otherwise float32 (half and bfloat16
+inputs are upcast; the output has ``u``'s dtype).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+SCAN_IMPLS = ("auto", "sequential", "chunked", "reference")
+
+
+def selective_scan_reference(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None
+) -> Tensor:
+    """Sequential loop over time; the oracle the fast scan is tested against."""
+    dtype = _compute_dtype(u, delta, A, B, C)
+    u32, d32, A32, B32, C32 = (t.to(dtype) for t in (u, delta, A, B, C))
+    decay = torch.exp(d32[..., None] * A32)  # (batch, L, E, N)
+    x = (d32 * u32)[..., None] * B32[:, :, None, :]
+    h = u32.new_zeros(u.shape[0], A.shape[0], A.shape[1])
+    ys = []
+    for a_t, x_t, c_t in zip(decay.unbind(1), x.unbind(1), C32.unbind(1), strict=True):
+        h = a_t * h + x_t
+        ys.append((h * c_t[:, None, :]).sum(-1))
+    y = torch.stack(ys, 1)
+    if D is not None:
+        y = y + D.to(dtype) * u32
+    return y.to(u.dtype)
+
+
+def selective_scan_chunked(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, *, chunk: int = 0
+) -> Tensor:
+    """Two-level chunked scan with a recomputing analytic backward; ``chunk=0`` picks ~sqrt(L)."""
+    _check_shapes(u, delta, A, B, C, D)
+    return _Scan.apply(u, delta, A, B, C, _skip(u, A, D), chunk_length(u.shape[1], chunk))
+
+
+def selective_scan_sequential(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None
+) -> Tensor:
+    """Step-by-step scan with a recomputing analytic backward (fastest when batch * E * N is large)."""
+    _check_shapes(u, delta, A, B, C, D)
+    return _Scan.apply(u, delta, A, B, C, _skip(u, A, D), 0)
+
+
+def choose_impl(batch: int, channels: int, state: int, min_sequential: int = 1 << 15) -> str:
+    """``auto``'s choice: the sequential scan once one time step's state (batch x E x N) is big enough
+    that per-op overhead is small next to the arithmetic; the chunked scan below that."""
+    return "sequential" if batch * channels * state >= min_sequential else "chunked"
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    *,
+    chunk: int = 0,
+    impl: str = "auto",
+) -> Tensor:
+    """Run the scan with ``impl`` in SCAN_IMPLS (``auto``: see :func:`choose_impl`)."""
+    if impl == "auto":
+        impl = choose_impl(u.shape[0], A.shape[0], A.shape[1])
+    if impl == "chunked":
+        return selective_scan_chunked(u, delta, A, B, C, D, chunk=chunk)
+    if impl == "sequential":
+        return selective_scan_sequential(u, delta, A, B, C, D)
+    if impl == "reference":
+        _check_shapes(u, delta, A, B, C, D)
+        return selective_scan_reference(u, delta, A, B, C, D)
+    raise ValueError(f"unknown selective scan impl {impl!r}; known: {', '.join(SCAN_IMPLS)}")
+
+
+def chunk_length(length: int, chunk: int = 0) -> int:
+    """The within-chunk length used for a sequence: ``chunk`` if given, else ~sqrt(L) (balances the
+    ``Lc`` within-chunk steps against the ``L / Lc`` boundary steps)."""
+    if chunk <= 0:
+        chunk = math.isqrt(max(length, 1) - 1) + 1
+    return max(1, min(chunk, length))
+
+
+# --------------------------------------------------------------------------------------------------
+# implementation
+
+
+def _skip(u: Tensor, A: Tensor, D: Tensor | None) -> Tensor:
+    return D if D is not None else torch.zeros(A.shape[0], dtype=A.dtype, device=u.device)
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None) -> None:
+    if u.ndim != 3 or delta.shape != u.shape:
+        raise ValueError(f"u and delta must both be (batch, L, E); got {tuple(u.shape)}, {tuple(delta.shape)}")
+    bsz, length, e = u.shape
+    if A.ndim != 2 or A.shape[0] != e:
+        raise ValueError(f"A must be (E={e}, N); got {tuple(A.shape)}")
+    n = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if tuple(t.shape) != (bsz, length, n):
+            raise ValueError(f"{name} must be (batch, L, N) = {(bsz, length, n)}; got {tuple(t.shape)}")
+    if D is not None and tuple(D.shape) != (e,):
+        raise ValueError(f"D must be (E={e},); got {tuple(D.shape)}")
+
+
+def _time_major(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """(batch, L, ...) -> contiguous (L, batch, ...) in the compute dtype."""
+    return t.to(dtype).transpose(0, 1).contiguous()
+
+
+def _states(
+    deltaT: Tensor, duT: Tensor, A: Tensor, BT: Tensor, lc: int
+) -> tuple[Tensor, Tensor]:
+    """All hidden states h (Lp, batch, E, N) and the per-step decays a = exp(delta A), time-major.
+
+    Lp = L rounded up to a multiple of ``lc``; the padded tail has decay 1 and input 0.
+    """
+    length, bsz, e = deltaT.shape
+    n = A.shape[1]
+    nc = -(-length // lc)
+    lp = nc * lc
+    a = deltaT.new_empty(lp, bsz, e, n)
+    torch.mul(deltaT[..., None], A, out=a[:length])
+    a[:length].exp_()
+    a[length:].fill_(1.0)
+    h = deltaT.new_empty(lp, bsz, e, n)
+    torch.mul(duT[..., None], BT[:, :, None, :], out=h[:length])
+    h[length:].zero_()
+    av = a.view(nc, lc, bsz, e, n)
+    hv = h.view(nc, lc, bsz, e, n)
+    # 1. within-chunk recurrence from a zero state, all chunks at once; total decay per chunk
+    prod = av[:, 0].clone() if nc > 1 else None
+    for i in range(1, lc):
+        hv[:, i].addcmul_(av[:, i], hv[:, i - 1])
+        if prod is not None:
+            prod.mul_(av[:, i])
+    if nc == 1:
+        return h, a
+    # 2. true state at the end of chunk c (entering chunk c + 1)
+    carry = deltaT.new_empty(nc - 1, bsz, e, n)
+    carry[0] = hv[0, -1]
+    for c in range(1, nc - 1):
+        torch.addcmul(hv[c, -1], prod[c], carry[c - 1], out=carry[c])
+    # 3. add the decayed carried state to every step of chunks 1..nc-1
+    run = av[1:, 0].clone()
+    hv[1:, 0].addcmul_(run, carry)
+    for i in range(1, lc):
+        run.mul_(av[1:, i])
+        hv[1:, i].addcmul_(run, carry)
+    return h, a
+
+
+def _adjoint(a: Tensor, g: Tensor, lc: int) -> None:
+    """In place: g_t <- g_t + a_{t+1} g_{t+1}, accumulated backwards in time (the adjoint scan)."""
+    lp, bsz, e, n = a.shape
+    nc = lp // lc
+    av = a.view(nc, lc, bsz, e, n)
+    gv = g.view(nc, lc, bsz, e, n)
+    # 1. within-chunk reverse recurrence; total decay of each chunk
+    prod = av[:, lc - 1].clone() if nc > 1 else None
+    for i in range(lc - 2, -1, -1):
+        gv[:, i].addcmul_(av[:, i + 1], gv[:, i + 1])
+        if prod is not None:
+            prod.mul_(av[:, i])
+    if nc == 1:
+        return
+    # 2. carry[c]: what flows into the last step of chunk c from chunks c+1.. (= a_{next} g_{next})
+    carry = a.new_empty(nc - 1, bsz, e, n)
+    torch.mul(av[nc - 1, 0], gv[nc - 1, 0], out=carry[nc - 2])
+    for c in range(nc - 3, -1, -1):
+        torch.mul(av[c + 1, 0], gv[c + 1, 0], out=carry[c])
+        carry[c].addcmul_(prod[c + 1], carry[c + 1])
+    # 3. spread the carried adjoint through chunks 0..nc-2 with the running decay product
+    gv[:-1, lc - 1].add_(carry)
+    run = av[:-1, lc - 1].clone()
+    for i in range(lc - 2, -1, -1):
+        gv[:-1, i].addcmul_(run, carry)
+        if i:
+            run.mul_(av[:-1, i])
+
+
+def _sequential(
+    deltaT: Tensor, duT: Tensor, A: Tensor, BT: Tensor, CT: Tensor | None, hs: Tensor | None = None
+) -> Tensor | None:
+    """One step at a time over (batch, E, N) slices that stay in cache; returns y (L, batch, E) or,
+    with ``hs`` given, writes every state into it instead."""
+    length, bsz, e = deltaT.shape
+    n = A.shape[1]
+    a = deltaT.new_empty(bsz, e, n)
+    x = torch.empty_like(a)
+    h = deltaT.new_zeros(bsz, e, n)
+    y = deltaT.new_empty(length, bsz, e, 1) if hs is None else None
+    for t in range(length):
+        torch.mul(deltaT[t, :, :, None], A, out=a)
+        a.exp_()
+        torch.mul(duT[t, :, :, None], BT[t, :, None, :], out=x)
+        if hs is None:
+            torch.addcmul(x, a, h, out=h)
+            torch.bmm(h, CT[t, :, :, None], out=y[t])
+        elif t == 0:
+            hs[0].copy_(x)
+        else:
+            torch.addcmul(x, a, hs[t - 1], out=hs[t])
+    return None if y is None else y.view(length, bsz, e)
+
+
+def _sequential_grads(
+    deltaT: Tensor, duT: Tensor, A: Tensor, BT: Tensor, CT: Tensor, gyT: Tensor, need: tuple[bool, ...]
+) -> tuple[Tensor | None, ...]:
+    """Backward of :func:`_sequential`: recompute the states, then walk back in time carrying the
+    adjoint ``a_t g_t``. Returns (dL/d(delta u), sum_n dL/d(delta A) A, dL/dA, dL/dB, dL/dC),
+    time-major, None where not needed."""
+    need_du, need_delta, need_A, need_B, need_C = need
+    length, bsz, e = deltaT.shape
+    n = A.shape[1]
+    hs = deltaT.new_empty(length, bsz, e, n)
+    _sequential(deltaT, duT, A, BT, None, hs)
+    g = deltaT.new_empty(bsz, e, n)
+    gs = deltaT.new_zeros(bsz, e, n)  # a_{t+1} g_{t+1}: the adjoint carried into step t
+    a, ds = torch.empty_like(g), torch.empty_like(g)
+    g_du = deltaT.new_empty(length, bsz, e, 1) if need_du else None
+    g_dl = deltaT.new_zeros(length, bsz, e) if need_delta else None
+    acc_A = deltaT.new_zeros(bsz, e, n) if need_A else None
+    g_B = deltaT.new_empty(length, bsz, 1, n) if need_B else None
+    g_C = deltaT.new_empty(length, bsz, 1, n) if need_C else None
+    for t in range(length - 1, -1, -1):
+        torch.addcmul(gs, gyT[t, :, :, None], CT[t, :, None, :], out=g)
+        if g_C is not None:
+            torch.bmm(gyT[t, :, None, :], hs[t], out=g_C[t])
+        if g_B is not None:
+            torch.bmm(duT[t, :, None, :], g, out=g_B[t])
+        if g_du is not None:
+            torch.bmm(g, BT[t, :, :, None], out=g_du[t])
+        if t == 0:
+            break
+        torch.mul(deltaT[t, :, :, None], A, out=a)
+        a.exp_()
+        torch.mul(a, g, out=gs)
+        if need_A or need_delta:
+            torch.mul(gs, hs[t - 1], out=ds)  # dL/d(delta_t A) = g_t a_t h_{t-1}
+            if acc_A is not None:
+                acc_A.addcmul_(ds, deltaT[t, :, :, None])
+            if g_dl is not None:
+                torch.sum(ds.mul_(A), -1, out=g_dl[t])
+    return (
+        None if g_du is None else g_du.view(length, bsz, e),
+        g_dl,
+        None if acc_A is None else acc_A.sum(0),
+        None if g_B is None else g_B.view(length, bsz, n),
+        None if g_C is None else g_C.view(length, bsz, n),
+    )
+
+
+def _chunked(deltaT: Tensor, duT: Tensor, A: Tensor, BT: Tensor, CT: Tensor, lc: int) -> Tensor:
+    length, bsz, e = deltaT.shape
+    h, _ = _states(deltaT, duT, A, BT, lc)
+    rows = length * bsz
+    return torch.bmm(h[:length].view(rows, e, -1), CT.view(rows, -1, 1)).view(length, bsz, e)
+
+
+def _chunked_grads(
+    deltaT: Tensor, duT: Tensor, A: Tensor, BT: Tensor, CT: Tensor, gyT: Tensor, lc: int, need: tuple[bool, ...]
+) -> tuple[Tensor | None, ...]:
+    """Backward of the chunked scan; same outputs as :func:`_sequential_grads`."""
+    need_du, need_delta, need_A, need_B, need_C = need
+    length, bsz, e = deltaT.shape
+    n = A.shape[1]
+    rows = length * bsz
+    h, a = _states(deltaT, duT, A, BT, lc)
+    h_rows = h[:length].view(rows, e, n)
+    g_C = torch.bmm(gyT.view(rows, 1, e), h_rows).view(length, bsz, n) if need_C else None
+    g_du = g_dl = g_A = g_B = None
+    if need_du or need_delta or need_A or need_B:
+        g = torch.empty_like(h)  # adjoint states g_t = C_t dy_t + a_{t+1} g_{t+1}
+        torch.mul(gyT[..., None], CT[:, :, None, :], out=g[:length])
+        g[length:].zero_()
+        _adjoint(a, g, lc)
+        g_rows = g[:length].view(rows, e, n)
+        if need_B:
+            g_B = torch.bmm(duT.view(rows, 1, e), g_rows).view(length, bsz, n)
+        if need_du:
+            g_du = torch.bmm(g_rows, BT.view(rows, n, 1)).view(length, bsz, e)
+        if need_delta or need_A:
+            ds = a  # dL/d(delta_t A) = g_t a_t h_{t-1}, written over a (not needed any more)
+            ds[1:].mul_(g[1:]).mul_(h[:-1])
+            ds[0].zero_()
+            ds_rows = ds[:length].view(rows, e, n)
+            if need_A:
+                g_A = torch.einsum("ten,te->en", ds_rows, deltaT.view(rows, e))
+            if need_delta:
+                g_dl = torch.einsum("ten,en->te", ds_rows, A).view(length, bsz, e)
+    return g_du, g_dl, g_A, g_B, g_C
+
+
+class _Scan(torch.autograd.Function):
+    """Saves only the inputs; backward recomputes the states (``lc == 0``: sequential, else chunked)."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, lc: int) -> Tensor:
+        dtype = _compute_dtype(u, delta, A, B, C, D)
+        u_, d_ = u.to(dtype), delta.to(dtype)
+        args = (_time_major(d_, dtype), _time_major(d_ * u_, dtype), A.to(dtype), _time_major(B, dtype))
+        CT = _time_major(C, dtype)
+        yT = _sequential(*args, CT) if lc == 0 else _chunked(*args, CT, lc)
+        ctx.save_for_backward(u, delta, A, B, C, D)
+        ctx.lc = lc
+        return (yT.transpose(0, 1) + D.to(dtype) * u_).to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
+        u, delta, A, B, C, D = ctx.saved_tensors
+        dtype = _compute_dtype(u, delta, A, B, C, D)
+        need_u, need_delta, need_A, need_B, need_C, need_D = ctx.needs_input_grad[:6]
+        u_, d_, gy_ = u.to(dtype), delta.to(dtype), gy.to(dtype)
+        grads: list[Tensor | None] = [None] * 7
+        if need_D:
+            grads[5] = (gy_ * u_).sum((0, 1)).to(D.dtype)
+        need = (need_u or need_delta, need_delta, need_A, need_B, need_C)
+        if not any(need):
+            return tuple(grads)
+        args = (_time_major(d_, dtype), _time_major(d_ * u_, dtype), A.to(dtype), _time_major(B, dtype))
+        CT, gyT = _time_major(C, dtype), _time_major(gy_, dtype)
+        if ctx.lc == 0:
+            g_du, g_dl, g_A, g_B, g_C = _sequential_grads(*args, CT, gyT, need)
+        else:
+            g_du, g_dl, g_A, g_B, g_C = _chunked_grads(*args, CT, gyT, ctx.lc, need)
+        if g_du is not None:
+            g_du = g_du.transpose(0, 1)
+        if need_u:
+            grads[0] = (g_du * d_ + gy_ * D.to(dtype)).to(u.dtype)
+        if need_delta:
+            grads[1] = (g_dl.transpose(0, 1) + g_du * u_).to(delta.dtype)
+        if need_A:
+            grads[2] = g_A.to(A.dtype)
+        if need_B:
+            grads[3] = g_B.transpose(0, 1).to(B.dtype)
+        if need_C:
+            grads[4] = g_C.transpose(0, 1).to(C.dtype)
+        return tuple(grads)
