@@ -13,10 +13,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from earmark.audio import AudioDecodeError, load_audio
+from earmark.audio import AudioConfig, AudioDecodeError, load_audio
 from earmark.checkpoint import atomic_write_text
 from earmark.data import AudioDataset, RenderConfig, default_data_dir, load_dataset, render_default_dataset
+from earmark.data.render import default_dataset_root
 from earmark.encoders import ENCODER_CONFIGS
+from earmark.encoders.config import EncoderConfig
 from earmark.encoders.cache import EmbeddingCache, audio_digest, embed_paths, embedder_fingerprint
 from earmark.encoders.embedder import AudioEmbedder
 from earmark.learners import AnalyticLearner, IncrementalLearner, joint_ridge, make_learner
@@ -40,7 +42,8 @@ class RunConfig:
     increment: int = 5
     shots: int | None = 5  # training clips per new class in later sessions; None = all
     test_fold: int = 5
-    encoder: str = "fast"
+    encoder: str | dict = "fast"  # a preset name or EncoderConfig fields
+    clip_seconds: float = 2.0  # every clip is cropped or padded to this length
     learners: list[str] = field(default_factory=lambda: ["ncm", "analytic"])
     learner_params: dict[str, dict] = field(default_factory=dict)
     joint_bound: bool = True
@@ -62,12 +65,14 @@ def _log(msg: str, progress: bool) -> None:
 
 def resolve_dataset(config: RunConfig) -> AudioDataset:
     if config.root is None:
-        data_dir = default_data_dir()
-        root = render_default_dataset(
-            data_dir / f"gm-default-{_digest(asdict(config.render))[:10]}", config.render, progress=config.progress
-        )
+        root = render_default_dataset(default_dataset_root(config.render), config.render, progress=config.progress)
         return load_dataset("esc50", root)
     return load_dataset(config.dataset, config.root)
+
+
+def encoder_config(spec: str | dict) -> EncoderConfig:
+    """A preset name (see ENCODER_CONFIGS) or a dict of EncoderConfig fields."""
+    return EncoderConfig.from_dict(spec) if isinstance(spec, dict) else ENCODER_CONFIGS.get(spec)
 
 
 def _digest(obj: object) -> str:
@@ -91,6 +96,7 @@ def base_embedder(
     key = _digest(
         {
             "encoder": config.encoder,
+            "clip_seconds": config.clip_seconds,
             "train": asdict(config.train),
             "files": [audio_digest(dataset.paths[i]) for i in base.train_indices],
             "labels": scenario.dense_targets(base.train_indices).tolist(),
@@ -101,7 +107,7 @@ def base_embedder(
         _log(f"reusing the base-session encoder trained earlier: {ckpt}", config.progress)
         return AudioEmbedder.load(ckpt, config.device), {"reused": True, "checkpoint": str(ckpt)}
     torch.manual_seed(config.seed)
-    embedder = AudioEmbedder(config.encoder)
+    embedder = AudioEmbedder(encoder_config(config.encoder), AudioConfig(clip_seconds=config.clip_seconds))
     paths = [dataset.paths[i] for i in base.train_indices]
     raw = load_features(embedder, paths, config.progress)
     embedder.normalizer.fit(raw)
@@ -168,8 +174,7 @@ def run(config: RunConfig) -> dict:
     timings: dict[str, float] = {}
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    if config.encoder not in ENCODER_CONFIGS:
-        raise KeyError(f"unknown encoder config {config.encoder!r}; known: {', '.join(ENCODER_CONFIGS.names())}")
+    encoder_config(config.encoder)  # fail on a bad name before any work
 
     t = time.perf_counter()
     dataset = resolve_dataset(config)

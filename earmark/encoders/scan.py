@@ -70,18 +70,28 @@ def selective_scan_chunked(
 ) -> Tensor:
     """Two-level chunked scan with a recomputing analytic backward; ``chunk=0`` picks ~sqrt(L)."""
     _check_shapes(u, delta, A, B, C, D)
-    return _Scan.apply(u, delta, A, B, C, _skip(u, A, D), chunk_length(u.shape[1], chunk))
+    return _Scan.apply(u, delta, A, B, C, _skip(u, A, D), chunk_length(u.shape[1], chunk), 0)
 
 
 def selective_scan_sequential(
-    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, *, block: int = 0
 ) -> Tensor:
-    """Step-by-step scan with a recomputing analytic backward (fastest when batch * E * N is large)."""
+    """Step-by-step scan with a recomputing analytic backward (fastest when batch * E * N is large).
+
+    ``block``: time steps whose decays/inputs/outputs are computed together (0: :func:`block_steps`).
+    """
     _check_shapes(u, delta, A, B, C, D)
-    return _Scan.apply(u, delta, A, B, C, _skip(u, A, D), 0)
+    k = block if block > 0 else block_steps(u.shape[0], A.shape[0], A.shape[1])
+    return _Scan.apply(u, delta, A, B, C, _skip(u, A, D), 0, k)
 
 
-def choose_impl(batch: int, channels: int, state: int, min_sequential: int = 1 << 15) -> str:
+def block_steps(batch: int, channels: int, state: int, budget: int = 1 << 19) -> int:
+    """Time steps per block of the sequential scan: enough to amortize per-op overhead, few enough
+    that the block buffers (``budget`` elements each) stay in cache."""
+    return max(1, budget // max(1, batch * channels * state))
+
+
+def choose_impl(batch: int, channels: int, state: int, min_sequential: int = 1 << 13) -> str:
     """``auto``'s choice: the sequential scan once one time step's state (batch x E x N) is big enough
     that per-op overhead is small next to the arithmetic; the chunked scan below that."""
     return "sequential" if batch * channels * state >= min_sequential else "chunked"
@@ -150,36 +160,39 @@ def _time_major(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype).transpose(0, 1).contiguous()
 
 
-def _states(
-    deltaT: Tensor, duT: Tensor, A: Tensor, BT: Tensor, lc: int
-) -> tuple[Tensor, Tensor]:
-    """All hidden states h (Lp, batch, E, N) and the per-step decays a = exp(delta A), time-major.
+# Layout: states are stored time-major as (L, batch, N, E) - channels innermost, so the broadcast
+# products (delta_t x A, B_t x delta_t u_t) run over long contiguous rows (with E innermost, an
+# (E, 1) x (1, N) outer product is ~3x slower on a CPU). A is passed transposed, AT = A.T (N, E).
+
+
+def _states(deltaT: Tensor, duT: Tensor, AT: Tensor, BT: Tensor, lc: int) -> tuple[Tensor, Tensor]:
+    """All hidden states h (Lp, batch, N, E) and the per-step decays a = exp(delta A), time-major.
 
     Lp = L rounded up to a multiple of ``lc``; the padded tail has decay 1 and input 0.
     """
     length, bsz, e = deltaT.shape
-    n = A.shape[1]
+    n = AT.shape[0]
     nc = -(-length // lc)
     lp = nc * lc
-    a = deltaT.new_empty(lp, bsz, e, n)
-    torch.mul(deltaT[..., None], A, out=a[:length])
+    a = deltaT.new_empty(lp, bsz, n, e)
+    torch.mul(deltaT[:, :, None, :], AT, out=a[:length])
     a[:length].exp_()
     a[length:].fill_(1.0)
-    h = deltaT.new_empty(lp, bsz, e, n)
-    torch.mul(duT[..., None], BT[:, :, None, :], out=h[:length])
+    h = deltaT.new_empty(lp, bsz, n, e)
+    torch.mul(BT[:, :, :, None], duT[:, :, None, :], out=h[:length])
     h[length:].zero_()
-    av = a.view(nc, lc, bsz, e, n)
-    hv = h.view(nc, lc, bsz, e, n)
+    av = a.view(nc, lc, bsz, n, e)
+    hv = h.view(nc, lc, bsz, n, e)
     # 1. within-chunk recurrence from a zero state, all chunks at once; total decay per chunk
     prod = av[:, 0].clone() if nc > 1 else None
     for i in range(1, lc):
         hv[:, i].addcmul_(av[:, i], hv[:, i - 1])
         if prod is not None:
             prod.mul_(av[:, i])
-    if nc == 1:
+    if prod is None:
         return h, a
     # 2. true state at the end of chunk c (entering chunk c + 1)
-    carry = deltaT.new_empty(nc - 1, bsz, e, n)
+    carry = deltaT.new_empty(nc - 1, bsz, n, e)
     carry[0] = hv[0, -1]
     for c in range(1, nc - 1):
         torch.addcmul(hv[c, -1], prod[c], carry[c - 1], out=carry[c])
@@ -194,20 +207,20 @@ def _states(
 
 def _adjoint(a: Tensor, g: Tensor, lc: int) -> None:
     """In place: g_t <- g_t + a_{t+1} g_{t+1}, accumulated backwards in time (the adjoint scan)."""
-    lp, bsz, e, n = a.shape
+    lp, bsz, n, e = a.shape
     nc = lp // lc
-    av = a.view(nc, lc, bsz, e, n)
-    gv = g.view(nc, lc, bsz, e, n)
+    av = a.view(nc, lc, bsz, n, e)
+    gv = g.view(nc, lc, bsz, n, e)
     # 1. within-chunk reverse recurrence; total decay of each chunk
     prod = av[:, lc - 1].clone() if nc > 1 else None
     for i in range(lc - 2, -1, -1):
         gv[:, i].addcmul_(av[:, i + 1], gv[:, i + 1])
         if prod is not None:
             prod.mul_(av[:, i])
-    if nc == 1:
+    if prod is None:
         return
-    # 2. carry[c]: what flows into the last step of chunk c from chunks c+1.. (= a_{next} g_{next})
-    carry = a.new_empty(nc - 1, bsz, e, n)
+    # 2. carry[c]: what flows into the last step of chunk c from chunks c+1.. (= a_next g_next)
+    carry = a.new_empty(nc - 1, bsz, n, e)
     torch.mul(av[nc - 1, 0], gv[nc - 1, 0], out=carry[nc - 2])
     for c in range(nc - 3, -1, -1):
         torch.mul(av[c + 1, 0], gv[c + 1, 0], out=carry[c])
@@ -221,131 +234,161 @@ def _adjoint(a: Tensor, g: Tensor, lc: int) -> None:
             run.mul_(av[:-1, i])
 
 
-def _sequential(
-    deltaT: Tensor, duT: Tensor, A: Tensor, BT: Tensor, CT: Tensor | None, hs: Tensor | None = None
-) -> Tensor | None:
-    """One step at a time over (batch, E, N) slices that stay in cache; returns y (L, batch, E) or,
-    with ``hs`` given, writes every state into it instead."""
+def _chunked(deltaT: Tensor, duT: Tensor, AT: Tensor, BT: Tensor, CT: Tensor, lc: int) -> Tensor:
     length, bsz, e = deltaT.shape
-    n = A.shape[1]
-    a = deltaT.new_empty(bsz, e, n)
-    x = torch.empty_like(a)
-    h = deltaT.new_zeros(bsz, e, n)
-    y = deltaT.new_empty(length, bsz, e, 1) if hs is None else None
-    for t in range(length):
-        torch.mul(deltaT[t, :, :, None], A, out=a)
-        a.exp_()
-        torch.mul(duT[t, :, :, None], BT[t, :, None, :], out=x)
-        if hs is None:
-            torch.addcmul(x, a, h, out=h)
-            torch.bmm(h, CT[t, :, :, None], out=y[t])
-        elif t == 0:
-            hs[0].copy_(x)
-        else:
-            torch.addcmul(x, a, hs[t - 1], out=hs[t])
-    return None if y is None else y.view(length, bsz, e)
-
-
-def _sequential_grads(
-    deltaT: Tensor, duT: Tensor, A: Tensor, BT: Tensor, CT: Tensor, gyT: Tensor, need: tuple[bool, ...]
-) -> tuple[Tensor | None, ...]:
-    """Backward of :func:`_sequential`: recompute the states, then walk back in time carrying the
-    adjoint ``a_t g_t``. Returns (dL/d(delta u), sum_n dL/d(delta A) A, dL/dA, dL/dB, dL/dC),
-    time-major, None where not needed."""
-    need_du, need_delta, need_A, need_B, need_C = need
-    length, bsz, e = deltaT.shape
-    n = A.shape[1]
-    hs = deltaT.new_empty(length, bsz, e, n)
-    _sequential(deltaT, duT, A, BT, None, hs)
-    g = deltaT.new_empty(bsz, e, n)
-    gs = deltaT.new_zeros(bsz, e, n)  # a_{t+1} g_{t+1}: the adjoint carried into step t
-    a, ds = torch.empty_like(g), torch.empty_like(g)
-    g_du = deltaT.new_empty(length, bsz, e, 1) if need_du else None
-    g_dl = deltaT.new_zeros(length, bsz, e) if need_delta else None
-    acc_A = deltaT.new_zeros(bsz, e, n) if need_A else None
-    g_B = deltaT.new_empty(length, bsz, 1, n) if need_B else None
-    g_C = deltaT.new_empty(length, bsz, 1, n) if need_C else None
-    for t in range(length - 1, -1, -1):
-        torch.addcmul(gs, gyT[t, :, :, None], CT[t, :, None, :], out=g)
-        if g_C is not None:
-            torch.bmm(gyT[t, :, None, :], hs[t], out=g_C[t])
-        if g_B is not None:
-            torch.bmm(duT[t, :, None, :], g, out=g_B[t])
-        if g_du is not None:
-            torch.bmm(g, BT[t, :, :, None], out=g_du[t])
-        if t == 0:
-            break
-        torch.mul(deltaT[t, :, :, None], A, out=a)
-        a.exp_()
-        torch.mul(a, g, out=gs)
-        if need_A or need_delta:
-            torch.mul(gs, hs[t - 1], out=ds)  # dL/d(delta_t A) = g_t a_t h_{t-1}
-            if acc_A is not None:
-                acc_A.addcmul_(ds, deltaT[t, :, :, None])
-            if g_dl is not None:
-                torch.sum(ds.mul_(A), -1, out=g_dl[t])
-    return (
-        None if g_du is None else g_du.view(length, bsz, e),
-        g_dl,
-        None if acc_A is None else acc_A.sum(0),
-        None if g_B is None else g_B.view(length, bsz, n),
-        None if g_C is None else g_C.view(length, bsz, n),
-    )
-
-
-def _chunked(deltaT: Tensor, duT: Tensor, A: Tensor, BT: Tensor, CT: Tensor, lc: int) -> Tensor:
-    length, bsz, e = deltaT.shape
-    h, _ = _states(deltaT, duT, A, BT, lc)
+    n = AT.shape[0]
+    h, _ = _states(deltaT, duT, AT, BT, lc)
     rows = length * bsz
-    return torch.bmm(h[:length].view(rows, e, -1), CT.view(rows, -1, 1)).view(length, bsz, e)
+    return torch.bmm(CT.view(rows, 1, n), h[:length].view(rows, n, e)).view(length, bsz, e)
 
 
 def _chunked_grads(
-    deltaT: Tensor, duT: Tensor, A: Tensor, BT: Tensor, CT: Tensor, gyT: Tensor, lc: int, need: tuple[bool, ...]
+    deltaT: Tensor, duT: Tensor, AT: Tensor, BT: Tensor, CT: Tensor, gyT: Tensor, lc: int, need: tuple[bool, ...]
 ) -> tuple[Tensor | None, ...]:
-    """Backward of the chunked scan; same outputs as :func:`_sequential_grads`."""
+    """Backward of the chunked scan. Returns (dL/d(delta u), sum_n dL/d(delta A) A, dL/dA.T, dL/dB,
+    dL/dC), time-major, None where not needed."""
     need_du, need_delta, need_A, need_B, need_C = need
     length, bsz, e = deltaT.shape
-    n = A.shape[1]
+    n = AT.shape[0]
     rows = length * bsz
-    h, a = _states(deltaT, duT, A, BT, lc)
-    h_rows = h[:length].view(rows, e, n)
-    g_C = torch.bmm(gyT.view(rows, 1, e), h_rows).view(length, bsz, n) if need_C else None
+    h, a = _states(deltaT, duT, AT, BT, lc)
+    h_rows = h[:length].view(rows, n, e)
+    g_C = torch.bmm(h_rows, gyT.view(rows, e, 1)).view(length, bsz, n) if need_C else None
     g_du = g_dl = g_A = g_B = None
     if need_du or need_delta or need_A or need_B:
         g = torch.empty_like(h)  # adjoint states g_t = C_t dy_t + a_{t+1} g_{t+1}
-        torch.mul(gyT[..., None], CT[:, :, None, :], out=g[:length])
+        torch.mul(CT[:, :, :, None], gyT[:, :, None, :], out=g[:length])
         g[length:].zero_()
         _adjoint(a, g, lc)
-        g_rows = g[:length].view(rows, e, n)
+        g_rows = g[:length].view(rows, n, e)
         if need_B:
-            g_B = torch.bmm(duT.view(rows, 1, e), g_rows).view(length, bsz, n)
+            g_B = torch.bmm(g_rows, duT.view(rows, e, 1)).view(length, bsz, n)
         if need_du:
-            g_du = torch.bmm(g_rows, BT.view(rows, n, 1)).view(length, bsz, e)
+            g_du = torch.bmm(BT.view(rows, 1, n), g_rows).view(length, bsz, e)
         if need_delta or need_A:
             ds = a  # dL/d(delta_t A) = g_t a_t h_{t-1}, written over a (not needed any more)
             ds[1:].mul_(g[1:]).mul_(h[:-1])
             ds[0].zero_()
-            ds_rows = ds[:length].view(rows, e, n)
+            ds_rows = ds[:length].view(rows, n, e)
             if need_A:
-                g_A = torch.einsum("ten,te->en", ds_rows, deltaT.view(rows, e))
+                g_A = torch.mul(ds_rows, deltaT.view(rows, 1, e)).sum(0)
             if need_delta:
-                g_dl = torch.einsum("ten,en->te", ds_rows, A).view(length, bsz, e)
+                g_dl = ds_rows.mul_(AT).sum(-2).view(length, bsz, e)
     return g_du, g_dl, g_A, g_B, g_C
 
 
+def _sequential(
+    deltaT: Tensor, duT: Tensor, AT: Tensor, BT: Tensor, CT: Tensor | None, k: int, hs: Tensor | None = None
+) -> Tensor | None:
+    """One step at a time; decays, inputs and outputs are computed ``k`` steps at a time into small
+    reused buffers that stay in cache. Returns y (L, batch, E) or, with ``hs`` given, writes every
+    state into it instead."""
+    length, bsz, e = deltaT.shape
+    n = AT.shape[0]
+    k = max(1, min(k, length))
+    a = deltaT.new_empty(k, bsz, n, e)
+    hb = (deltaT.new_empty(k, bsz, n, e), deltaT.new_empty(k, bsz, n, e)) if hs is None else None
+    y = deltaT.new_empty(length, bsz, 1, e) if hs is None else None
+    prev: Tensor | None = None  # the state before the current step
+    for i, t0 in enumerate(range(0, length, k)):
+        m = min(k, length - t0)
+        sl = slice(t0, t0 + m)
+        h = hs[sl] if hs is not None else hb[i % 2][:m]  # ping-pong: prev stays valid
+        torch.mul(deltaT[sl, :, None, :], AT, out=a[:m])
+        a[:m].exp_()
+        torch.mul(BT[sl, :, :, None], duT[sl, :, None, :], out=h)
+        for j in range(m):
+            if prev is not None:
+                h[j].addcmul_(a[j], prev)
+            prev = h[j]
+        if y is not None:
+            rows = m * bsz
+            torch.bmm(CT[sl].view(rows, 1, n), h.view(rows, n, e), out=y[sl].view(rows, 1, e))
+    return None if y is None else y.view(length, bsz, e)
+
+
+def _sequential_grads(
+    deltaT: Tensor,
+    duT: Tensor,
+    AT: Tensor,
+    BT: Tensor,
+    CT: Tensor,
+    gyT: Tensor,
+    k: int,
+    need: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:
+    """Backward of :func:`_sequential`: recompute the states, then walk back in time carrying the
+    adjoint ``a_t g_t``, ``k`` steps per block. Same outputs as :func:`_chunked_grads`."""
+    need_du, need_delta, need_A, need_B, need_C = need
+    length, bsz, e = deltaT.shape
+    n = AT.shape[0]
+    k = max(1, min(k, length))
+    hs = deltaT.new_empty(length, bsz, n, e)
+    _sequential(deltaT, duT, AT, BT, None, k, hs)
+    a, g, ds = (deltaT.new_empty(k, bsz, n, e) for _ in range(3))
+    carry = deltaT.new_zeros(bsz, n, e)  # a_{t+1} g_{t+1}: the adjoint flowing into step t
+    g_du = deltaT.new_empty(length, bsz, 1, e) if need_du else None
+    g_dl = deltaT.new_empty(length, bsz, e) if need_delta else None
+    g_A = deltaT.new_zeros(n, e) if need_A else None
+    g_B = deltaT.new_empty(length, bsz, n, 1) if need_B else None
+    g_C = None
+    if need_C:
+        rows = length * bsz
+        g_C = torch.bmm(hs.view(rows, n, e), gyT.view(rows, e, 1)).view(length, bsz, n)
+    for t0 in reversed(range(0, length, k)):
+        m = min(k, length - t0)
+        rows = m * bsz
+        sl = slice(t0, t0 + m)
+        torch.mul(CT[sl, :, :, None], gyT[sl, :, None, :], out=g[:m])
+        torch.mul(deltaT[sl, :, None, :], AT, out=a[:m])
+        a[:m].exp_()
+        for j in range(m - 1, -1, -1):
+            g[j].add_(carry)  # g_t = C_t dy_t + a_{t+1} g_{t+1}
+            a[j].mul_(g[j])  # a_t g_t, carried into step t - 1
+            carry = a[j]
+        carry = carry.clone()  # a is overwritten by the next block
+        g_rows = g[:m].view(rows, n, e)
+        if g_B is not None:
+            torch.bmm(g_rows, duT[sl].view(rows, e, 1), out=g_B[sl].view(rows, n, 1))
+        if g_du is not None:
+            torch.bmm(BT[sl].view(rows, 1, n), g_rows, out=g_du[sl].view(rows, 1, e))
+        if need_A or need_delta:  # dL/d(delta_t A) = a_t g_t h_{t-1}, with h_{-1} = 0
+            if t0 == 0:
+                ds[0].zero_()
+                torch.mul(a[1:m], hs[: m - 1], out=ds[1:m])
+            else:
+                torch.mul(a[:m], hs[t0 - 1 : t0 + m - 1], out=ds[:m])
+            if g_A is not None:
+                g_A += torch.mul(ds[:m], deltaT[sl, :, None, :]).view(rows, n, e).sum(0)
+            if g_dl is not None:
+                torch.sum(ds[:m].mul_(AT), -2, out=g_dl[sl])
+    return (
+        None if g_du is None else g_du.view(length, bsz, e),
+        g_dl,
+        g_A,
+        None if g_B is None else g_B.view(length, bsz, n),
+        g_C,
+    )
+
+
 class _Scan(torch.autograd.Function):
-    """Saves only the inputs; backward recomputes the states (``lc == 0``: sequential, else chunked)."""
+    """Saves only the inputs; backward recomputes the states.
+
+    ``lc > 0``: chunked with chunk length ``lc``; ``lc == 0``: sequential in blocks of ``k`` steps.
+    """
 
     @staticmethod
-    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, lc: int) -> Tensor:
+    def forward(
+        ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, lc: int, k: int
+    ) -> Tensor:
         dtype = _compute_dtype(u, delta, A, B, C, D)
         u_, d_ = u.to(dtype), delta.to(dtype)
-        args = (_time_major(d_, dtype), _time_major(d_ * u_, dtype), A.to(dtype), _time_major(B, dtype))
+        AT = A.to(dtype).t().contiguous()
+        args = (_time_major(d_, dtype), _time_major(d_ * u_, dtype), AT, _time_major(B, dtype))
         CT = _time_major(C, dtype)
-        yT = _sequential(*args, CT) if lc == 0 else _chunked(*args, CT, lc)
+        yT = _sequential(*args, CT, k) if lc == 0 else _chunked(*args, CT, lc)
         ctx.save_for_backward(u, delta, A, B, C, D)
-        ctx.lc = lc
+        ctx.lc, ctx.k = lc, k
         return (yT.transpose(0, 1) + D.to(dtype) * u_).to(u.dtype)
 
     @staticmethod
@@ -354,18 +397,19 @@ class _Scan(torch.autograd.Function):
         dtype = _compute_dtype(u, delta, A, B, C, D)
         need_u, need_delta, need_A, need_B, need_C, need_D = ctx.needs_input_grad[:6]
         u_, d_, gy_ = u.to(dtype), delta.to(dtype), gy.to(dtype)
-        grads: list[Tensor | None] = [None] * 7
+        grads: list[Tensor | None] = [None] * 8
         if need_D:
             grads[5] = (gy_ * u_).sum((0, 1)).to(D.dtype)
         need = (need_u or need_delta, need_delta, need_A, need_B, need_C)
         if not any(need):
             return tuple(grads)
-        args = (_time_major(d_, dtype), _time_major(d_ * u_, dtype), A.to(dtype), _time_major(B, dtype))
+        AT = A.to(dtype).t().contiguous()
+        args = (_time_major(d_, dtype), _time_major(d_ * u_, dtype), AT, _time_major(B, dtype))
         CT, gyT = _time_major(C, dtype), _time_major(gy_, dtype)
         if ctx.lc == 0:
-            g_du, g_dl, g_A, g_B, g_C = _sequential_grads(*args, CT, gyT, need)
+            g_du, g_dl, g_AT, g_B, g_C = _sequential_grads(*args, CT, gyT, ctx.k, need)
         else:
-            g_du, g_dl, g_A, g_B, g_C = _chunked_grads(*args, CT, gyT, ctx.lc, need)
+            g_du, g_dl, g_AT, g_B, g_C = _chunked_grads(*args, CT, gyT, ctx.lc, need)
         if g_du is not None:
             g_du = g_du.transpose(0, 1)
         if need_u:
@@ -373,7 +417,7 @@ class _Scan(torch.autograd.Function):
         if need_delta:
             grads[1] = (g_dl.transpose(0, 1) + g_du * u_).to(delta.dtype)
         if need_A:
-            grads[2] = g_A.to(A.dtype)
+            grads[2] = g_AT.t().to(A.dtype)
         if need_B:
             grads[3] = g_B.transpose(0, 1).to(B.dtype)
         if need_C:

@@ -18,19 +18,37 @@ from earmark.learners.base import (
     NotFittedError,
     make_learner,
 )
+from earmark.learners.dsal import DSALConfig, DSALLearner
+from earmark.learners.fetril import FeTrILConfig, FeTrILLearner, translate_features
+from earmark.learners.lda import LDAConfig, StreamingLDALearner
 from earmark.learners.ncm import NCMConfig, NCMLearner
+from earmark.learners.ranpac import RanPACConfig, RanPACLearner, ridge_solve
+from earmark.learners.teen import TEENConfig, TEENLearner, calibrate_prototypes
 
 __all__ = [
     "LEARNERS",
     "AnalyticConfig",
     "AnalyticLearner",
+    "DSALConfig",
+    "DSALLearner",
+    "FeTrILConfig",
+    "FeTrILLearner",
     "IncrementalLearner",
+    "LDAConfig",
     "LearnerConfig",
     "NCMConfig",
     "NCMLearner",
     "NotFittedError",
+    "RanPACConfig",
+    "RanPACLearner",
     "RandomReLUBuffer",
     "RecursiveRidge",
+    "StreamingLDALearner",
+    "TEENConfig",
+    "TEENLearner",
+    "calibrate_prototypes",
     "joint_ridge",
     "make_learner",
+    "ridge_solve",
+    "translate_features",
 ]

@@ -1,0 +1,65 @@
+"""End to end on a tiny rendered dataset: the same code path as `earmark demo`, scaled down."""
+
+import json
+
+import numpy as np
+import pytest
+
+from earmark.cli import main
+from earmark.data import RenderConfig
+from earmark.pipeline import RunConfig, run
+from earmark.training.supervised import TrainConfig
+
+
+@pytest.fixture
+def tiny_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("EARMARK_DATA", str(tmp_path / "data"))
+    return RunConfig(
+        out=str(tmp_path / "out"),
+        initial=4,
+        increment=2,
+        shots=3,
+        encoder={"embed_dim": 32, "depth": 2},
+        clip_seconds=1.0,
+        learners=["ncm", "analytic"],
+        learner_params={"analytic": {"buffer_size": 256}},
+        progress=False,
+        render=RenderConfig(n_classes=8, clips_per_class=10, clip_seconds=1.0),
+        train=TrainConfig(epochs=2, batch_size=8),
+    )
+
+
+def test_demo_pipeline_end_to_end(tiny_run, capsys):
+    results = run(tiny_run)
+    out = capsys.readouterr().out
+    assert "Accuracy (%) on all classes seen so far" in out and "forgetting" in out
+    saved = json.loads((tmp := __import__("pathlib").Path(tiny_run.out)).joinpath("results.json").read_text())
+    assert (tmp / "accuracy.png").stat().st_size > 1000
+    assert (tmp / "embedder.safetensors").is_file() and (tmp / "learner-analytic.safetensors").is_file()
+    assert set(saved["learners"]) == {"ncm", "analytic", "joint"}
+    assert len(saved["scenario"]["session_classes"]) == 3
+    assert saved["scenario"]["session_classes"][0] == [0, 1, 2, 3]
+    for name, entry in saved["learners"].items():
+        m = np.array([[np.nan if v is None else v for v in row] for row in entry["matrix"]])
+        assert m.shape == (3, 3) and np.isnan(m[0, 1])
+        assert 0 <= entry["metrics"]["last_accuracy"] <= 1, name
+    # analytic learning solves the joint ridge problem exactly: same predictions, same accuracy
+    assert saved["learners"]["analytic"]["seen_accuracy"] == pytest.approx(
+        saved["learners"]["joint"]["seen_accuracy"], abs=1e-9
+    )
+    assert results["embeddings"]["computed"] == results["embeddings"]["clips"]
+
+
+def test_second_run_reuses_encoder_and_embeddings(tiny_run):
+    first = run(tiny_run)
+    second = run(tiny_run)
+    assert second["encoder"]["training"]["reused"] is True
+    assert second["embeddings"]["computed"] == 0
+    assert second["encoder"]["digest"] == first["encoder"]["digest"]
+    assert second["learners"]["ncm"]["seen_accuracy"] == first["learners"]["ncm"]["seen_accuracy"]
+
+
+def test_cli_reports_bad_dataset_clearly(tmp_path, capsys):
+    code = main(["demo", "--root", str(tmp_path / "missing"), "--no-progress", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "esc50.csv: metadata file not found" in capsys.readouterr().err
