@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _shots(value: str) -> int | None:
@@ -16,46 +17,72 @@ def _shots(value: str) -> int | None:
     return n
 
 
+def _names(value: str) -> list[str]:
+    return [s.strip() for s in value.split(",") if s.strip()]
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--root", help="dataset folder in the ESC-50 layout (default: the embedded GM dataset)")
-    p.add_argument("--initial", type=int, default=60, help="number of base classes (session 0)")
-    p.add_argument("--increment", type=int, default=5, help="new classes per later session")
-    p.add_argument("--shots", type=_shots, default=5, help="training clips per new class, or 'all'")
-    p.add_argument("--num-classes", type=int, default=None, help="use only the first N classes of the order")
-    p.add_argument("--test-fold", type=int, default=5)
-    p.add_argument("--encoder", default="fast", help="encoder config name (fast, tiny, small)")
-    p.add_argument("--epochs", type=int, default=None, help="base-session training epochs")
-    p.add_argument("--learners", default="ncm,analytic", help="comma-separated learner names")
-    p.add_argument("--no-joint", action="store_true", help="skip the joint ridge upper bound")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--out", default="runs/demo", help="output folder for results.json, plots, checkpoints")
-    p.add_argument("--cache-dir", default=None, help="embedding/encoder cache (default: $EARMARK_DATA/cache)")
-    p.add_argument("--retrain", action="store_true", help="train the encoder even if a cached one matches")
-    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
+    """Run options default to 'not given' so a YAML config can fill them and flags override it."""
+    S = argparse.SUPPRESS
+    p.add_argument("--config", default=S, help="YAML file with run options (flags given here override it)")
+    p.add_argument("--dataset", default=S, help="dataset loader name for --root (default esc50)")
+    p.add_argument("--root", default=S, help="dataset folder (default: the embedded GM dataset)")
+    p.add_argument("--initial", type=int, default=S, help="number of base classes (session 0), default 60")
+    p.add_argument("--increment", type=int, default=S, help="new classes per later session, default 5")
+    p.add_argument("--shots", type=_shots, default=S, help="training clips per new class, or 'all' (default 5)")
+    p.add_argument("--num-classes", type=int, default=S, help="use only the first N classes of the order")
+    p.add_argument("--test-fold", type=int, default=S, help="held-out fold, default 5")
+    p.add_argument("--train-folds", type=lambda v: [int(x) for x in _names(v)], default=S,
+                   help="comma-separated training folds (default: all but the test fold)")
+    p.add_argument("--encoder", default=S, help="encoder config name (fast, tiny, small), default fast")
+    p.add_argument("--clip-seconds", type=float, default=S, help="clip length, default 2.0")
+    p.add_argument("--epochs", type=int, default=S, help="base-session training epochs")
+    p.add_argument("--learners", "--learner", dest="learners", type=_names, default=S,
+                   help="comma-separated learner names, default ncm,analytic")
+    p.add_argument("--no-joint", dest="joint_bound", action="store_false", default=S,
+                   help="skip the joint ridge upper bound")
+    p.add_argument("--on-error", choices=["fail", "skip"], default=S,
+                   help="bad audio: fail with a clear message (default) or skip and report")
+    p.add_argument("--seed", type=int, default=S)
+    p.add_argument("--device", default=S, help="torch device, e.g. cpu or cuda")
+    p.add_argument("--out", default=S, help="output folder (default runs/demo)")
+    p.add_argument("--cache-dir", default=S, help="embedding/encoder cache (default: $EARMARK_DATA/cache)")
+    p.add_argument("--retrain", action="store_true", default=S, help="train the encoder even if a cached one matches")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=S,
+                   help="plain log lines instead of progress bars")
 
 
 def _run_config(args: argparse.Namespace):
-    from earmark.pipeline import RunConfig
-    from earmark.training.supervised import TrainConfig
+    import yaml
 
-    train = TrainConfig(seed=args.seed)
-    if args.epochs is not None:
-        train.epochs = args.epochs
-    return RunConfig(
-        root=args.root, out=args.out, cache_dir=args.cache_dir, num_classes=args.num_classes,
-        initial=args.initial, increment=args.increment, shots=args.shots, test_fold=args.test_fold,
-        encoder=args.encoder, learners=[s.strip() for s in args.learners.split(",") if s.strip()],
-        joint_bound=not args.no_joint, seed=args.seed, device=args.device, retrain=args.retrain,
-        progress=not args.no_progress, train=train,
-    )
+    from earmark.pipeline import run_config_from_dict
+
+    given = vars(args).copy()
+    for key in ("func", "command"):
+        given.pop(key, None)
+    values: dict = {}
+    if "config" in given:
+        path = Path(given.pop("config"))
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: config file not found")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of run options")
+    epochs = given.pop("epochs", None)
+    values.update(given)
+    if epochs is not None:
+        values["train"] = {**(values.get("train") or {}), "epochs": epochs}
+    if "seed" in values:
+        values["train"] = {**(values.get("train") or {}), "seed": values["seed"]}
+    return run_config_from_dict(values)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace) -> int:
     from earmark.pipeline import run
 
-    run(_run_config(args))
-    print(f"\nresults: {args.out}/results.json, plot: {args.out}/accuracy.png")
+    config = _run_config(args)
+    run(config)
+    print(f"\nresults: {config.out}/results.json, plot: {config.out}/accuracy.png, config: {config.out}/config.yaml")
     return 0
 
 
@@ -68,11 +95,14 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="earmark", description=__doc__)
+    parser = argparse.ArgumentParser(prog="earmark", description="Class-incremental sound classification.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the main job: base training, incremental sessions, report")
+    demo = sub.add_parser("demo", help="the main job on the embedded default dataset (or --root)")
     _add_run_options(demo)
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func=cmd_run)
+    run = sub.add_parser("run", help="the same job on a dataset: --dataset NAME --root PATH, or --config FILE")
+    _add_run_options(run)
+    run.set_defaults(func=cmd_run)
     render = sub.add_parser("render", help="render the embedded General MIDI dataset to a folder")
     render.add_argument("out")
     render.add_argument("--classes", type=int, default=100)
@@ -83,13 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from earmark.audio import AudioDecodeError
+    from earmark.checkpoint import CheckpointError
     from earmark.data.base import DatasetLayoutError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (AudioDecodeError, DatasetLayoutError, FileNotFoundError, KeyError, ValueError) as exc:
-        print(f"earmark: error: {exc}", file=sys.stderr)
+    except (AudioDecodeError, DatasetLayoutError, CheckpointError, FileNotFoundError, KeyError, ValueError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"earmark: error: {msg}", file=sys.stderr)
         return 2
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import platform
 import time
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from earmark.audio import AudioConfig, AudioDecodeError, load_audio
@@ -18,10 +21,11 @@ from earmark.checkpoint import atomic_write_text
 from earmark.data import AudioDataset, RenderConfig, default_data_dir, load_dataset, render_default_dataset
 from earmark.data.render import default_dataset_root
 from earmark.encoders import ENCODER_CONFIGS
-from earmark.encoders.config import EncoderConfig
 from earmark.encoders.cache import EmbeddingCache, audio_digest, embed_paths, embedder_fingerprint
+from earmark.encoders.config import EncoderConfig
 from earmark.encoders.embedder import AudioEmbedder
 from earmark.learners import AnalyticLearner, IncrementalLearner, joint_ridge, make_learner
+from earmark.learners.analytic import RandomReLUBuffer
 from earmark.metrics import AccuracyMatrix, format_table
 from earmark.scenarios import ClassIncremental
 from earmark.training.supervised import TrainConfig, train_supervised
@@ -42,6 +46,8 @@ class RunConfig:
     increment: int = 5
     shots: int | None = 5  # training clips per new class in later sessions; None = all
     test_fold: int = 5
+    train_folds: list[int] | None = None  # None: every fold but the test fold (few-shot sets: [1])
+    on_error: str = "fail"  # a bad audio file: "fail" with a clear message, or "skip" and report it
     encoder: str | dict = "fast"  # a preset name or EncoderConfig fields
     clip_seconds: float = 2.0  # every clip is cropped or padded to this length
     learners: list[str] = field(default_factory=lambda: ["ncm", "analytic"])
@@ -70,6 +76,20 @@ def resolve_dataset(config: RunConfig) -> AudioDataset:
     return load_dataset(config.dataset, config.root)
 
 
+def run_config_from_dict(values: dict) -> RunConfig:
+    """Build a RunConfig from plain values (a YAML file, CLI flags); unknown keys are an error."""
+    known = set(RunConfig.__dataclass_fields__)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown run option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    values = dict(values)
+    if isinstance(values.get("render"), dict):
+        values["render"] = RenderConfig(**values["render"])
+    if isinstance(values.get("train"), dict):
+        values["train"] = TrainConfig(**values["train"])
+    return RunConfig(**values)
+
+
 def encoder_config(spec: str | dict) -> EncoderConfig:
     """A preset name (see ENCODER_CONFIGS) or a dict of EncoderConfig fields."""
     return EncoderConfig.from_dict(spec) if isinstance(spec, dict) else ENCODER_CONFIGS.get(spec)
@@ -79,13 +99,26 @@ def _digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def load_features(embedder: AudioEmbedder, paths: list[Path], progress: bool) -> torch.Tensor:
-    """Raw log-mel of every path (batch by batch), before normalization."""
-    out = []
+def load_features(
+    embedder: AudioEmbedder, paths: list[Path], progress: bool, on_error: str = "fail"
+) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
+    """Raw log-mel of every path, before normalization; returns (features, kept positions, skipped)."""
+    out, kept, skipped = [], [], []
     for start in tqdm(range(0, len(paths), 64), desc="log-mel", unit="batch", disable=not progress, leave=False):
-        waves = np.stack([load_audio(p, embedder.audio_config) for p in paths[start : start + 64]])
-        out.append(embedder.logmel(torch.as_tensor(waves)))
-    return torch.cat(out)
+        waves = []
+        for k in range(start, min(start + 64, len(paths))):
+            try:
+                waves.append(load_audio(paths[k], embedder.audio_config))
+                kept.append(k)
+            except AudioDecodeError as exc:
+                if on_error != "skip":
+                    raise
+                skipped.append((str(paths[k]), exc.reason))
+        if waves:
+            out.append(embedder.logmel(torch.as_tensor(np.stack(waves))))
+    if not out:
+        raise ValueError("no decodable training clip in the base session")
+    return torch.cat(out), kept, skipped
 
 
 def base_embedder(
@@ -109,10 +142,10 @@ def base_embedder(
     torch.manual_seed(config.seed)
     embedder = AudioEmbedder(encoder_config(config.encoder), AudioConfig(clip_seconds=config.clip_seconds))
     paths = [dataset.paths[i] for i in base.train_indices]
-    raw = load_features(embedder, paths, config.progress)
+    raw, kept, skipped = load_features(embedder, paths, config.progress, config.on_error)
     embedder.normalizer.fit(raw)
     feats = embedder.normalizer(raw)
-    labels = torch.as_tensor(scenario.dense_targets(base.train_indices))
+    labels = torch.as_tensor(scenario.dense_targets(base.train_indices[kept]))
     _log(
         f"training the '{config.encoder}' encoder on {len(paths)} clips of {len(base.classes)} base classes",
         config.progress,
@@ -125,7 +158,12 @@ def base_embedder(
     embedder.save(ckpt)
     embedder.to(config.device)
     return embedder, {"reused": False, "checkpoint": str(ckpt), "loss": history.loss,
-                      "train_accuracy": history.accuracy, "seconds": history.seconds}
+                      "train_accuracy": history.accuracy, "seconds": history.seconds, "skipped": len(skipped)}
+
+
+def _embedded(indices: np.ndarray, row_of: dict[int, int]) -> np.ndarray:
+    """Dataset indices that have an embedding (skipped bad files have none)."""
+    return np.asarray([i for i in indices if int(i) in row_of], dtype=np.int64)
 
 
 def evaluate_learner(
@@ -135,13 +173,12 @@ def evaluate_learner(
     matrix = AccuracyMatrix.empty(len(scenario))
     seconds = []
     for session in scenario:
-        rows = [row_of[i] for i in session.train_indices]
+        train, test = _embedded(session.train_indices, row_of), _embedded(session.test_indices, row_of)
         t0 = time.perf_counter()
-        learner.partial_fit(X[rows], scenario.dense_targets(session.train_indices))
+        learner.partial_fit(X[[row_of[i] for i in train]], scenario.dense_targets(train))
         seconds.append(time.perf_counter() - t0)
-        test_rows = [row_of[i] for i in session.test_indices]
-        pred = learner.predict(X[test_rows]).cpu().numpy()
-        matrix.record(session.index, scenario.dense_targets(session.test_indices), pred, scenario.session_classes)
+        pred = learner.predict(X[[row_of[i] for i in test]]).cpu().numpy()
+        matrix.record(session.index, scenario.dense_targets(test), pred, scenario.session_classes)
     return matrix, seconds
 
 
@@ -149,22 +186,25 @@ def evaluate_joint(
     scenario: ClassIncremental, X: torch.Tensor, row_of: dict[int, int], params: dict
 ) -> tuple[AccuracyMatrix, list[float]]:
     """The joint upper bound: after each session, one ridge solve on all training data seen so far."""
-    probe = AnalyticLearner(AnalyticLearner.Config(**params))
+    cfg = AnalyticLearner.Config(**params)
+    expand = RandomReLUBuffer(cfg.buffer_size, cfg.seed)  # the analytic learner's expansion, same seed
+    expand.build(X.shape[1])
     matrix = AccuracyMatrix.empty(len(scenario))
     seconds = []
     seen: list[int] = []
     for session in scenario:
-        seen.extend(session.train_indices.tolist())
+        seen.extend(_embedded(session.train_indices, row_of).tolist())
+        test = _embedded(session.test_indices, row_of)
         t0 = time.perf_counter()
         y = scenario.dense_targets(np.asarray(seen))
-        H = probe.expand(X[[row_of[i] for i in seen]]).double()
+        H = expand(X[[row_of[i] for i in seen]])
         classes = np.unique(y)
         Y = torch.as_tensor(y[:, None] == classes[None, :], dtype=torch.float64)
-        W = joint_ridge(H, Y, probe.config.gamma)
+        W = joint_ridge(H, Y, cfg.gamma)
         seconds.append(time.perf_counter() - t0)
-        Ht = probe.expand(X[[row_of[i] for i in session.test_indices]]).double()
+        Ht = expand(X[[row_of[i] for i in test]])
         pred = classes[(Ht @ W).argmax(1).numpy()]
-        matrix.record(session.index, scenario.dense_targets(session.test_indices), pred, scenario.session_classes)
+        matrix.record(session.index, scenario.dense_targets(test), pred, scenario.session_classes)
     return matrix, seconds
 
 
@@ -180,6 +220,8 @@ def run(config: RunConfig) -> dict:
     dataset = resolve_dataset(config)
     timings["dataset"] = time.perf_counter() - t
     train_idx, test_idx = dataset.split(config.test_fold)
+    if config.train_folds is not None:
+        train_idx = np.flatnonzero(np.isin(dataset.folds, config.train_folds))
     scenario = ClassIncremental(
         dataset, train_idx, test_idx, initial_increment=config.initial, increment=config.increment,
         shots=config.shots, seed=config.seed, num_classes=config.num_classes,
@@ -203,8 +245,14 @@ def run(config: RunConfig) -> dict:
     cache = EmbeddingCache(cache_root / "embeddings", embedder_fingerprint(embedder))
     result = embed_paths(
         embedder, [dataset.paths[i] for i in needed], cache, batch_size=config.batch_size,
-        progress=config.progress, desc="embedding clips",
+        on_error=config.on_error, progress=config.progress, desc="embedding clips",
     )
+    if result.skipped:
+        report = out / "skipped.csv"
+        buf = io.StringIO()
+        csv.writer(buf).writerows([("path", "reason"), *result.skipped])
+        atomic_write_text(report, buf.getvalue())
+        _log(f"skipped {len(result.skipped)} unreadable file(s); see {report}", config.progress)
     X = result.embeddings
     row_of = {needed[k]: r for r, k in enumerate(result.kept)}
     timings["embedding"] = time.perf_counter() - t
@@ -239,7 +287,8 @@ def run(config: RunConfig) -> dict:
         "encoder": {"config": embedder.encoder.config.to_dict(), "checkpoint": str(embedder_path),
                     "digest": embedder.digest, "parameters": sum(p.numel() for p in embedder.encoder.parameters()),
                     "training": training},
-        "embeddings": {"clips": len(needed), "computed": result.computed, "dim": embedder.embed_dim},
+        "embeddings": {"clips": len(needed), "computed": result.computed, "dim": embedder.embed_dim,
+                       "skipped": [{"path": p, "reason": r} for p, r in result.skipped]},
         "learners": {
             name: {"accuracy_matrix": m.to_dict(), "matrix": _nan_to_none(m.matrix),
                    "seen_accuracy": m.seen_accuracy().tolist(), "metrics": _nan_to_none(m.summary()),
@@ -248,6 +297,7 @@ def run(config: RunConfig) -> dict:
         },
         "timings": timings,
     }
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(results["config"], sort_keys=False))
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
     from earmark.plots import plot_sessions
 

@@ -63,3 +63,19 @@ def test_cli_reports_bad_dataset_clearly(tmp_path, capsys):
     code = main(["demo", "--root", str(tmp_path / "missing"), "--no-progress", "--out", str(tmp_path / "o")])
     assert code == 2
     assert "esc50.csv: metadata file not found" in capsys.readouterr().err
+
+
+def test_yaml_config_and_flag_override(tmp_path):
+    from earmark.cli import _run_config, build_parser
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("dataset: urbansound8k\nroot: /data/us8k\ninitial: 4\nincrement: 2\ntrain:\n  epochs: 3\n")
+    args = build_parser().parse_args(["run", "--config", str(cfg), "--initial", "6", "--learner", "analytic"])
+    config = _run_config(args)
+    assert config.dataset == "urbansound8k" and config.root == "/data/us8k"
+    assert config.initial == 6  # the flag wins over the file
+    assert config.increment == 2 and config.train.epochs == 3
+    assert config.learners == ["analytic"]
+    cfg.write_text("initail: 3\n")
+    with pytest.raises(ValueError, match="unknown run option.*initail"):
+        _run_config(build_parser().parse_args(["run", "--config", str(cfg)]))

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from earmark.encoders.config import EncoderConfig
-from earmark.encoders.mamba import build_encoder
 from torch import Tensor, nn
 
 from earmark.audio import AudioConfig, FeatureConfig, FeatureNormalizer, LogMel
 from earmark.checkpoint import load_tensors, prefixed, save_tensors, unprefixed
+from earmark.encoders.config import EncoderConfig
+from earmark.encoders.mamba import build_encoder
 
 
 class AudioEmbedder(nn.Module):

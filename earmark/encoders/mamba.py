@@ -1,0 +1,177 @@
+"""Bidirectional Mamba encoder over log-mel patches (Audio Mamba / Vision Mamba "v2"), pure PyTorch.
+
+Input: normalized log-mel (batch, n_mels, frames), any number of frames >= 1. Frames are zero-padded
+to a whole number of patches (at least one). Patches of ``patch x patch`` (no overlap) become tokens
+in frequency-major order: token ``k`` covers frequency band ``k // t`` and time step ``k % t`` of
+the (f, t) patch grid, i.e. the scan runs along time within a band, then moves one band up.
+A class token is inserted in the middle of the sequence, at index ``n // 2`` of the ``n`` patch
+tokens, so both scan directions reach it after half of the clip.
+
+Position embeddings are learned for a grid of ``(n_mels / patch, max_frames / patch)`` patches;
+shorter inputs use the first time columns, longer ones a bilinear interpolation of the whole grid
+along time (so a clip longer than ``max_frames`` still works, with stretched positions).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from earmark.encoders.config import ENCODERS, EncoderConfig, build_encoder
+from earmark.encoders.scan import selective_scan
+
+__all__ = ["MambaEncoder", "MambaMixer", "MambaBlock", "build_encoder"]
+
+
+def _no_decay(p: nn.Parameter) -> nn.Parameter:
+    p._no_weight_decay = True  # read by MambaEncoder.no_weight_decay_params (and any trainer)
+    return p
+
+
+class _Direction(nn.Module):
+    """One scan direction's own parameters: conv, x_proj, dt_proj, A_log, D."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        e, n, r = config.inner_dim, config.d_state, config.rank
+        self.config = config
+        self.conv1d = nn.Conv1d(e, e, config.d_conv, groups=e, padding=config.d_conv - 1)
+        self.x_proj = nn.Linear(e, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, e, bias=True)
+        # dt_proj: weights ~ U(+-1/sqrt(R)); bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max]
+        nn.init.uniform_(self.dt_proj.weight, -(r**-0.5), r**-0.5)
+        dt = torch.exp(
+            torch.rand(e) * (math.log(config.dt_max) - math.log(config.dt_min)) + math.log(config.dt_min)
+        ).clamp(min=1e-4)  # clamps only the init draw, like the reference (dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        # S4D-real: A = -(1..N) per channel, kept as float32 log; skip D = 1
+        a = torch.arange(1, n + 1, dtype=torch.float32).repeat(e, 1)
+        self.A_log = _no_decay(nn.Parameter(torch.log(a)))
+        self.D = _no_decay(nn.Parameter(torch.ones(e)))
+
+    def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        """x, z: (batch, L, E) -> gated scan output y * silu(z), (batch, L, E)."""
+        length = x.shape[1]
+        x = F.silu(self.conv1d(x.transpose(1, 2))[..., :length]).transpose(1, 2)
+        r, n = self.config.rank, self.config.d_state
+        dt, b, c = self.x_proj(x).split([r, n, n], dim=-1)
+        delta = F.softplus(self.dt_proj(dt).float())
+        a = -torch.exp(self.A_log.float())
+        y = selective_scan(
+            x, delta, a, b, c, self.D.float(), chunk=self.config.scan_chunk, impl=self.config.scan_impl
+        )
+        return y.to(z.dtype) * F.silu(z)
+
+
+class MambaMixer(nn.Module):
+    """Mamba mixer; with ``bidirectional`` the v2 form: shared in/out projections, a second
+    direction over the flipped sequence, outputs averaged before out_proj."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        d, e = config.embed_dim, config.inner_dim
+        self.in_proj = nn.Linear(d, 2 * e, bias=False)
+        self.fwd = _Direction(config)
+        self.bwd = _Direction(config) if config.bidirectional else None
+        self.out_proj = nn.Linear(e, d, bias=False)
+        with torch.no_grad():  # keep the residual stream's variance ~flat over depth
+            self.out_proj.weight.div_(math.sqrt(config.depth))
+
+    def forward(self, h: Tensor) -> Tensor:
+        x, z = self.in_proj(h).chunk(2, dim=-1)
+        y = self.fwd(x, z)
+        if self.bwd is not None:
+            y = (y + self.bwd(x.flip(1), z.flip(1)).flip(1)) / 2
+        return self.out_proj(y)
+
+
+class MambaBlock(nn.Module):
+    """Pre-norm residual block: h + mixer(norm(h))."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(config.embed_dim, eps=1e-5)
+        self.mixer = MambaMixer(config)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h + self.mixer(self.norm(h))
+
+
+@ENCODERS.register("mamba")
+class MambaEncoder(nn.Module):
+    """(batch, n_mels, frames) log-mel -> (batch, embed_dim) clip embedding."""
+
+    def __init__(self, config: EncoderConfig | None = None) -> None:
+        super().__init__()
+        config = config or EncoderConfig()
+        self.config = config
+        self.embed_dim = config.embed_dim
+        d, p = config.embed_dim, config.patch
+        self.freq_patches = config.n_mels // p
+        self.max_time_patches = config.max_frames // p
+        self.patch_embed = nn.Conv2d(1, d, kernel_size=p, stride=p)
+        self.pos_embed = _no_decay(nn.Parameter(torch.zeros(1, self.freq_patches, self.max_time_patches, d)))
+        self.cls_token = _no_decay(nn.Parameter(torch.zeros(1, 1, d)))
+        self.cls_pos = _no_decay(nn.Parameter(torch.zeros(1, 1, d)))
+        for t in (self.pos_embed, self.cls_token, self.cls_pos):
+            nn.init.trunc_normal_(t, std=0.02)
+        self.layers = nn.ModuleList(MambaBlock(config) for _ in range(config.depth))
+        self.norm_f = nn.RMSNorm(d, eps=1e-5)
+
+    def token_grid(self, frames: int) -> tuple[int, int]:
+        """(freq patches, time patches) for an input of ``frames`` frames (after padding)."""
+        return self.freq_patches, max(1, -(-frames // self.config.patch))
+
+    @staticmethod
+    def cls_index(num_patches: int) -> int:
+        """Where the class token sits in a sequence of ``num_patches`` patch tokens (+ the class)."""
+        return num_patches // 2
+
+    def _positions(self, t: int) -> Tensor:
+        pos = self.pos_embed
+        if t > self.max_time_patches:
+            grid = pos.permute(0, 3, 1, 2)  # (1, D, f, T_max)
+            grid = F.interpolate(grid, size=(self.freq_patches, t), mode="bilinear", align_corners=False)
+            return grid.permute(0, 2, 3, 1)
+        return pos[:, :, :t]
+
+    def forward_tokens(self, fbank: Tensor) -> Tensor:
+        """Final-normed hidden states (batch, n + 1, D), the class token at index n // 2."""
+        if fbank.ndim != 3 or fbank.shape[1] != self.config.n_mels:
+            raise ValueError(f"expected (batch, {self.config.n_mels}, frames), got {tuple(fbank.shape)}")
+        p = self.config.patch
+        frames = fbank.shape[-1]
+        _, t = self.token_grid(frames)
+        x = fbank.to(self.patch_embed.weight.dtype)
+        if t * p != frames:
+            x = F.pad(x, (0, t * p - frames))
+        x = self.patch_embed(x[:, None])  # (B, D, f, t)
+        x = x.permute(0, 2, 3, 1) + self._positions(t)  # (B, f, t, D)
+        x = x.flatten(1, 2)  # frequency-major: index = band * t + time
+        n = x.shape[1]
+        c = self.cls_index(n)
+        cls = (self.cls_token + self.cls_pos).expand(x.shape[0], -1, -1)
+        x = torch.cat([x[:, :c], cls, x[:, c:]], dim=1)
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm_f(x)
+
+    def forward(self, fbank: Tensor) -> Tensor:
+        tokens = self.forward_tokens(fbank)
+        c = self.cls_index(tokens.shape[1] - 1)
+        if self.config.pool == "cls":
+            return tokens[:, c]
+        return (tokens.sum(1) - tokens[:, c]) / (tokens.shape[1] - 1)
+
+    def no_weight_decay_params(self) -> set[str]:
+        """Names (relative to this module) of parameters to keep out of weight decay: A_log, D,
+        position embeddings, class token, norm weights and all biases."""
+        return {
+            name
+            for name, p in self.named_parameters()
+            if getattr(p, "_no_weight_decay", False) or p.ndim <= 1 or name.endswith("bias")
+        }
