@@ -22,7 +22,7 @@ from earmark.learners import (
 )
 
 # Small configs keep the tests fast; the defaults are exercised separately.
-SMALL = {"ncm": {}, "analytic": {"buffer_size": 64}}
+SMALL = {"ncm": {}, "analytic": {"buffer_size": 64}, "ranpac": {"projection_size": 64}, "dsal": {"buffer_size": 64}}
 NAMES = LEARNERS.names()
 
 
@@ -292,7 +292,8 @@ def test_blobs_learned_incrementally_are_classified_accurately(name):
     g = torch.Generator().manual_seed(12)
     Xt = torch.cat([centres[lab] + 1.5 * torch.randn(30, 32, generator=g) for lab in labels])
     yt = torch.tensor(labels).repeat_interleave(30)
-    learner = make_learner(name, **({"buffer_size": 512} if name == "analytic" else {}))
+    width = {"analytic": {"buffer_size": 512}, "dsal": {"buffer_size": 512}, "ranpac": {"projection_size": 256}}
+    learner = make_learner(name, **width.get(name, {}))
     for session in range(5):  # two new classes per session
         mask = torch.isin(y, torch.tensor(labels[2 * session : 2 * session + 2]))
         learner.partial_fit(X[mask], y[mask])

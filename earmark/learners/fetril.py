@@ -3,8 +3,10 @@
 Petit et al., "FeTrIL: Feature Translation for Exemplar-Free Class-Incremental Learning" (WACV 2023).
 Only class means are kept from the past. Each session, for every old class c (seen before, absent
 from the batch) we pick the present class n whose mean is most similar (cosine) and translate n's
-real features onto c: ``f - mu_n + mu_c``. A linear classifier over all classes seen is then
-trained on the real features plus these pseudo-features.
+real features onto c: ``f - mu_n + mu_c``, where mu_n is n's mean in this batch (its class mean
+when n is new, as in the paper), so the pseudo-features of c have mean mu_c exactly. A linear
+classifier over all classes seen is then trained on the real features plus these pseudo-features
+(as many pseudo-features per old class as its partner has real ones: memory grows with old classes).
 
 Not exact: unlike the closed-form heads, the result depends on how the data are split into
 sessions (the pseudo-features of a class depend on which classes it is paired with) and on the
@@ -50,12 +52,12 @@ def translate_features(X: Tensor, groups: Tensor, old_means: Tensor) -> tuple[Te
 class FeTrILConfig(LearnerConfig):
     """Hyperparameters of the FeTrIL linear classifier (the paper uses a linear SVM; here softmax regression).
 
-    ``optimizer``: ``"lbfgs"`` (full batch, strong-Wolfe line search, ``max_iter`` iterations; the loss
-    is convex, so it is close to the unique optimum) or ``"adam"`` (``epochs`` passes of mini-batches
+    ``optimizer``: ``"lbfgs"`` (full batch, strong-Wolfe line search, up to ``max_iter`` iterations on a
+    convex loss, so the start matters little) or ``"adam"`` (``epochs`` passes of mini-batches
     of ``batch_size``, 0 = full batch, shuffled with a generator seeded by ``seed`` and the session).
     ``lr``: None means 1.0 for L-BFGS and 1e-2 for Adam. ``weight_decay``: L2 penalty on the weights
-    (not the bias) added to the mean cross-entropy; it makes the optimum unique and bounded on
-    separable data. ``l2_normalize``: classify ``f / |f|`` (translation happens before normalizing).
+    (not the bias) added to the mean cross-entropy; it keeps the optimum bounded on separable data.
+    ``l2_normalize``: classify ``f / |f|`` (translation happens before normalizing).
     ``warm_start``: start each session from the previous weights (new classes from zero).
     """
 
