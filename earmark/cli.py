@@ -86,6 +86,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from earmark.compare import compare
+
+    trials = args.trials
+    del args.trials
+    config = _run_config(args)
+    compare(config, trials=trials)
+    print(f"\nresults: {config.out}/compare.json, {config.out}/compare.csv, plots: {config.out}/compare.png")
+    return 0
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     from earmark.data import RenderConfig, render_default_dataset
 
@@ -103,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="the same job on a dataset: --dataset NAME --root PATH, or --config FILE")
     _add_run_options(run)
     run.set_defaults(func=cmd_run)
+    comp = sub.add_parser("compare", help="several learners on one scenario, mean +- std over support-set trials")
+    _add_run_options(comp)
+    comp.add_argument("--trials", type=int, default=3, help="support-set draws (few-shot protocol), default 3")
+    comp.set_defaults(func=cmd_compare, learners=["ncm", "lda", "analytic", "ranpac", "fetril", "teen", "dsal"],
+                      out="runs/compare", joint_bound=False)
     render = sub.add_parser("render", help="render the embedded General MIDI dataset to a folder")
     render.add_argument("out")
     render.add_argument("--classes", type=int, default=100)

@@ -51,7 +51,9 @@ class RunConfig:
     encoder: str | dict = "fast"  # a preset name or EncoderConfig fields
     clip_seconds: float = 2.0  # every clip is cropped or padded to this length
     learners: list[str] = field(default_factory=lambda: ["ncm", "analytic"])
-    learner_params: dict[str, dict] = field(default_factory=dict)
+    # gamma scales with the embedding's energy: 0.1 (ACIL's default for ImageNet features) overfits
+    # these embeddings; see the README for the sweep behind 1000.
+    learner_params: dict[str, dict] = field(default_factory=lambda: {"analytic": {"gamma": 1000.0}})
     joint_bound: bool = True
     seed: int = 0
     device: str = "cpu"
@@ -208,9 +210,28 @@ def evaluate_joint(
     return matrix, seconds
 
 
-def run(config: RunConfig) -> dict:
-    """Run the whole job and write results.json, a plot and the encoder checkpoint under config.out."""
-    t_start = time.perf_counter()
+@dataclass
+class Prepared:
+    """What every evaluation shares: the scenario, the frozen embedder and the cached embeddings."""
+
+    dataset: AudioDataset
+    scenario: ClassIncremental
+    embedder: AudioEmbedder
+    embedder_path: Path
+    training: dict
+    X: torch.Tensor  # (clips embedded, dim)
+    row_of: dict[int, int]  # dataset index -> row of X
+    skipped: list[tuple[str, str]]
+    computed: int
+    timings: dict[str, float]
+
+
+def prepare(config: RunConfig, embed_train_pool: bool = False) -> Prepared:
+    """Dataset, scenario, base-session encoder and embeddings of the scenario's clips.
+
+    ``embed_train_pool`` also embeds every training clip of the scenario's classes, so that other
+    support-set trials (``scenario.with_trial``) find their clips embedded.
+    """
     timings: dict[str, float] = {}
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -241,7 +262,11 @@ def run(config: RunConfig) -> dict:
     embedder.to(config.device)
 
     t = time.perf_counter()
-    needed = sorted({int(i) for s in scenario for i in np.concatenate([s.train_indices, s.test_indices])})
+    needed = {int(i) for s in scenario for i in np.concatenate([s.train_indices, s.test_indices])}
+    if embed_train_pool:
+        pool = scenario.train_pool[np.isin(dataset.targets[scenario.train_pool], scenario.class_order)]
+        needed |= {int(i) for i in pool}
+    needed = sorted(needed)
     cache = EmbeddingCache(cache_root / "embeddings", embedder_fingerprint(embedder))
     result = embed_paths(
         embedder, [dataset.paths[i] for i in needed], cache, batch_size=config.batch_size,
@@ -253,11 +278,23 @@ def run(config: RunConfig) -> dict:
         csv.writer(buf).writerows([("path", "reason"), *result.skipped])
         atomic_write_text(report, buf.getvalue())
         _log(f"skipped {len(result.skipped)} unreadable file(s); see {report}", config.progress)
-    X = result.embeddings
-    row_of = {needed[k]: r for r, k in enumerate(result.kept)}
     timings["embedding"] = time.perf_counter() - t
     _log(f"embeddings: {len(needed)} clips, {result.computed} computed, "
          f"{len(needed) - result.computed} from the cache", config.progress)
+    return Prepared(
+        dataset=dataset, scenario=scenario, embedder=embedder, embedder_path=embedder_path, training=training,
+        X=result.embeddings, row_of={needed[k]: r for r, k in enumerate(result.kept)}, skipped=result.skipped,
+        computed=result.computed, timings=timings,
+    )
+
+
+def run(config: RunConfig) -> dict:
+    """Run the whole job and write results.json, a plot and the encoder checkpoint under config.out."""
+    t_start = time.perf_counter()
+    out = Path(config.out)
+    prep = prepare(config)
+    timings = prep.timings
+    dataset, scenario, embedder, X, row_of = prep.dataset, prep.scenario, prep.embedder, prep.X, prep.row_of
 
     matrices: dict[str, AccuracyMatrix] = {}
     fit_seconds: dict[str, list[float]] = {}
@@ -284,11 +321,9 @@ def run(config: RunConfig) -> dict:
         "dataset": {"name": dataset.name, "root": str(dataset.root), "clips": len(dataset),
                     "classes": dataset.num_classes},
         "scenario": scenario.to_dict(),
-        "encoder": {"config": embedder.encoder.config.to_dict(), "checkpoint": str(embedder_path),
-                    "digest": embedder.digest, "parameters": sum(p.numel() for p in embedder.encoder.parameters()),
-                    "training": training},
-        "embeddings": {"clips": len(needed), "computed": result.computed, "dim": embedder.embed_dim,
-                       "skipped": [{"path": p, "reason": r} for p, r in result.skipped]},
+        "encoder": encoder_summary(prep),
+        "embeddings": {"clips": len(row_of) + len(prep.skipped), "computed": prep.computed,
+                       "dim": embedder.embed_dim, "skipped": [{"path": p, "reason": r} for p, r in prep.skipped]},
         "learners": {
             name: {"accuracy_matrix": m.to_dict(), "matrix": _nan_to_none(m.matrix),
                    "seen_accuracy": m.seen_accuracy().tolist(), "metrics": _nan_to_none(m.summary()),
@@ -310,6 +345,12 @@ def run(config: RunConfig) -> dict:
                      {"kind": "learner", "name": name, "config": asdict(learner.config)})
     print(render_report(results))
     return results
+
+
+def encoder_summary(prep: Prepared) -> dict:
+    enc = prep.embedder.encoder
+    return {"config": enc.config.to_dict(), "checkpoint": str(prep.embedder_path), "digest": prep.embedder.digest,
+            "parameters": sum(p.numel() for p in enc.parameters()), "training": prep.training}
 
 
 def _nan_to_none(value: object) -> object:

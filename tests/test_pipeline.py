@@ -79,3 +79,22 @@ def test_yaml_config_and_flag_override(tmp_path):
     cfg.write_text("initail: 3\n")
     with pytest.raises(ValueError, match="unknown run option.*initail"):
         _run_config(build_parser().parse_args(["run", "--config", str(cfg)]))
+
+
+def test_compare_trials_share_one_encoder_and_match_run(tiny_run):
+    from earmark.compare import compare
+
+    single = run(tiny_run)
+    tiny_run.learners = ["ncm", "analytic", "lda"]
+    results = compare(tiny_run, trials=2)
+    out = __import__("pathlib").Path(tiny_run.out)
+    assert (out / "compare.csv").read_text().startswith("learner,AA,last")
+    assert (out / "compare.png").stat().st_size > 1000
+    ncm = results["learners"]["ncm"]
+    assert len(ncm["trials"]) == 2
+    # trial 0 is the scenario `run` evaluates: identical numbers
+    assert ncm["trials"][0]["seen_accuracy"] == pytest.approx(single["learners"]["ncm"]["seen_accuracy"])
+    aa = [t["metrics"]["average_incremental_accuracy"] for t in ncm["trials"]]
+    assert ncm["mean"]["average_incremental_accuracy"][0] == pytest.approx(np.mean(aa))
+    assert ncm["mean"]["average_incremental_accuracy"][1] == pytest.approx(np.std(aa))
+    assert results["encoder"]["training"]["reused"] is True  # one encoder for every trial and learner
