@@ -1,17 +1,27 @@
-"""Time the selective scan implementations on a CPU: forward and forward+backward, minimum of N runs.
+"""CPU timings of the selective scan implementations and of whole encoders (minimum of N runs).
 
-Usage: python benchmarks/scan.py [--batch 8 --length 257 --channels 384 --state 16 --chunks 0,8,16,32]
+    python benchmarks/scan.py scan [--batch 8 --length 257 --channels 384 --state 16 --chunks 0,8,16]
+    python benchmarks/scan.py encoder [--configs fast,tiny --batch 32 --frames 200]
+    python benchmarks/scan.py encoder --configs embed_dim=96,depth=4,d_state=8 ...
+
+``scan``: forward (no grad) and forward+backward of every implementation on random inputs.
+``encoder``: one training step (forward + backward + AdamW) at ``--batch`` and embedding
+throughput (forward only, no grad) for presets or ``field=value`` variants of EncoderConfig.
+Other processes on the machine inflate the numbers; the minimum over repeats is reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Callable
 
 import torch
 
+from earmark.encoders import EncoderConfig, build_encoder, resolve_config
 from earmark.encoders.scan import (
+    block_steps,
     choose_impl,
     chunk_length,
     selective_scan_chunked,
@@ -30,18 +40,7 @@ def best_ms(fn: Callable[[], object], repeats: int) -> float:
     return min(times) * 1e3
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--length", type=int, default=257)
-    p.add_argument("--channels", type=int, default=384)
-    p.add_argument("--state", type=int, default=16)
-    p.add_argument("--chunks", default="0,8,16,32", help="chunk lengths to try (0 = ~sqrt(L))")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=0)
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def bench_scan(args: argparse.Namespace) -> None:
     g = torch.Generator().manual_seed(0)
     b, L, E, N = args.batch, args.length, args.channels, args.state
     u = torch.randn(b, L, E, generator=g)
@@ -52,28 +51,89 @@ def main() -> None:
     params = [t.clone().requires_grad_() for t in (u, delta, A, B, C, D)]
     gy = torch.randn(b, L, E, generator=g)
 
-    def fwd_bwd(fn: Callable[..., torch.Tensor]) -> None:
-        fn(*params).backward(gy)
+    def report(name: str, fn: Callable[..., torch.Tensor]) -> None:
+        with torch.no_grad():
+            f = best_ms(lambda: fn(*params), args.repeats)
+        fb = best_ms(lambda: fn(*params).backward(gy), args.repeats)
+        print(f"  {name:<24s} fwd {f:7.1f}   fwd+bwd {fb:7.1f}")
 
     print(f"batch {b}, L {L}, E {E}, N {N}, threads {torch.get_num_threads()}  (ms, min of {args.repeats})")
-    with torch.no_grad():
-        f = best_ms(lambda: selective_scan_reference(*params), args.repeats)
-    fb = best_ms(lambda: fwd_bwd(selective_scan_reference), args.repeats)
-    print(f"  reference loop       fwd {f:7.1f}   fwd+bwd {fb:7.1f}")
-    with torch.no_grad():
-        f = best_ms(lambda: selective_scan_sequential(*params), args.repeats)
-    fb = best_ms(lambda: fwd_bwd(selective_scan_sequential), args.repeats)
-    print(f"  sequential           fwd {f:7.1f}   fwd+bwd {fb:7.1f}")
+    report("reference loop", selective_scan_reference)
+    report(f"sequential (block {block_steps(b, E, N)})", selective_scan_sequential)
     for chunk in (int(c) for c in args.chunks.split(",")):
-
-        def run(*xs: torch.Tensor, chunk: int = chunk) -> torch.Tensor:
-            return selective_scan_chunked(*xs, chunk=chunk)
-
-        with torch.no_grad():
-            f = best_ms(lambda run=run: run(*params), args.repeats)
-        fb = best_ms(lambda run=run: fwd_bwd(run), args.repeats)
-        print(f"  chunked Lc={chunk_length(L, chunk):<3d} ({chunk:>2d})  fwd {f:7.1f}   fwd+bwd {fb:7.1f}")
+        report(f"chunked Lc={chunk_length(L, chunk)}", lambda *xs, c=chunk: selective_scan_chunked(*xs, chunk=c))
     print(f"  auto picks: {choose_impl(b, E, N)}")
+
+
+def parse_config(spec: str) -> tuple[str, EncoderConfig]:
+    if "=" not in spec:
+        return spec, resolve_config(spec)
+    casts: dict[str, Callable[[str], object]] = {
+        "int": int,
+        "float": float,
+        "str": str,
+        "bool": lambda v: v.lower() in ("1", "true", "yes"),
+    }
+    fields = {f.name: casts[str(f.type)] for f in dataclasses.fields(EncoderConfig)}
+    changes: dict[str, object] = {}
+    for item in spec.split(","):
+        key, value = item.split("=")
+        changes[key] = fields[key](value)
+    return spec, EncoderConfig(**changes)
+
+
+def bench_encoder(args: argparse.Namespace) -> None:
+    print(f"batch {args.batch} x {args.frames} frames, threads {torch.get_num_threads()}, min of {args.repeats}")
+    for spec in args.configs.split(";"):
+        name, cfg = parse_config(spec)
+        torch.manual_seed(0)
+        model = build_encoder(cfg)
+        params = sum(p.numel() for p in model.parameters())
+        head = torch.nn.Linear(model.embed_dim, 50)
+        opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=1e-3)
+        x = torch.randn(args.batch, cfg.n_mels, args.frames)
+        y = torch.randint(0, 50, (args.batch,))
+
+        def step(model: torch.nn.Module = model, head: torch.nn.Module = head, opt=opt, x=x, y=y) -> None:
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(head(model(x)), y)
+            loss.backward()
+            opt.step()
+
+        model.train()
+        train_ms = best_ms(step, args.repeats)
+        model.eval()
+        xe = torch.randn(args.embed_batch, cfg.n_mels, args.frames)
+        with torch.no_grad():
+            embed_ms = best_ms(lambda model=model, xe=xe: model(xe), args.repeats)
+        tokens = model.token_grid(args.frames)
+        print(
+            f"  {name:<40s} {params / 1e6:6.2f}M params, {tokens[0] * tokens[1] + 1} tokens: "
+            f"train step {train_ms:7.1f} ms, embed {args.embed_batch * 1e3 / embed_ms:7.1f} clips/s"
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("scan")
+    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--length", type=int, default=257)
+    s.add_argument("--channels", type=int, default=384)
+    s.add_argument("--state", type=int, default=16)
+    s.add_argument("--chunks", default="0,8,16", help="chunk lengths to try (0 = ~sqrt(L))")
+    e = sub.add_parser("encoder")
+    e.add_argument("--configs", default="fast;tiny", help="';'-separated presets or field=value,... specs")
+    e.add_argument("--batch", type=int, default=32)
+    e.add_argument("--embed-batch", type=int, default=64)
+    e.add_argument("--frames", type=int, default=200)
+    for q in (s, e):
+        q.add_argument("--repeats", type=int, default=5)
+        q.add_argument("--threads", type=int, default=0)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    (bench_scan if args.what == "scan" else bench_encoder)(args)
 
 
 if __name__ == "__main__":

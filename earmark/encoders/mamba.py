@@ -32,13 +32,19 @@ def _no_decay(p: nn.Parameter) -> nn.Parameter:
 
 
 class _Direction(nn.Module):
-    """One scan direction's own parameters: conv, x_proj, dt_proj, A_log, D."""
+    """One scan direction's own parameters: conv, x_proj, dt_proj, A_log, D.
 
-    def __init__(self, config: EncoderConfig) -> None:
+    The backward direction (``reverse``) never flips anything: its conv looks ahead instead of back
+    and its scan runs from the last token to the first, which equals running the forward recipe on
+    the flipped sequence and flipping the result back (the v2 formulation) without the copies.
+    """
+
+    def __init__(self, config: EncoderConfig, reverse: bool = False) -> None:
         super().__init__()
         e, n, r = config.inner_dim, config.d_state, config.rank
         self.config = config
-        self.conv1d = nn.Conv1d(e, e, config.d_conv, groups=e, padding=config.d_conv - 1)
+        self.reverse = reverse
+        self.conv1d = nn.Conv1d(e, e, config.d_conv, groups=e, padding=config.d_conv - 1)  # depthwise
         self.x_proj = nn.Linear(e, r + 2 * n, bias=False)
         self.dt_proj = nn.Linear(r, e, bias=True)
         # dt_proj: weights ~ U(+-1/sqrt(R)); bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max]
@@ -53,40 +59,58 @@ class _Direction(nn.Module):
         self.A_log = _no_decay(nn.Parameter(torch.log(a)))
         self.D = _no_decay(nn.Parameter(torch.ones(e)))
 
-    def forward(self, x: Tensor, z: Tensor) -> Tensor:
-        """x, z: (batch, L, E) -> gated scan output y * silu(z), (batch, L, E)."""
-        length = x.shape[1]
-        x = F.silu(self.conv1d(x.transpose(1, 2))[..., :length]).transpose(1, 2)
+    def conv(self, x: Tensor) -> Tensor:
+        """Depthwise conv along time on (batch, L, E), causal (or anti-causal when reversed).
+
+        Written as K shifted multiply-adds: no transposes, ~15% faster than nn.Conv1d on a CPU.
+        """
+        length, k = x.shape[1], self.config.d_conv
+        w = self.conv1d.weight[:, 0, :].to(x.dtype)  # (E, K); tap K-1 multiplies the current step
+        xp = F.pad(x, (0, 0, 0, k - 1) if self.reverse else (0, 0, k - 1, 0))
+        y = self.conv1d.bias.to(x.dtype)
+        for j in range(k):
+            off = k - 1 - j if self.reverse else j
+            y = torch.addcmul(y, xp[:, off : off + length], w[:, j])
+        return y
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (batch, L, E) -> scan output (batch, L, E), before gating."""
+        x = F.silu(self.conv(x))
         r, n = self.config.rank, self.config.d_state
         dt, b, c = self.x_proj(x).split([r, n, n], dim=-1)
         delta = F.softplus(self.dt_proj(dt).float())
         a = -torch.exp(self.A_log.float())
+        cfg = self.config
         y = selective_scan(
-            x, delta, a, b, c, self.D.float(), chunk=self.config.scan_chunk, impl=self.config.scan_impl
+            x, delta, a, b, c, self.D.float(), chunk=cfg.scan_chunk, impl=cfg.scan_impl, reverse=self.reverse
         )
-        return y.to(z.dtype) * F.silu(z)
+        return y.to(x.dtype)
 
 
 class MambaMixer(nn.Module):
     """Mamba mixer; with ``bidirectional`` the v2 form: shared in/out projections, a second
-    direction over the flipped sequence, outputs averaged before out_proj."""
+    direction over the reversed sequence, outputs averaged before out_proj.
+
+    The gate is applied once to the average: (y_f * g + flip(y_b(flip x) * flip g)) / 2 equals
+    (y_f + y_b_reversed) / 2 * g with g = silu(z).
+    """
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         d, e = config.embed_dim, config.inner_dim
         self.in_proj = nn.Linear(d, 2 * e, bias=False)
         self.fwd = _Direction(config)
-        self.bwd = _Direction(config) if config.bidirectional else None
+        self.bwd = _Direction(config, reverse=True) if config.bidirectional else None
         self.out_proj = nn.Linear(e, d, bias=False)
         with torch.no_grad():  # keep the residual stream's variance ~flat over depth
             self.out_proj.weight.div_(math.sqrt(config.depth))
 
     def forward(self, h: Tensor) -> Tensor:
         x, z = self.in_proj(h).chunk(2, dim=-1)
-        y = self.fwd(x, z)
+        y = self.fwd(x)
         if self.bwd is not None:
-            y = (y + self.bwd(x.flip(1), z.flip(1)).flip(1)) / 2
-        return self.out_proj(y)
+            y = (y + self.bwd(x)) * 0.5
+        return self.out_proj(y * F.silu(z))
 
 
 class MambaBlock(nn.Module):
@@ -117,8 +141,8 @@ class MambaEncoder(nn.Module):
         self.pos_embed = _no_decay(nn.Parameter(torch.zeros(1, self.freq_patches, self.max_time_patches, d)))
         self.cls_token = _no_decay(nn.Parameter(torch.zeros(1, 1, d)))
         self.cls_pos = _no_decay(nn.Parameter(torch.zeros(1, 1, d)))
-        for t in (self.pos_embed, self.cls_token, self.cls_pos):
-            nn.init.trunc_normal_(t, std=0.02)
+        for t in (self.pos_embed, self.cls_token, self.cls_pos):  # cut at 2 std (not at +-2 absolute)
+            nn.init.trunc_normal_(t, std=0.02, a=-0.04, b=0.04)
         self.layers = nn.ModuleList(MambaBlock(config) for _ in range(config.depth))
         self.norm_f = nn.RMSNorm(d, eps=1e-5)
 

@@ -7,11 +7,23 @@ The recurrence, per batch item, channel ``e`` and state ``n``::
 
 Shapes: ``u, delta``: (batch, L, E); ``A``: (E, N); ``B, C``: (batch, L, N); ``D``: (E,) or None.
 
-Two implementations:
+Implementations (``impl``):
 
-* :func:`selective_scan_reference` - a plain loop over time (``unbind``, autograd through every
-  step). Slow but obviously right: the test oracle.
-* :func:`selective_scan_chunked` - a two-level chunked scan with a hand-written backward.
+* ``reference`` - :func:`selective_scan_reference`, a plain loop over time (``unbind``, autograd
+  through every step). Slow but obviously right: the test oracle.
+* ``chunked`` - :func:`selective_scan_chunked`, a two-level chunked scan (below).
+* ``sequential`` - :func:`selective_scan_sequential`, the recurrence one step at a time over
+  (batch, N, E) slices, with decays, inputs and outputs computed a block of steps at a time.
+* ``auto`` (default) - sequential once a step's state (batch x E x N) has >= 8192 elements, where
+  per-op overhead is small next to the arithmetic; chunked below that (small batches, inference).
+
+Both fast paths share a hand-written backward (:class:`_Scan`): only the inputs are saved, the
+states are recomputed, and the adjoint recurrence ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}``
+runs backwards in time, followed by a few contractions. ``reverse=True`` scans from the last step
+to the first (the backward branch of a bidirectional block) without flipping any tensor.
+
+Measured on 2 CPU cores (batch 8, L 257, E 384, N 16; ms forward / forward+backward): reference
+loop ~66-90 / 270-320, sequential ~20 / 77-108, chunked ~65 / 215-235 (``benchmarks/scan.py``).
 
 Why the chunked scan is not the textbook closed form ``h_t = exp(S_t) (h_0 + sum_s exp(-S_s) x_s)``
 with ``S = cumsum(delta * A)``: on a CPU in eager PyTorch that form costs about twice the memory
@@ -20,17 +32,14 @@ passes of a recurrence (exp, divide, cumsum along a strided axis, which is itsel
 guard. Here the time axis is cut into ``nc`` chunks of length ``Lc`` and
 
 1. the within-chunk recurrence (zero initial state) runs for all chunks at once: ``Lc`` steps,
-   each a single ``addcmul`` over (nc, batch, E, N);
+   each a single ``addcmul`` over (nc, batch, N, E);
 2. a short sequential pass over the ``nc`` chunk boundaries carries the true state from chunk
    to chunk (using each chunk's total decay, a product of the per-step decays);
 3. one more vectorized pass adds ``(running decay product) * (carried state)`` to every step.
 
 Only products of decays in (0, 1] appear - nothing can overflow, nothing is clamped, and a decay
 that underflows to 0 is exactly what the sequential loop computes too. There are ``~2 Lc + nc``
-small Python-level steps instead of ``L``. The backward pass is the same scan run backwards in time
-(the adjoint recurrence ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}``) followed by a few
-contractions; inputs are saved and the states recomputed in backward, so training memory stays at
-the size of the inputs per layer.
+small Python-level steps instead of ``L``.
 
 Computation runs in float64 when any input is float64, otherwise float32 (half and bfloat16
 inputs are upcast; the output has ``u``'s dtype).
@@ -47,9 +56,12 @@ SCAN_IMPLS = ("auto", "sequential", "chunked", "reference")
 
 
 def selective_scan_reference(
-    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, *, reverse: bool = False
 ) -> Tensor:
     """Sequential loop over time; the oracle the fast scan is tested against."""
+    if reverse:
+        y = selective_scan_reference(u.flip(1), delta.flip(1), A, B.flip(1), C.flip(1), D)
+        return y.flip(1)
     dtype = _compute_dtype(u, delta, A, B, C)
     u32, d32, A32, B32, C32 = (t.to(dtype) for t in (u, delta, A, B, C))
     decay = torch.exp(d32[..., None] * A32)  # (batch, L, E, N)
@@ -66,15 +78,31 @@ def selective_scan_reference(
 
 
 def selective_scan_chunked(
-    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, *, chunk: int = 0
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    *,
+    chunk: int = 0,
+    reverse: bool = False,
 ) -> Tensor:
     """Two-level chunked scan with a recomputing analytic backward; ``chunk=0`` picks ~sqrt(L)."""
     _check_shapes(u, delta, A, B, C, D)
-    return _Scan.apply(u, delta, A, B, C, _skip(u, A, D), chunk_length(u.shape[1], chunk), 0)
+    return _Scan.apply(u, delta, A, B, C, _skip(u, A, D), chunk_length(u.shape[1], chunk), 0, reverse)
 
 
 def selective_scan_sequential(
-    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, *, block: int = 0
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    *,
+    block: int = 0,
+    reverse: bool = False,
 ) -> Tensor:
     """Step-by-step scan with a recomputing analytic backward (fastest when batch * E * N is large).
 
@@ -82,7 +110,7 @@ def selective_scan_sequential(
     """
     _check_shapes(u, delta, A, B, C, D)
     k = block if block > 0 else block_steps(u.shape[0], A.shape[0], A.shape[1])
-    return _Scan.apply(u, delta, A, B, C, _skip(u, A, D), 0, k)
+    return _Scan.apply(u, delta, A, B, C, _skip(u, A, D), 0, k, reverse)
 
 
 def block_steps(batch: int, channels: int, state: int, budget: int = 1 << 19) -> int:
@@ -107,17 +135,22 @@ def selective_scan(
     *,
     chunk: int = 0,
     impl: str = "auto",
+    reverse: bool = False,
 ) -> Tensor:
-    """Run the scan with ``impl`` in SCAN_IMPLS (``auto``: see :func:`choose_impl`)."""
+    """Run the scan with ``impl`` in SCAN_IMPLS (``auto``: see :func:`choose_impl`).
+
+    ``reverse=True`` scans from the last step to the first: the same as flipping the time axis of
+    u, delta, B, C and of the result, without the copies.
+    """
     if impl == "auto":
         impl = choose_impl(u.shape[0], A.shape[0], A.shape[1])
     if impl == "chunked":
-        return selective_scan_chunked(u, delta, A, B, C, D, chunk=chunk)
+        return selective_scan_chunked(u, delta, A, B, C, D, chunk=chunk, reverse=reverse)
     if impl == "sequential":
-        return selective_scan_sequential(u, delta, A, B, C, D)
+        return selective_scan_sequential(u, delta, A, B, C, D, reverse=reverse)
     if impl == "reference":
         _check_shapes(u, delta, A, B, C, D)
-        return selective_scan_reference(u, delta, A, B, C, D)
+        return selective_scan_reference(u, delta, A, B, C, D, reverse=reverse)
     raise ValueError(f"unknown selective scan impl {impl!r}; known: {', '.join(SCAN_IMPLS)}")
 
 
@@ -155,9 +188,19 @@ def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         raise ValueError(f"D must be (E={e},); got {tuple(D.shape)}")
 
 
-def _time_major(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """(batch, L, ...) -> contiguous (L, batch, ...) in the compute dtype."""
-    return t.to(dtype).transpose(0, 1).contiguous()
+def _time_major(t: Tensor, dtype: torch.dtype, reverse: bool = False) -> Tensor:
+    """(batch, L, ...) -> contiguous (L, batch, ...) in the compute dtype, optionally time-reversed
+    (the flip costs nothing extra: it is the same copy)."""
+    t = t.to(dtype).transpose(0, 1)
+    if not reverse:
+        return t.contiguous()
+    backwards = torch.arange(t.shape[0] - 1, -1, -1, device=t.device)
+    return torch.index_select(t, 0, backwards)  # contiguous, unlike flip of a transposed view
+
+
+def _batch_major(t: Tensor, reverse: bool) -> Tensor:
+    """Inverse of :func:`_time_major` (a view unless reversed)."""
+    return (t.flip(0) if reverse else t).transpose(0, 1)
 
 
 # Layout: states are stored time-major as (L, batch, N, E) - channels innermost, so the broadcast
@@ -325,7 +368,7 @@ def _sequential_grads(
     k = max(1, min(k, length))
     hs = deltaT.new_empty(length, bsz, n, e)
     _sequential(deltaT, duT, AT, BT, None, k, hs)
-    a, g, ds = (deltaT.new_empty(k, bsz, n, e) for _ in range(3))
+    a, g = deltaT.new_empty(k, bsz, n, e), deltaT.new_empty(k, bsz, n, e)
     carry = deltaT.new_zeros(bsz, n, e)  # a_{t+1} g_{t+1}: the adjoint flowing into step t
     g_du = deltaT.new_empty(length, bsz, 1, e) if need_du else None
     g_dl = deltaT.new_empty(length, bsz, e) if need_delta else None
@@ -352,16 +395,17 @@ def _sequential_grads(
             torch.bmm(g_rows, duT[sl].view(rows, e, 1), out=g_B[sl].view(rows, n, 1))
         if g_du is not None:
             torch.bmm(BT[sl].view(rows, 1, n), g_rows, out=g_du[sl].view(rows, 1, e))
-        if need_A or need_delta:  # dL/d(delta_t A) = a_t g_t h_{t-1}, with h_{-1} = 0
+        if need_A or need_delta:  # dL/d(delta_t A) = a_t g_t h_{t-1} (h_{-1} = 0), written over a
+            ds = a[:m]
             if t0 == 0:
+                ds[1:].mul_(hs[: m - 1])
                 ds[0].zero_()
-                torch.mul(a[1:m], hs[: m - 1], out=ds[1:m])
             else:
-                torch.mul(a[:m], hs[t0 - 1 : t0 + m - 1], out=ds[:m])
-            if g_A is not None:
-                g_A += torch.mul(ds[:m], deltaT[sl, :, None, :]).view(rows, n, e).sum(0)
+                ds.mul_(hs[t0 - 1 : t0 + m - 1])
+            if g_A is not None:  # g is free again: reuse it rather than allocate
+                g_A += torch.mul(ds, deltaT[sl, :, None, :], out=g[:m]).view(rows, n, e).sum(0)
             if g_dl is not None:
-                torch.sum(ds[:m].mul_(AT), -2, out=g_dl[sl])
+                torch.sum(ds.mul_(AT), -2, out=g_dl[sl])
     return (
         None if g_du is None else g_du.view(length, bsz, e),
         g_dl,
@@ -375,51 +419,53 @@ class _Scan(torch.autograd.Function):
     """Saves only the inputs; backward recomputes the states.
 
     ``lc > 0``: chunked with chunk length ``lc``; ``lc == 0``: sequential in blocks of ``k`` steps.
+    ``reverse``: scan from the last step to the first.
     """
 
     @staticmethod
     def forward(
-        ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, lc: int, k: int
+        ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, lc: int, k: int, reverse: bool
     ) -> Tensor:
         dtype = _compute_dtype(u, delta, A, B, C, D)
         u_, d_ = u.to(dtype), delta.to(dtype)
-        AT = A.to(dtype).t().contiguous()
-        args = (_time_major(d_, dtype), _time_major(d_ * u_, dtype), AT, _time_major(B, dtype))
-        CT = _time_major(C, dtype)
-        yT = _sequential(*args, CT, k) if lc == 0 else _chunked(*args, CT, lc)
+        deltaT = _time_major(d_, dtype, reverse)
+        args = (deltaT, deltaT * _time_major(u_, dtype, reverse), A.to(dtype).t().contiguous())
+        BT, CT = _time_major(B, dtype, reverse), _time_major(C, dtype, reverse)
+        yT = _sequential(*args, BT, CT, k) if lc == 0 else _chunked(*args, BT, CT, lc)
         ctx.save_for_backward(u, delta, A, B, C, D)
-        ctx.lc, ctx.k = lc, k
-        return (yT.transpose(0, 1) + D.to(dtype) * u_).to(u.dtype)
+        ctx.lc, ctx.k, ctx.reverse = lc, k, reverse
+        return torch.addcmul(_batch_major(yT, reverse), D.to(dtype), u_).to(u.dtype)
 
     @staticmethod
     def backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
         u, delta, A, B, C, D = ctx.saved_tensors
+        rev = ctx.reverse
         dtype = _compute_dtype(u, delta, A, B, C, D)
         need_u, need_delta, need_A, need_B, need_C, need_D = ctx.needs_input_grad[:6]
         u_, d_, gy_ = u.to(dtype), delta.to(dtype), gy.to(dtype)
-        grads: list[Tensor | None] = [None] * 8
+        grads: list[Tensor | None] = [None] * 9
         if need_D:
             grads[5] = (gy_ * u_).sum((0, 1)).to(D.dtype)
         need = (need_u or need_delta, need_delta, need_A, need_B, need_C)
         if not any(need):
             return tuple(grads)
-        AT = A.to(dtype).t().contiguous()
-        args = (_time_major(d_, dtype), _time_major(d_ * u_, dtype), AT, _time_major(B, dtype))
-        CT, gyT = _time_major(C, dtype), _time_major(gy_, dtype)
+        deltaT = _time_major(d_, dtype, rev)
+        args = (deltaT, deltaT * _time_major(u_, dtype, rev), A.to(dtype).t().contiguous())
+        BT, CT, gyT = (_time_major(t, dtype, rev) for t in (B, C, gy_))
         if ctx.lc == 0:
-            g_du, g_dl, g_AT, g_B, g_C = _sequential_grads(*args, CT, gyT, ctx.k, need)
+            g_du, g_dl, g_AT, g_B, g_C = _sequential_grads(*args, BT, CT, gyT, ctx.k, need)
         else:
-            g_du, g_dl, g_AT, g_B, g_C = _chunked_grads(*args, CT, gyT, ctx.lc, need)
+            g_du, g_dl, g_AT, g_B, g_C = _chunked_grads(*args, BT, CT, gyT, ctx.lc, need)
         if g_du is not None:
-            g_du = g_du.transpose(0, 1)
+            g_du = _batch_major(g_du, rev)
         if need_u:
-            grads[0] = (g_du * d_ + gy_ * D.to(dtype)).to(u.dtype)
+            grads[0] = torch.addcmul(gy_ * D.to(dtype), g_du, d_).to(u.dtype)
         if need_delta:
-            grads[1] = (g_dl.transpose(0, 1) + g_du * u_).to(delta.dtype)
+            grads[1] = torch.addcmul(_batch_major(g_dl, rev), g_du, u_).to(delta.dtype)
         if need_A:
             grads[2] = g_AT.t().to(A.dtype)
         if need_B:
-            grads[3] = g_B.transpose(0, 1).to(B.dtype)
+            grads[3] = _batch_major(g_B, rev).to(B.dtype)
         if need_C:
-            grads[4] = g_C.transpose(0, 1).to(C.dtype)
+            grads[4] = _batch_major(g_C, rev).to(C.dtype)
         return tuple(grads)

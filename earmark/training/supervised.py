@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 class TrainConfig:
     """AdamW with linear warm-up and cosine decay, SpecAugment masking and mixup."""
 
-    epochs: int = 10
+    epochs: int = 20
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.05
