@@ -97,6 +97,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(value: str) -> float:
+    return float(value[:-1]) if value.endswith("s") else float(value)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from earmark.predict import load_model, predict_windows
+
+    model = load_model(args.model, args.learner, args.device)
+    for path in args.files:
+        for start, name, p in predict_windows(model, path, args.window, args.hop):
+            print(f"{path}\t{start:9.2f}s\t{name}\t{p:.3f}", flush=True)
+    return 0
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     from earmark.data import RenderConfig, render_default_dataset
 
@@ -119,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--trials", type=int, default=3, help="support-set draws (few-shot protocol), default 3")
     comp.set_defaults(func=cmd_compare, learners=["ncm", "lda", "analytic", "ranpac", "fetril", "teen", "dsal"],
                       out="runs/compare", joint_bound=False)
+    pred = sub.add_parser("predict", help="label audio files window by window with a trained run")
+    pred.add_argument("files", nargs="+")
+    pred.add_argument("--model", default="runs/demo", help="a run folder written by demo/run")
+    pred.add_argument("--learner", default="analytic")
+    pred.add_argument("--window", type=_seconds, default=2.0, help="window length, e.g. 2s")
+    pred.add_argument("--hop", type=_seconds, default=1.0, help="hop between windows, e.g. 1s")
+    pred.add_argument("--device", default="cpu")
+    pred.set_defaults(func=cmd_predict)
     render = sub.add_parser("render", help="render the embedded General MIDI dataset to a folder")
     render.add_argument("out")
     render.add_argument("--classes", type=int, default=100)

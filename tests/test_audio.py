@@ -120,3 +120,10 @@ def test_normalizer_fit_gives_half_unit_std():
     fresh = FeatureNormalizer()
     fresh.load_state_dict(state)
     assert torch.allclose(fresh(x), y)
+
+
+def test_mp3_decodes(tmp_path):
+    p = tmp_path / "a.mp3"
+    sf.write(p, _tone(16000, 1.0), 16000, format="MP3")
+    x = load_audio(p, AudioConfig(clip_seconds=1.0))
+    assert x.shape == (16000,) and np.abs(x).max() > 0.3

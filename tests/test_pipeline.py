@@ -98,3 +98,27 @@ def test_compare_trials_share_one_encoder_and_match_run(tiny_run):
     assert ncm["mean"]["average_incremental_accuracy"][0] == pytest.approx(np.mean(aa))
     assert ncm["mean"]["average_incremental_accuracy"][1] == pytest.approx(np.std(aa))
     assert results["encoder"]["training"]["reused"] is True  # one encoder for every trial and learner
+
+
+def test_predict_labels_a_recording_window_by_window(tiny_run, tmp_path, capsys):
+    import soundfile as sf
+
+    from earmark.predict import load_model, predict_windows
+
+    results = run(tiny_run)
+    model = load_model(tiny_run.out, "analytic")
+    assert set(model.class_names.values()) == set(results["scenario"]["label_map"])
+    # a recording made of two clips of the dataset, back to back
+    from earmark.data import load_dataset
+
+    ds = load_dataset("esc50", results["dataset"]["root"])
+    a, b = (sf.read(ds.paths[i], dtype="float32")[0] for i in (0, len(ds) - 1))
+    rec = tmp_path / "recording with spaces.wav"
+    sf.write(rec, np.concatenate([a, b]), 16000)
+    rows = list(predict_windows(model, rec, window=1.0, hop=0.5))
+    assert [t for t, _, _ in rows] == [0.0, 0.5, 1.0]
+    assert all(name in model.class_names.values() and 0 < p <= 1 for _, name, p in rows)
+    capsys.readouterr()
+    assert main(["predict", str(rec), "--model", tiny_run.out, "--window", "1s", "--hop", "0.5s"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and lines[0].split("\t")[2] == rows[0][1]

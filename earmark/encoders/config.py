@@ -79,6 +79,10 @@ ENCODER_CONFIGS.register("small")(EncoderConfig(embed_dim=384, depth=24))  # ~26
 # cost (batch x tokens x E x N x depth x 2 directions), hence expand 1 and a small state.
 # Mean pooling over patch tokens for this shallow preset (tiny/small keep the published middle class token).
 ENCODER_CONFIGS.register("fast")(EncoderConfig(embed_dim=128, depth=3, d_state=4, expand=1, pool="mean"))
+# Transformer baselines (earmark/encoders/ast.py): ast-tiny is AST/DeiT-tiny (192 x 12, 3 heads, ~5.5M
+# parameters); ast-fast has the fast preset's width, depth and pooling.
+ENCODER_CONFIGS.register("ast-tiny")(EncoderConfig(arch="ast", embed_dim=192, depth=12))
+ENCODER_CONFIGS.register("ast-fast")(EncoderConfig(arch="ast", embed_dim=128, depth=3, pool="mean"))
 
 
 def resolve_config(config: EncoderConfig | str) -> EncoderConfig:

@@ -1,0 +1,96 @@
+"""Audio Spectrogram Transformer (AST) baseline over the same log-mel patch tokens as the Mamba encoder.
+
+Patching, frequency-major token order, the position-embedding grid (sliced / interpolated along time),
+the class token in the middle (index ``n // 2``) and the pooling are inherited from
+:class:`~earmark.encoders.mamba.MambaEncoder`, so the two encoders differ only in their blocks:
+pre-norm transformer blocks (LayerNorm, full bidirectional multi-head self-attention through
+``scaled_dot_product_attention``, MLP ratio 4 with GELU) instead of Mamba blocks. Attention costs
+O(n^2) in the number of tokens, the point of the comparison in ``benchmarks/encoders.py``.
+
+Heads = ``embed_dim // 64`` (at least 1) and the MLP ratio is fixed at 4, both derived rather than
+configured so EncoderConfig stays shared; the SSM fields of the config are ignored.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from earmark.encoders.config import ENCODERS, EncoderConfig
+from earmark.encoders.mamba import MambaEncoder, _no_decay
+
+__all__ = ["ASTEncoder", "Attention", "TransformerBlock", "MLP_RATIO", "num_heads"]
+
+MLP_RATIO = 4
+
+
+def num_heads(embed_dim: int) -> int:
+    """64-dim heads, as in ViT/DeiT/AST; at least one head for narrow test models."""
+    return max(1, embed_dim // 64)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over all tokens (no mask: every token sees the whole clip)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"embed_dim ({dim}) must be a multiple of the number of heads ({heads})")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, n, hd)
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(y.transpose(1, 2).reshape(b, n, d))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: h + attn(norm1(h)), then h + mlp(norm2(h))."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        d = config.embed_dim
+        self.norm1 = nn.LayerNorm(d, eps=1e-6)
+        self.attn = Attention(d, num_heads(d))
+        self.norm2 = nn.LayerNorm(d, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(d, MLP_RATIO * d), nn.GELU(), nn.Linear(MLP_RATIO * d, d))
+
+    def forward(self, h: Tensor) -> Tensor:
+        h = h + self.attn(self.norm1(h))
+        return h + self.mlp(self.norm2(h))
+
+
+@ENCODERS.register("ast")
+class ASTEncoder(MambaEncoder):
+    """(batch, n_mels, frames) log-mel -> (batch, embed_dim) clip embedding with transformer blocks.
+
+    Subclasses MambaEncoder for ``token_grid``, ``cls_index``, the position handling, ``forward_tokens``
+    (which runs ``self.layers`` then ``self.norm_f``), ``forward`` and ``no_weight_decay_params``.
+    ``__init__`` is not inherited (it would build Mamba blocks): the embedding setup below is a
+    deliberate 8-line duplicate of MambaEncoder's and must stay in sync with it.
+    """
+
+    def __init__(self, config: EncoderConfig | None = None) -> None:
+        nn.Module.__init__(self)
+        config = config or EncoderConfig(arch="ast")
+        self.config = config
+        self.embed_dim = config.embed_dim
+        d, p = config.embed_dim, config.patch
+        self.freq_patches = config.n_mels // p
+        self.max_time_patches = config.max_frames // p
+        self.patch_embed = nn.Conv2d(1, d, kernel_size=p, stride=p)
+        self.pos_embed = _no_decay(nn.Parameter(torch.zeros(1, self.freq_patches, self.max_time_patches, d)))
+        self.cls_token = _no_decay(nn.Parameter(torch.zeros(1, 1, d)))
+        self.cls_pos = _no_decay(nn.Parameter(torch.zeros(1, 1, d)))
+        for t in (self.pos_embed, self.cls_token, self.cls_pos):  # cut at 2 std, as in MambaEncoder
+            nn.init.trunc_normal_(t, std=0.02, a=-0.04, b=0.04)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.depth))
+        self.norm_f = nn.LayerNorm(d, eps=1e-6)
+        for m in self.layers.modules():  # ViT/DeiT init: truncated normal weights, zero biases
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02, a=-0.04, b=0.04)
+                nn.init.zeros_(m.bias)
