@@ -1,0 +1,297 @@
+"""Mamba encoder (own selective scan) vs the Audio Spectrogram Transformer at equal width and depth, on CPU.
+
+    python benchmarks/encoders.py [--width 192 --depth 24] [--max-tokens 16384] [--threads 1]
+    python benchmarks/encoders.py --quick          # small model, up to 2k tokens, fast presets only
+
+Sections:
+  1. float32 matmul FLOP/s of this machine (the roofline the encoders are compared with).
+  2. Scaling with the number of tokens (128, 256, ... up to --max-tokens; batch 1, 8 frequency bands,
+     so tokens = 8 x time patches + the class token): forward time without grad and one training
+     step (forward + backward of a sum of the embedding), peak memory, achieved FLOP/s as a fraction
+     of the matmul FLOP/s, and the ratios AST / Mamba. A size is skipped for an arch/mode once a
+     smaller one took longer than --skip-after seconds (or failed, e.g. out of memory).
+  3. Optional: mambapy's parallel scan vs our scan (only if ``mambapy`` is importable).
+  4. Clips per second and real-time factor (compute time / audio duration, lower is better) for
+     embedding 1 s, 10 s and 60 s clips with presets (forward, no grad).
+
+Method. Time: minimum over repeats after a warm-up, repeats stop once --time-cap seconds are spent.
+Peak memory: each (arch, tokens, mode) runs in a fresh subprocess; ``resource.getrusage`` maxrss
+(the process's peak resident set) is read after building the model and input and again after the
+runs, and the delta is reported: the extra peak RSS of activations, attention buffers, autograd
+state and gradients (not the weights, not torch itself). tracemalloc does not see torch's
+allocations, and torch keeps no CPU allocator statistics, hence RSS. Memory that the allocator
+reuses does not grow RSS, so this is the high-water mark of the run, as the OS sees it.
+FLOPs are analytic (2 per multiply-add): all matmuls, convs and attention (QK^T and AV); for Mamba
+also ~9 elementwise FLOPs per (token, channel, state) and direction for the scan; a training step
+is counted as 3 x forward. Other elementwise work (norms, activations, softmax) is not counted.
+Other processes on the machine inflate the times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from earmark.audio.features import FeatureConfig
+from earmark.encoders import EncoderConfig, build_encoder, resolve_config
+
+HERE = __file__
+
+
+def best_s(fn: Callable[[], object], repeats: int, time_cap: float) -> tuple[float, int]:
+    """(minimum seconds over up to ``repeats`` timed runs after a warm-up, runs done); the warm-up
+    counts as the only run when it alone exceeds ``time_cap``."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    if first > time_cap:
+        return first, 1
+    times, spent = [], first
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        spent += times[-1]
+        if spent > time_cap:
+            break
+    return min(times), len(times)
+
+
+def matmul_flops(n: int, time_cap: float) -> float:
+    """Measured float32 matmul FLOP/s (n x n @ n x n)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    s, _ = best_s(lambda: a @ b, 10, time_cap)
+    return 2 * n**3 / s
+
+
+def forward_flops(cfg: EncoderConfig, tokens: int, batch: int = 1) -> float:
+    """Analytic forward FLOPs (see the module docstring) for ``tokens`` tokens incl. the class token."""
+    d, n = cfg.embed_dim, tokens
+    flops = 2 * (n - 1) * cfg.patch**2 * d  # patch embedding
+    if cfg.arch == "ast":
+        per_layer = 2 * n * d * (3 * d + d + 2 * 4 * d) + 2 * 2 * n * n * d  # qkv, proj, mlp; QK^T, AV
+    else:
+        e, r, s, dirs = cfg.inner_dim, cfg.rank, cfg.d_state, 2 if cfg.bidirectional else 1
+        per_dir = 2 * n * e * (r + 2 * s) + 2 * n * r * e + 2 * n * e * cfg.d_conv + 9 * n * e * s
+        per_layer = 2 * n * d * 2 * e + 2 * n * e * d + dirs * per_dir
+    return batch * (flops + cfg.depth * per_layer)
+
+
+def grid_frames(tokens: int, cfg: EncoderConfig) -> int:
+    """Frames giving ``tokens`` patch tokens (a multiple of the number of frequency bands)."""
+    bands = cfg.n_mels // cfg.patch
+    return max(1, tokens // bands) * cfg.patch
+
+
+# ----------------------------------------------------------------------------- one measurement (child)
+
+
+def measure(spec: dict) -> dict:
+    """Run in a fresh process: time + peak RSS delta of one (config, tokens, mode)."""
+    torch.set_num_threads(spec["threads"])
+    cfg = EncoderConfig(**spec["config"])
+    torch.manual_seed(0)
+    model = build_encoder(cfg)
+    x = torch.randn(1, cfg.n_mels, grid_frames(spec["tokens"], cfg))
+    if spec["mode"] == "train":
+        model.train()
+
+        def step() -> None:
+            model.zero_grad(set_to_none=False)  # grads stay allocated between steps, as in training
+            model(x).sum().backward()
+
+        fn = step
+    else:
+        model.eval()
+
+        def fn() -> None:
+            with torch.no_grad():
+                model(x)
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    seconds, runs = best_s(fn, spec["repeats"], spec["time_cap"])
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"seconds": seconds, "runs": runs, "peak_mib": (after - before) / 1024}
+
+
+def run_child(spec: dict, timeout: float) -> dict | None:
+    """``measure`` in a subprocess; None when it fails (out of memory, timeout)."""
+    try:
+        out = subprocess.run(
+            [sys.executable, HERE, "--_measure", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    if out.returncode != 0:
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- sections (parent)
+
+
+def token_scaling(args: argparse.Namespace, peak: float) -> None:
+    base = EncoderConfig(embed_dim=args.width, depth=args.depth, max_frames=1024)
+    cfgs = {
+        "mamba": dataclasses.replace(base, arch="mamba", scan_impl=args.scan_impl),
+        "ast": dataclasses.replace(base, arch="ast"),
+    }
+    params = {k: sum(p.numel() for p in build_encoder(c).parameters()) / 1e6 for k, c in cfgs.items()}
+    print(
+        f"\n== token scaling: width {args.width}, depth {args.depth}, batch 1; "
+        f"mamba {params['mamba']:.2f}M params (scan {args.scan_impl}), ast {params['ast']:.2f}M params"
+    )
+    print("   time = min over runs (s); mem = peak RSS delta (MiB); %mm = achieved FLOP/s / matmul FLOP/s")
+    sizes = []
+    t = 128
+    while t <= args.max_tokens:
+        sizes.append(t)
+        t *= 2
+    stopped: set[tuple[str, str]] = set()
+    header = (
+        f"{'tokens':>7} {'mode':<6}| {'mamba s':>8} {'MiB':>7} {'%mm':>5} | {'ast s':>8} {'MiB':>7} {'%mm':>5} "
+        f"| {'ast/mamba time':>14} {'mem':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for tokens in sizes:
+        for mode in ("infer", "train"):
+            row: dict[str, dict | None] = {}
+            for arch, cfg in cfgs.items():
+                if (arch, mode) in stopped:
+                    row[arch] = None
+                    continue
+                spec = {
+                    "config": cfg.to_dict(),
+                    "tokens": tokens,
+                    "mode": mode,
+                    "threads": torch.get_num_threads(),
+                    "repeats": args.repeats,
+                    "time_cap": args.time_cap,
+                }
+                r = run_child(spec, timeout=args.skip_after * 4 + 60)
+                if r is None or r["seconds"] > args.skip_after:
+                    stopped.add((arch, mode))
+                if r is not None:
+                    n = cfg.n_mels // cfg.patch * (grid_frames(tokens, cfg) // cfg.patch) + 1
+                    fl = forward_flops(cfg, n) * (3 if mode == "train" else 1)
+                    r["frac"] = fl / r["seconds"] / peak
+                row[arch] = r
+
+            def cells(r: dict | None) -> str:
+                if r is None:
+                    return f"{'skipped':>8} {'':>7} {'':>5}"
+                return f"{r['seconds']:8.3f} {r['peak_mib']:7.1f} {100 * r['frac']:4.0f}%"
+
+            m, a = row["mamba"], row["ast"]
+            ratio = f"{a['seconds'] / m['seconds']:14.2f}" if m and a else f"{'-':>14}"
+            mem = f"{a['peak_mib'] / m['peak_mib']:6.2f}" if m and a and m["peak_mib"] > 0 else f"{'-':>6}"
+            print(f"{tokens + 1:>7} {mode:<6}| {cells(m)} | {cells(a)} | {ratio} {mem}", flush=True)
+        if all((arch, mode) in stopped for arch in cfgs for mode in ("infer", "train")):
+            print(f"   (stopping: every measurement at {tokens + 1} tokens took > {args.skip_after:.0f} s or failed)")
+            break
+    if stopped:
+        which = ", ".join("/".join(s) for s in sorted(stopped))
+        print(f"   skipped after > {args.skip_after:.0f} s (or a failure): {which}")
+
+
+def mambapy_scan(args: argparse.Namespace) -> None:
+    print("\n== mambapy pscan vs own scan")
+    if importlib.util.find_spec("mambapy") is None:
+        print("   mambapy is not installed: skipped (pip install mambapy to compare its parallel scan)")
+        return
+    from mambapy.pscan import pscan  # type: ignore[import-not-found]
+
+    from earmark.encoders.scan import selective_scan
+
+    e, s = 2 * args.width, 16
+    print(f"   one direction, batch 1, E {e}, N {s}; mambapy: h only (dA, dBx precomputed), ours: full scan")
+    for length in (256, 1024, 4096):
+        g = torch.Generator().manual_seed(0)
+        u = torch.randn(1, length, e, generator=g)
+        delta = torch.nn.functional.softplus(torch.randn(1, length, e, generator=g) - 3)
+        a = -torch.arange(1, s + 1, dtype=torch.float32).repeat(e, 1)
+        b, c = torch.randn(1, length, s, generator=g), torch.randn(1, length, s, generator=g)
+        with torch.no_grad():
+            da = torch.exp(delta[..., None] * a)
+            dbx = delta[..., None] * b[:, :, None] * u[..., None]
+            t_py, _ = best_s(lambda da=da, dbx=dbx: pscan(da, dbx), args.repeats, args.time_cap)
+            ones = torch.ones(e)
+            t_own, _ = best_s(
+                lambda u=u, delta=delta, a=a, b=b, c=c, ones=ones: selective_scan(
+                    u, delta, a, b, c, ones, impl=args.scan_impl
+                ),
+                args.repeats,
+                args.time_cap,
+            )
+        print(f"   L {length:>5}: mambapy pscan {t_py * 1e3:8.1f} ms   own ({args.scan_impl}) {t_own * 1e3:8.1f} ms")
+
+
+def clip_throughput(args: argparse.Namespace) -> None:
+    feats = FeatureConfig()
+    print(f"\n== embedding throughput (forward, no grad, batch {args.clip_batch}); RTF = compute time / audio time")
+    header = f"{'preset':<10} {'params':>7} | " + " | ".join(f"{f'{s} s clips/s':>13} {'RTF':>8}" for s in args.seconds)
+    print(header)
+    print("-" * len(header))
+    for name in args.presets.split(","):
+        cfg = resolve_config(name)
+        torch.manual_seed(0)
+        model = build_encoder(cfg).eval()
+        n_params = sum(p.numel() for p in model.parameters()) / 1e6
+        cells = []
+        for seconds in args.seconds:
+            frames = feats.num_frames(int(seconds * feats.sample_rate))
+            x = torch.randn(args.clip_batch, cfg.n_mels, frames)
+            with torch.no_grad():
+                t, _ = best_s(lambda model=model, x=x: model(x), args.repeats, args.time_cap)
+            cells.append(f"{args.clip_batch / t:13.2f} {t / (args.clip_batch * seconds):8.5f}")
+        print(f"{name:<10} {n_params:6.2f}M | " + " | ".join(cells), flush=True)
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--_measure":
+        print(json.dumps(measure(json.loads(sys.argv[2]))))
+        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--width", type=int, default=192)
+    p.add_argument("--depth", type=int, default=24)
+    p.add_argument("--max-tokens", type=int, default=16384)
+    p.add_argument("--scan-impl", default="auto", help="Mamba scan: auto | sequential | chunked | reference")
+    p.add_argument("--presets", default="tiny,ast-tiny,fast,ast-fast", help="presets for the clip throughput table")
+    p.add_argument("--seconds", default="1,10,60", help="clip durations for the throughput table")
+    p.add_argument("--clip-batch", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--time-cap", type=float, default=20.0, help="stop repeating one measurement after this many s")
+    p.add_argument("--skip-after", type=float, default=20.0, help="skip larger sizes once one run takes longer")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="width 64, depth 4, up to 2k tokens, fast presets")
+    args = p.parse_args()
+    if args.quick:
+        args.width, args.depth, args.max_tokens = 64, 4, 2048
+        args.presets, args.clip_batch, args.repeats, args.time_cap, args.skip_after = "fast,ast-fast", 2, 2, 3.0, 5.0
+    args.seconds = [float(s) for s in args.seconds.split(",")]
+    torch.set_num_threads(args.threads)
+    n = 512 if args.quick else 1024
+    peak = matmul_flops(n, args.time_cap)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    print(f"== float32 matmul {n}x{n}: {peak / 1e9:.1f} GFLOP/s (the %mm reference)")
+    token_scaling(args, peak)
+    mambapy_scan(args)
+    clip_throughput(args)
+
+
+if __name__ == "__main__":
+    main()
