@@ -13,12 +13,11 @@ configured so EncoderConfig stays shared; the SSM fields of the config are ignor
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from earmark.encoders.config import ENCODERS, EncoderConfig
-from earmark.encoders.mamba import MambaEncoder, _no_decay
+from earmark.encoders.mamba import MambaEncoder
 
 __all__ = ["ASTEncoder", "Attention", "TransformerBlock", "MLP_RATIO", "num_heads"]
 
@@ -70,27 +69,20 @@ class ASTEncoder(MambaEncoder):
 
     Subclasses MambaEncoder for ``token_grid``, ``cls_index``, the position handling, ``forward_tokens``
     (which runs ``self.layers`` then ``self.norm_f``), ``forward`` and ``no_weight_decay_params``.
-    ``__init__`` is not inherited (it would build Mamba blocks): the embedding setup below is a
-    deliberate 8-line duplicate of MambaEncoder's and must stay in sync with it.
+    Only the blocks (``make_block``) and the final norm (``make_norm``) differ.
     """
 
     def __init__(self, config: EncoderConfig | None = None) -> None:
-        nn.Module.__init__(self)
-        config = config or EncoderConfig(arch="ast")
-        self.config = config
-        self.embed_dim = config.embed_dim
-        d, p = config.embed_dim, config.patch
-        self.freq_patches = config.n_mels // p
-        self.max_time_patches = config.max_frames // p
-        self.patch_embed = nn.Conv2d(1, d, kernel_size=p, stride=p)
-        self.pos_embed = _no_decay(nn.Parameter(torch.zeros(1, self.freq_patches, self.max_time_patches, d)))
-        self.cls_token = _no_decay(nn.Parameter(torch.zeros(1, 1, d)))
-        self.cls_pos = _no_decay(nn.Parameter(torch.zeros(1, 1, d)))
-        for t in (self.pos_embed, self.cls_token, self.cls_pos):  # cut at 2 std, as in MambaEncoder
-            nn.init.trunc_normal_(t, std=0.02, a=-0.04, b=0.04)
-        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.depth))
-        self.norm_f = nn.LayerNorm(d, eps=1e-6)
+        super().__init__(config or EncoderConfig(arch="ast"))
         for m in self.layers.modules():  # ViT/DeiT init: truncated normal weights, zero biases
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02, a=-0.04, b=0.04)
                 nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def make_block(config: EncoderConfig) -> nn.Module:
+        return TransformerBlock(config)
+
+    @staticmethod
+    def make_norm(dim: int) -> nn.Module:
+        return nn.LayerNorm(dim, eps=1e-6)

@@ -143,8 +143,17 @@ class MambaEncoder(nn.Module):
         self.cls_pos = _no_decay(nn.Parameter(torch.zeros(1, 1, d)))
         for t in (self.pos_embed, self.cls_token, self.cls_pos):  # cut at 2 std (not at +-2 absolute)
             nn.init.trunc_normal_(t, std=0.02, a=-0.04, b=0.04)
-        self.layers = nn.ModuleList(MambaBlock(config) for _ in range(config.depth))
-        self.norm_f = nn.RMSNorm(d, eps=1e-5)
+        self.layers = nn.ModuleList(self.make_block(config) for _ in range(config.depth))
+        self.norm_f = self.make_norm(d)
+
+    @staticmethod
+    def make_block(config: EncoderConfig) -> nn.Module:
+        """One residual block; subclasses (the AST) swap the mixer and keep the patch/token front end."""
+        return MambaBlock(config)
+
+    @staticmethod
+    def make_norm(dim: int) -> nn.Module:
+        return nn.RMSNorm(dim, eps=1e-5)
 
     def token_grid(self, frames: int) -> tuple[int, int]:
         """(freq patches, time patches) for an input of ``frames`` frames (after padding)."""
