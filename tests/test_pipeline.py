@@ -122,3 +122,24 @@ def test_predict_labels_a_recording_window_by_window(tiny_run, tmp_path, capsys)
     assert main(["predict", str(rec), "--model", tiny_run.out, "--window", "1s", "--hop", "0.5s"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and lines[0].split("\t")[2] == rows[0][1]
+
+
+def test_bad_file_fails_clearly_then_skip_reports_it(tiny_run, tmp_path):
+    import shutil
+
+    from earmark.data.render import default_dataset_root, render_default_dataset
+
+    src = render_default_dataset(default_dataset_root(tiny_run.render), tiny_run.render, progress=False)
+    root = tmp_path / "copy"
+    shutil.copytree(src, root)
+    bad = sorted((root / "audio").glob("5-*.wav"))[0]  # a test-fold clip
+    bad.write_bytes(b"\x00" * 10)
+    tiny_run.root = str(root)
+    with pytest.raises(Exception, match=bad.name):
+        run(tiny_run)
+    tiny_run.on_error = "skip"
+    results = run(tiny_run)
+    assert [s["path"] for s in results["embeddings"]["skipped"]] == [str(bad)]
+    report = (__import__("pathlib").Path(tiny_run.out) / "skipped.csv").read_text().splitlines()
+    assert report[0] == "path,reason" and bad.name in report[1]
+    assert results["embeddings"]["computed"] < results["embeddings"]["clips"]  # the failed run's work was kept
