@@ -7,6 +7,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+COMPARE_DEFAULTS = {
+    "learners": ["ncm", "lda", "analytic", "ranpac", "fetril", "teen", "dsal"],
+    "out": "runs/compare",
+}
+
 
 def _shots(value: str) -> int | None:
     if value.lower() in ("all", "none", "0"):
@@ -52,7 +57,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="plain log lines instead of progress bars")
 
 
-def _run_config(args: argparse.Namespace):
+def _run_config(args: argparse.Namespace, defaults: dict | None = None):
     import yaml
 
     from earmark.pipeline import run_config_from_dict
@@ -60,14 +65,15 @@ def _run_config(args: argparse.Namespace):
     given = vars(args).copy()
     for key in ("func", "command"):
         given.pop(key, None)
-    values: dict = {}
+    values: dict = dict(defaults or {})  # command defaults < YAML file < flags
     if "config" in given:
         path = Path(given.pop("config"))
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config file not found")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of run options")
+        values.update(loaded)
     epochs = given.pop("epochs", None)
     values.update(given)
     if epochs is not None:
@@ -91,7 +97,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     trials = args.trials
     del args.trials
-    config = _run_config(args)
+    config = _run_config(args, COMPARE_DEFAULTS)
     compare(config, trials=trials)
     print(f"\nresults: {config.out}/compare.json, {config.out}/compare.csv, plots: {config.out}/compare.png")
     return 0
@@ -131,8 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compare", help="several learners on one scenario, mean +- std over support-set trials")
     _add_run_options(comp)
     comp.add_argument("--trials", type=int, default=3, help="support-set draws (few-shot protocol), default 3")
-    comp.set_defaults(func=cmd_compare, learners=["ncm", "lda", "analytic", "ranpac", "fetril", "teen", "dsal"],
-                      out="runs/compare", joint_bound=False)
+    comp.set_defaults(func=cmd_compare)
     pred = sub.add_parser("predict", help="label audio files window by window with a trained run")
     pred.add_argument("files", nargs="+")
     pred.add_argument("--model", default="runs/demo", help="a run folder written by demo/run")

@@ -143,3 +143,14 @@ def test_bad_file_fails_clearly_then_skip_reports_it(tiny_run, tmp_path):
     report = (__import__("pathlib").Path(tiny_run.out) / "skipped.csv").read_text().splitlines()
     assert report[0] == "path,reason" and bad.name in report[1]
     assert results["embeddings"]["computed"] < results["embeddings"]["clips"]  # the failed run's work was kept
+
+
+def test_compare_defaults_yield_to_the_yaml_file(tmp_path):
+    from earmark.cli import COMPARE_DEFAULTS, _run_config, build_parser
+
+    plain = _run_config(build_parser().parse_args(["compare"]), COMPARE_DEFAULTS)
+    assert plain.learners == COMPARE_DEFAULTS["learners"] and plain.out == "runs/compare"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("learners: [ncm, lda]\n")
+    from_file = _run_config(build_parser().parse_args(["compare", "--config", str(cfg)]), COMPARE_DEFAULTS)
+    assert from_file.learners == ["ncm", "lda"]
