@@ -63,7 +63,7 @@ def _run_config(args: argparse.Namespace, defaults: dict | None = None):
     from earmark.pipeline import run_config_from_dict
 
     given = vars(args).copy()
-    for key in ("func", "command"):
+    for key in ("func", "command", "trials"):  # not run options
         given.pop(key, None)
     values: dict = dict(defaults or {})  # command defaults < YAML file < flags
     if "config" in given:
@@ -95,10 +95,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from earmark.compare import compare
 
-    trials = args.trials
-    del args.trials
     config = _run_config(args, COMPARE_DEFAULTS)
-    compare(config, trials=trials)
+    compare(config, trials=args.trials)
     print(f"\nresults: {config.out}/compare.json, {config.out}/compare.csv, plots: {config.out}/compare.png")
     return 0
 
