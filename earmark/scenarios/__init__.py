@@ -1,5 +1,15 @@
 """Scenarios: how a dataset is cut into incremental sessions."""
 
+from earmark.scenarios.blurry import BlurryIncremental
 from earmark.scenarios.class_incremental import ClassIncremental, Session
+from earmark.scenarios.online import OnlineResult, StreamBatch, evaluate_online, online_stream
 
-__all__ = ["ClassIncremental", "Session"]
+__all__ = [
+    "BlurryIncremental",
+    "ClassIncremental",
+    "OnlineResult",
+    "Session",
+    "StreamBatch",
+    "evaluate_online",
+    "online_stream",
+]
