@@ -42,6 +42,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder", default=S, help="encoder config name (fast, tiny, small), default fast")
     p.add_argument("--clip-seconds", type=float, default=S, help="clip length, default 2.0")
     p.add_argument("--epochs", type=int, default=S, help="base-session training epochs")
+    p.add_argument("--pretrained", default=S, help="start base training from an `earmark pretrain` checkpoint")
     p.add_argument("--learners", "--learner", dest="learners", type=_names, default=S,
                    help="comma-separated learner names, default ncm,analytic")
     p.add_argument("--no-joint", dest="joint_bound", action="store_false", default=S,
@@ -115,6 +116,44 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Masked-patch pretraining on a folder of audio or a dataset's clips (all of them: no labels used)."""
+    import torch
+
+    from earmark.audio import AudioConfig
+    from earmark.encoders.embedder import AudioEmbedder
+    from earmark.pipeline import encoder_config, load_features
+    from earmark.training.pretrain import PretrainConfig, pretrain
+
+    if args.audio:
+        root = Path(args.audio)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: audio folder not found")
+        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+    else:
+        from earmark.data import load_dataset
+
+        ds = load_dataset(args.dataset, args.root)
+        paths = list(ds.paths)
+    if not paths:
+        raise ValueError("no audio files to pretrain on")
+    embedder = AudioEmbedder(encoder_config(args.encoder), AudioConfig(clip_seconds=args.clip_seconds))
+    raw, _, skipped = load_features(embedder, paths, True, args.on_error)
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    feats = embedder.normalizer.fit(raw)(raw)
+    torch.manual_seed(args.seed)
+    config = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                            warmup_steps=min(args.steps // 10, 1000), seed=args.seed)
+    hist = pretrain(embedder.encoder, feats, config, checkpoint_path=args.out, device=args.device)
+    print(f"pretrained on {len(feats)} clips: loss {hist.loss[0]:.3f} -> {hist.loss[-1]:.3f}; checkpoint {args.out}"
+          if hist.loss else f"already complete: {args.out}")
+    return 0
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     from earmark.data import RenderConfig, render_default_dataset
 
@@ -136,6 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(comp)
     comp.add_argument("--trials", type=int, default=3, help="support-set draws (few-shot protocol), default 3")
     comp.set_defaults(func=cmd_compare)
+    pre = sub.add_parser("pretrain", help="self-supervised masked-patch pretraining (SSAST style), resumable")
+    src = pre.add_mutually_exclusive_group(required=True)
+    src.add_argument("--audio", help="a folder of audio files (searched recursively)")
+    src.add_argument("--dataset", help="a dataset loader name (with --root)")
+    pre.add_argument("--root", help="dataset folder for --dataset")
+    pre.add_argument("--encoder", default="fast")
+    pre.add_argument("--clip-seconds", type=float, default=2.0)
+    pre.add_argument("--steps", type=int, default=1000)
+    pre.add_argument("--batch-size", type=int, default=16)
+    pre.add_argument("--lr", type=float, default=1e-4)
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--device", default="cpu")
+    pre.add_argument("--on-error", choices=["fail", "skip"], default="fail")
+    pre.add_argument("--out", default="runs/pretrain/encoder.safetensors", help="checkpoint (resumed if present)")
+    pre.set_defaults(func=cmd_pretrain)
     pred = sub.add_parser("predict", help="label audio files window by window with a trained run")
     pred.add_argument("files", nargs="+")
     pred.add_argument("--model", default="runs/demo", help="a run folder written by demo/run")

@@ -50,6 +50,7 @@ class RunConfig:
     on_error: str = "fail"  # a bad audio file: "fail" with a clear message, or "skip" and report it
     encoder: str | dict = "fast"  # a preset name or EncoderConfig fields
     clip_seconds: float = 2.0  # every clip is cropped or padded to this length
+    pretrained: str | None = None  # an `earmark pretrain` checkpoint to start base training from
     learners: list[str] = field(default_factory=lambda: ["ncm", "analytic"])
     # gamma scales with the embedding's energy: 0.1 (ACIL's default for ImageNet features) overfits
     # these embeddings; see the README for the sweep behind 1000.
@@ -132,6 +133,7 @@ def base_embedder(
         {
             "encoder": config.encoder,
             "clip_seconds": config.clip_seconds,
+            "pretrained": audio_digest(config.pretrained) if config.pretrained else None,
             "train": asdict(config.train),
             "files": [audio_digest(dataset.paths[i]) for i in base.train_indices],
             "labels": scenario.dense_targets(base.train_indices).tolist(),
@@ -143,6 +145,11 @@ def base_embedder(
         return AudioEmbedder.load(ckpt, config.device), {"reused": True, "checkpoint": str(ckpt)}
     torch.manual_seed(config.seed)
     embedder = AudioEmbedder(encoder_config(config.encoder), AudioConfig(clip_seconds=config.clip_seconds))
+    if config.pretrained:
+        from earmark.training.pretrain import encoder_from_checkpoint
+
+        embedder.encoder = encoder_from_checkpoint(config.pretrained).train()
+        _log(f"starting from the pretrained encoder {config.pretrained}", config.progress)
     paths = [dataset.paths[i] for i in base.train_indices]
     raw, kept, skipped = load_features(embedder, paths, config.progress, config.on_error)
     embedder.normalizer.fit(raw)

@@ -154,3 +154,26 @@ def test_compare_defaults_yield_to_the_yaml_file(tmp_path):
     cfg.write_text("learners: [ncm, lda]\n")
     from_file = _run_config(build_parser().parse_args(["compare", "--config", str(cfg)]), COMPARE_DEFAULTS)
     assert from_file.learners == ["ncm", "lda"]
+
+
+def test_pretrain_cli_then_base_training_starts_from_it(tiny_run, tmp_path):
+    from earmark.data.render import default_dataset_root, render_default_dataset
+    from earmark.training.pretrain import encoder_from_checkpoint
+
+    src = render_default_dataset(default_dataset_root(tiny_run.render), tiny_run.render, progress=False)
+    ckpt = tmp_path / "pre.safetensors"
+    args = ["pretrain", "--audio", str(src / "audio"), "--encoder", "fast", "--clip-seconds", "1.0",
+            "--steps", "3", "--batch-size", "8", "--out", str(ckpt)]
+    assert main(args) == 0 and ckpt.is_file()
+    pre = encoder_from_checkpoint(ckpt)
+    tiny_run.encoder = "fast"
+    tiny_run.pretrained = str(ckpt)
+    tiny_run.train = type(tiny_run.train)(epochs=0, batch_size=8)  # no base training: the encoder is the pretrained one
+    results = run(tiny_run)
+    assert results["encoder"]["config"] == pre.config.to_dict()
+    from earmark.encoders.embedder import AudioEmbedder
+
+    trained = AudioEmbedder.load(results["encoder"]["checkpoint"])
+    for name, value in pre.state_dict().items():
+        assert __import__("torch").equal(trained.encoder.state_dict()[name], value), name
+    assert main(["pretrain", "--audio", str(tmp_path / "nothing"), "--out", str(ckpt)]) == 2
