@@ -18,7 +18,7 @@ import numpy as np
 
 from earmark.checkpoint import atomic_write_text
 from earmark.learners import make_learner
-from earmark.metrics import AccuracyMatrix, format_table
+from earmark.metrics import format_table
 from earmark.pipeline import RunConfig, _jsonable, _log, _nan_to_none, encoder_summary, evaluate_learner, prepare
 
 METRICS = {
@@ -133,4 +133,4 @@ def plot_compare(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["compare", "render_compare", "AccuracyMatrix"]
+__all__ = ["compare", "render_compare"]

@@ -16,7 +16,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from earmark.audio import AudioConfig, AudioDecodeError, load_audio
+from earmark.audio import AudioConfig, load_many
 from earmark.checkpoint import atomic_write_text
 from earmark.data import AudioDataset, RenderConfig, default_data_dir, load_dataset, render_default_dataset
 from earmark.data.render import default_dataset_root
@@ -108,15 +108,9 @@ def load_features(
     """Raw log-mel of every path, before normalization; returns (features, kept positions, skipped)."""
     out, kept, skipped = [], [], []
     for start in tqdm(range(0, len(paths), 64), desc="log-mel", unit="batch", disable=not progress, leave=False):
-        waves = []
-        for k in range(start, min(start + 64, len(paths))):
-            try:
-                waves.append(load_audio(paths[k], embedder.audio_config))
-                kept.append(k)
-            except AudioDecodeError as exc:
-                if on_error != "skip":
-                    raise
-                skipped.append((str(paths[k]), exc.reason))
+        waves, ok, bad = load_many(paths[start : start + 64], embedder.audio_config, on_error)
+        kept.extend(start + k for k in ok)
+        skipped.extend(bad)
         if waves:
             out.append(embedder.logmel(torch.as_tensor(np.stack(waves))))
     if not out:
@@ -422,4 +416,4 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-__all__ = ["RunConfig", "run", "render_report", "AudioDecodeError"]
+__all__ = ["RunConfig", "run", "prepare", "render_report"]

@@ -127,3 +127,19 @@ def test_mp3_decodes(tmp_path):
     sf.write(p, _tone(16000, 1.0), 16000, format="MP3")
     x = load_audio(p, AudioConfig(clip_seconds=1.0))
     assert x.shape == (16000,) and np.abs(x).max() > 0.3
+
+
+def test_load_many_fails_or_skips_and_reports(tmp_path):
+    from earmark.audio import load_many
+
+    good = tmp_path / "good.wav"
+    sf.write(good, _tone(16000, 0.1), 16000)
+    bad = tmp_path / "bad.wav"
+    bad.write_text("nope")
+    waves, kept, skipped = load_many([good, bad, good], AudioConfig(clip_seconds=0.1), on_error="skip")
+    assert len(waves) == 2 and kept == [0, 2]
+    assert skipped == [(str(bad), skipped[0][1])] and "cannot be decoded" in skipped[0][1]
+    with pytest.raises(AudioDecodeError, match="bad.wav"):
+        load_many([good, bad], AudioConfig(clip_seconds=0.1))
+    with pytest.raises(ValueError, match="on_error"):
+        load_many([good], on_error="ignore")

@@ -1,7 +1,7 @@
 """Audio in: decoding, resampling, pad/crop and log-mel features."""
 
 from earmark.audio.features import FeatureConfig, FeatureNormalizer, LogMel, mel_filterbank
-from earmark.audio.io import AudioConfig, AudioDecodeError, fix_length, load_audio, load_batch, to_mono
+from earmark.audio.io import AudioConfig, AudioDecodeError, fix_length, load_audio, load_batch, load_many, to_mono
 
 __all__ = [
     "AudioConfig",
@@ -12,6 +12,7 @@ __all__ = [
     "fix_length",
     "load_audio",
     "load_batch",
+    "load_many",
     "mel_filterbank",
     "to_mono",
 ]

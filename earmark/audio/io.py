@@ -112,3 +112,24 @@ def load_batch(paths: list[str | Path], config: AudioConfig | None = None) -> np
     if config.clip_samples is None:
         raise ValueError("load_batch needs AudioConfig.clip_seconds to stack clips")
     return np.stack([load_audio(p, config) for p in paths]) if paths else np.zeros((0, config.clip_samples))
+
+
+def load_many(
+    paths: list[str | Path], config: AudioConfig | None = None, on_error: str = "fail"
+) -> tuple[list[np.ndarray], list[int], list[tuple[str, str]]]:
+    """Decode several files; returns (waveforms, positions decoded, skipped (path, reason)).
+
+    ``on_error="fail"`` raises the first :class:`AudioDecodeError`; ``"skip"`` records it and goes on.
+    """
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
+    waves, kept, skipped = [], [], []
+    for k, path in enumerate(paths):
+        try:
+            waves.append(load_audio(path, config))
+            kept.append(k)
+        except AudioDecodeError as exc:
+            if on_error == "fail":
+                raise
+            skipped.append((str(path), exc.reason))
+    return waves, kept, skipped

@@ -22,7 +22,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from earmark.audio import AudioDecodeError, load_audio
+from earmark.audio import AudioDecodeError, load_many
 from earmark.checkpoint import load_tensors, save_tensors
 from earmark.encoders.embedder import AudioEmbedder
 
@@ -147,15 +147,9 @@ def embed_paths(
     try:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
-            waves, ok = [], []
-            for i, key in chunk:
-                try:
-                    waves.append(load_audio(paths[i], embedder.audio_config))
-                    ok.append((i, key))
-                except AudioDecodeError as exc:
-                    if on_error == "fail":
-                        raise
-                    skipped.append((str(paths[i]), exc.reason))
+            waves, pos, bad = load_many([paths[i] for i, _ in chunk], embedder.audio_config, on_error)
+            skipped.extend(bad)
+            ok = [chunk[k] for k in pos]
             if ok:
                 emb = embedder.embed(np.stack(waves)).cpu()
                 if cache is not None:

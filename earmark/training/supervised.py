@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -105,8 +106,6 @@ def train_supervised(
     progress: bool = True,
 ) -> TrainHistory:
     """Train ``encoder`` in place on (normalized log-mel, dense label) pairs."""
-    import time
-
     config = config or TrainConfig()
     if len(features) != len(labels):
         raise ValueError(f"{len(features)} feature rows for {len(labels)} labels")
