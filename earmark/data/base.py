@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from earmark.data.dataset import AudioDataset
@@ -30,6 +30,13 @@ def read_csv_rows(path: Path, required: list[str]) -> list[dict[str, str]]:
     if not rows:
         raise DatasetLayoutError(f"{path}: no rows")
     return rows
+
+
+def require_files(paths: Sequence[Path], where: Path) -> None:
+    """Fail early, naming one example, when listed audio files are not on disk (not at first decode)."""
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise DatasetLayoutError(f"{where}: {len(missing)} audio file(s) listed but missing, e.g. {missing[0]}")
 
 
 def load_dataset(name: str, root: str | Path, **kwargs) -> AudioDataset:

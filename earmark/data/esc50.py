@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from earmark.data.base import DATASETS, DatasetLayoutError, read_csv_rows
+from earmark.data.base import DATASETS, DatasetLayoutError, read_csv_rows, require_files
 from earmark.data.dataset import AudioDataset
 
 ESC50_COLUMNS = ["filename", "fold", "target", "category", "esc10", "src_file", "take"]
@@ -34,9 +34,7 @@ def load_esc50(root: Path, check_files: bool = True) -> AudioDataset:
     if sorted(names) != list(range(n_classes)):
         raise DatasetLayoutError(f"{root / 'meta' / 'esc50.csv'}: targets are not 0..{n_classes - 1}")
     if check_files:
-        missing = [p for p in paths if not p.is_file()]
-        if missing:
-            raise DatasetLayoutError(f"{root}: {len(missing)} audio file(s) listed but missing, e.g. {missing[0]}")
+        require_files(paths, root)
     return AudioDataset(
         name=root.name or "esc50",
         root=root,

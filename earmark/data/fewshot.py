@@ -28,9 +28,8 @@ import json
 import math
 from pathlib import Path
 
-from earmark.data.base import DATASETS, DatasetLayoutError, read_csv_rows
+from earmark.data.base import DATASETS, DatasetLayoutError, read_csv_rows, require_files
 from earmark.data.dataset import AudioDataset
-from earmark.data.folder import require_files
 
 FEWSHOT_FOLDS = {1: "train", 2: "val", 3: "test"}
 _FSD_MIX_RATE = 44100  # FSD-MIX-CLIPS names a clip by its start sample at this rate

@@ -5,9 +5,6 @@ Neither layout needs to define a split. When it does not, items are dealt into f
 seeded from ``(seed, crc32(class name))`` and dealt round-robin into folds ``1..n_folds``, starting
 at a seeded offset. So every class is spread evenly over the folds, fold sizes differ by at most one
 per class, and a class's folds do not change when other classes are added or removed.
-
-The small layout helpers here (:func:`require_files`, :func:`class_index`) are shared by the other
-loaders in this package.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from earmark.data.base import DATASETS, DatasetLayoutError
+from earmark.data.base import DATASETS, DatasetLayoutError, require_files
 from earmark.data.dataset import AudioDataset
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
@@ -36,13 +33,6 @@ SPLIT_ALIASES = {
     "eval": 3,
     "evaluation": 3,
 }
-
-
-def require_files(paths: Sequence[Path], where: Path) -> None:
-    """Fail early, naming one example, when listed audio files are not on disk (not at first decode)."""
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise DatasetLayoutError(f"{where}: {len(missing)} audio file(s) listed but missing, e.g. {missing[0]}")
 
 
 def class_index(names: Sequence[str]) -> list[str]:

@@ -13,9 +13,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from earmark.data.base import DATASETS, DatasetLayoutError
+from earmark.data.base import DATASETS, DatasetLayoutError, require_files
 from earmark.data.dataset import AudioDataset
-from earmark.data.folder import require_files
 
 NSYNTH_SPLITS = {"train": 1, "valid": 2, "test": 3}
 NSYNTH_LABELS = ("instrument_str", "instrument_family_str", "instrument_source_str")

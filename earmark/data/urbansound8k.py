@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from earmark.data.base import DATASETS, DatasetLayoutError, read_csv_rows
+from earmark.data.base import DATASETS, DatasetLayoutError, read_csv_rows, require_files
 from earmark.data.dataset import AudioDataset
-from earmark.data.folder import require_files
 
 US8K_COLUMNS = ["slice_file_name", "fsID", "start", "end", "salience", "fold", "classID", "class"]
 
