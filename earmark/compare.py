@@ -17,9 +17,18 @@ from pathlib import Path
 import numpy as np
 
 from earmark.checkpoint import atomic_write_text
-from earmark.learners import make_learner
 from earmark.metrics import format_table
-from earmark.pipeline import RunConfig, _jsonable, _log, _nan_to_none, encoder_summary, evaluate_learner, prepare
+from earmark.pipeline import (
+    RunConfig,
+    _jsonable,
+    _log,
+    _nan_to_none,
+    build_learner,
+    encoder_summary,
+    evaluate_learner,
+    module_bytes,
+    prepare,
+)
 
 METRICS = {
     "average_incremental_accuracy": "AA",
@@ -44,14 +53,16 @@ def compare(config: RunConfig, trials: int = 3) -> dict:
     t_start = time.perf_counter()
     out = Path(config.out)
     prep = prepare(config, embed_train_pool=trials > 1)
-    scenario, X, row_of = prep.scenario, prep.X, prep.row_of
+    scenario, row_of = prep.scenario, prep.row_of
     per_learner: dict[str, dict] = {}
+    encoder_bytes = module_bytes(prep.embedder.encoder)
     for name in config.learners:
         runs = []
         for trial in range(trials):
-            learner = make_learner(name, **config.learner_params.get(name, {}))
-            matrix, seconds = evaluate_learner(learner, scenario.with_trial(trial), X, row_of)
-            runs.append({"trial": trial, "matrix": matrix, "seconds": seconds, "nbytes": learner.nbytes()})
+            learner = build_learner(config, name, encoder_bytes)
+            inputs = prep.inputs_for(learner)
+            matrix, seconds = evaluate_learner(learner, scenario.with_trial(trial), inputs, row_of)
+            runs.append({"trial": trial, "matrix": matrix, "seconds": seconds, "nbytes": prep.total_bytes(learner)})
         per_learner[name] = {
             "trials": [
                 {"trial": r["trial"], "accuracy_matrix": r["matrix"].to_dict(),
@@ -69,40 +80,44 @@ def compare(config: RunConfig, trials: int = 3) -> dict:
     results = {
         "config": _jsonable(asdict(config)),
         "trials": trials,
+        "memory_budget": config.memory_budget,
         "scenario": scenario.to_dict(),
         "encoder": encoder_summary(prep),
         "learners": _nan_to_none(per_learner),
         "seconds": time.perf_counter() - t_start,
     }
     atomic_write_text(out / "compare.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
-    rows = table_rows(per_learner)
+    rows = table_rows(per_learner, config.memory_budget)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / "compare.csv", buf.getvalue())
     plot_compare(results, out)
-    print(render_compare(per_learner, trials))
+    print(render_compare(per_learner, trials, config.memory_budget))
     return results
 
 
-def table_rows(per_learner: dict[str, dict]) -> list[dict]:
+def table_rows(per_learner: dict[str, dict], budget: int | None = None) -> list[dict]:
     rows = []
     for name, entry in per_learner.items():
         row: dict = {"learner": name}
         for key, label in METRICS.items():
             m, s = entry["mean"][key]
             row[label] = "-" if m is None or np.isnan(m) else f"{100 * m:.1f} +- {100 * s:.1f}"
-        row["memory bytes"] = entry["nbytes"]
+        over = budget is not None and entry["nbytes"] > budget
+        row["memory bytes"] = f"{entry['nbytes']}{' (over budget)' if over else ''}"
         row["s/session"] = f"{entry['seconds_per_session']:.3f}"
         rows.append(row)
     return rows
 
 
-def render_compare(per_learner: dict[str, dict], trials: int) -> str:
-    rows = table_rows(per_learner)
+def render_compare(per_learner: dict[str, dict], trials: int, budget: int | None = None) -> str:
+    rows = table_rows(per_learner, budget)
+    note = f"; memory budget {budget} bytes" if budget is not None else ""
     return "\n".join([
-        f"Learners compared over {trials} support-set trial(s); accuracy in %, mean +- std:",
+        f"Learners compared over {trials} support-set trial(s){note}; accuracy in %, mean +- std;",
+        "memory = learner state + exemplars + the encoder it uses, in bytes:",
         format_table(rows, list(rows[0])),
     ])
 
@@ -124,8 +139,10 @@ def plot_compare(results: dict, out: Path) -> None:
     ax1.set_ylabel("accuracy on seen classes (%)")
     ax1.grid(alpha=0.3)
     ax1.legend(fontsize=8)
+    if results.get("memory_budget"):
+        ax2.axvline(results["memory_budget"], color="grey", linestyle=":", label="budget")
     ax2.set_xscale("log")
-    ax2.set_xlabel("learner memory (bytes)")
+    ax2.set_xlabel("memory: state + exemplars + encoder (bytes)")
     ax2.set_ylabel("average incremental accuracy (%)")
     ax2.grid(alpha=0.3)
     fig.tight_layout()

@@ -27,10 +27,9 @@ from earmark.encoders.embedder import AudioEmbedder
 from earmark.learners import AnalyticLearner, IncrementalLearner, joint_ridge, make_learner
 from earmark.learners.analytic import RandomReLUBuffer
 from earmark.metrics import AccuracyMatrix, format_table
+from earmark.plots import JOINT  # the joint ridge upper bound in reports (the learner `joint` retrains the encoder)
 from earmark.scenarios import ClassIncremental
 from earmark.training.supervised import TrainConfig, train_supervised
-
-JOINT = "joint"  # name of the joint ridge upper bound in reports
 
 
 @dataclass
@@ -52,6 +51,9 @@ class RunConfig:
     clip_seconds: float = 2.0  # every clip is cropped or padded to this length
     pretrained: str | None = None  # an `earmark pretrain` checkpoint to start base training from
     learners: list[str] = field(default_factory=lambda: ["ncm", "analytic"])
+    # Total bytes each learner may hold (its state, exemplars and the encoder it relies on). Replay-style
+    # learners fill what their model leaves with exemplars; the others are reported against it.
+    memory_budget: int | None = None
     # gamma scales with the embedding's energy: 0.1 (ACIL's default for ImageNet features) overfits
     # these embeddings; see the README for the sweep behind 1000.
     learner_params: dict[str, dict] = field(default_factory=lambda: {"analytic": {"gamma": 1000.0}})
@@ -213,7 +215,11 @@ def evaluate_joint(
 
 @dataclass
 class Prepared:
-    """What every evaluation shares: the scenario, the frozen embedder and the cached embeddings."""
+    """What every evaluation shares: the scenario, the frozen embedder and the cached embeddings.
+
+    Backbone-updating learners read normalized log-mel instead of embeddings: ``logmel()`` decodes it
+    once, on first use, in the row order of ``X`` (float16, to halve the memory it takes).
+    """
 
     dataset: AudioDataset
     scenario: ClassIncremental
@@ -225,6 +231,48 @@ class Prepared:
     skipped: list[tuple[str, str]]
     computed: int
     timings: dict[str, float]
+    progress: bool = True
+    _logmel: torch.Tensor | None = field(default=None, repr=False)
+
+    def logmel(self) -> torch.Tensor:
+        if self._logmel is None:
+            t = time.perf_counter()
+            order = sorted(self.row_of, key=self.row_of.__getitem__)
+            raw, kept, skipped = load_features(self.embedder, [self.dataset.paths[i] for i in order], self.progress)
+            if skipped or len(kept) != len(order):
+                raise ValueError(f"{len(skipped)} clip(s) that were embedded failed to decode again: {skipped[:3]}")
+            with torch.no_grad():
+                self._logmel = self.embedder.normalizer(raw.to(self.embedder.normalizer.mean.device)).half().cpu()
+            self.timings["logmel"] = time.perf_counter() - t
+        return self._logmel
+
+    def inputs_for(self, learner: IncrementalLearner) -> torch.Tensor:
+        """What ``learner`` reads: embeddings, or log-mel plus a copy of the base encoder to train."""
+        if learner.input_ndim == 3:
+            learner.init_encoder(self.embedder.encoder)
+            return self.logmel()
+        return self.X
+
+    def total_bytes(self, learner: IncrementalLearner) -> int:
+        """The learner's state plus the frozen encoder it reads from (backbone learners hold their own)."""
+        return learner.nbytes() + (0 if learner.input_ndim == 3 else module_bytes(self.embedder.encoder))
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def build_learner(config: RunConfig, name: str, encoder_bytes: int | None = None) -> IncrementalLearner:
+    """A learner with the run's params; a byte budget becomes a replay memory of what the model leaves."""
+    params = dict(config.learner_params.get(name, {}))
+    learner = make_learner(name, **params)
+    if config.memory_budget is not None and getattr(learner, "takes_budget", False):
+        model = learner.nbytes() if encoder_bytes is None else encoder_bytes
+        if config.memory_budget <= model:
+            raise ValueError(f"memory budget {config.memory_budget} B does not even hold {name}'s model ({model} B)")
+        params.update(memory_bytes=config.memory_budget - model, memory_clips=None)
+        learner = make_learner(name, **params)
+    return learner
 
 
 def prepare(config: RunConfig, embed_train_pool: bool = False) -> Prepared:
@@ -285,7 +333,7 @@ def prepare(config: RunConfig, embed_train_pool: bool = False) -> Prepared:
     return Prepared(
         dataset=dataset, scenario=scenario, embedder=embedder, embedder_path=embedder_path, training=training,
         X=result.embeddings, row_of={needed[k]: r for r, k in enumerate(result.kept)}, skipped=result.skipped,
-        computed=result.computed, timings=timings,
+        computed=result.computed, timings=timings, progress=config.progress,
     )
 
 
@@ -302,11 +350,11 @@ def run(config: RunConfig) -> dict:
     nbytes: dict[str, int] = {}
     learners: dict[str, IncrementalLearner] = {}
     for name in config.learners:
-        learner = make_learner(name, **config.learner_params.get(name, {}))
+        learner = build_learner(config, name, module_bytes(embedder.encoder))
         t = time.perf_counter()
-        matrices[name], fit_seconds[name] = evaluate_learner(learner, scenario, X, row_of)
+        matrices[name], fit_seconds[name] = evaluate_learner(learner, scenario, prep.inputs_for(learner), row_of)
         timings[f"learner:{name}"] = time.perf_counter() - t
-        nbytes[name] = learner.nbytes()
+        nbytes[name] = prep.total_bytes(learner)
         learners[name] = learner
     if config.joint_bound:
         params = config.learner_params.get("analytic", {})

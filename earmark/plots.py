@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+JOINT = "joint-ridge"  # the joint ridge bound (earmark.pipeline.JOINT), drawn dashed
+
 
 def plot_sessions(results: dict, path: str | Path) -> Path:
     """Accuracy on all seen classes after each session, one line per learner."""
@@ -18,7 +20,7 @@ def plot_sessions(results: dict, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for name, entry in results["learners"].items():
         acc = 100 * np.asarray(entry["seen_accuracy"])
-        style = "--" if name == "joint" else "-"
+        style = "--" if name == JOINT else "-"
         aa = entry["metrics"]["average_incremental_accuracy"]
         ax.plot(sizes, acc, style, marker="o", label=f"{name} (AA {100 * aa:.1f})")
     ax.set_xlabel("classes seen")

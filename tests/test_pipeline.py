@@ -36,7 +36,7 @@ def test_demo_pipeline_end_to_end(tiny_run, capsys):
     saved = json.loads((tmp := __import__("pathlib").Path(tiny_run.out)).joinpath("results.json").read_text())
     assert (tmp / "accuracy.png").stat().st_size > 1000
     assert (tmp / "embedder.safetensors").is_file() and (tmp / "learner-analytic.safetensors").is_file()
-    assert set(saved["learners"]) == {"ncm", "analytic", "joint"}
+    assert set(saved["learners"]) == {"ncm", "analytic", "joint-ridge"}
     assert len(saved["scenario"]["session_classes"]) == 3
     assert saved["scenario"]["session_classes"][0] == [0, 1, 2, 3]
     for name, entry in saved["learners"].items():
@@ -45,7 +45,7 @@ def test_demo_pipeline_end_to_end(tiny_run, capsys):
         assert 0 <= entry["metrics"]["last_accuracy"] <= 1, name
     # analytic learning solves the joint ridge problem exactly: same predictions, same accuracy
     assert saved["learners"]["analytic"]["seen_accuracy"] == pytest.approx(
-        saved["learners"]["joint"]["seen_accuracy"], abs=1e-9
+        saved["learners"]["joint-ridge"]["seen_accuracy"], abs=1e-9
     )
     assert results["embeddings"]["computed"] == results["embeddings"]["clips"]
 
@@ -98,6 +98,28 @@ def test_compare_trials_share_one_encoder_and_match_run(tiny_run):
     assert ncm["mean"]["average_incremental_accuracy"][0] == pytest.approx(np.mean(aa))
     assert ncm["mean"]["average_incremental_accuracy"][1] == pytest.approx(np.std(aa))
     assert results["encoder"]["training"]["reused"] is True  # one encoder for every trial and learner
+
+
+def test_compare_runs_backbone_learners_under_one_memory_budget(tiny_run):
+    from earmark.compare import compare
+    from earmark.learners.exemplars import ExemplarMemory
+
+    tiny_run.learners = ["ncm", "finetune", "replay"]
+    tiny_run.learner_params = {"finetune": {"epochs": 1, "head_epochs": 5},
+                               "replay": {"epochs": 1, "head_epochs": 5}}
+    first = run(tiny_run)  # the encoder and its size
+    encoder_and_ncm = first["learners"]["ncm"]["nbytes"]
+    per_clip = ExemplarMemory.bytes_per_item((128, 98))  # 1 s clips: 128 mels x 98 frames (25 ms, 10 ms hop)
+    tiny_run.memory_budget = budget = encoder_and_ncm + 20 * per_clip
+    results = compare(tiny_run, trials=1)
+    entry = {name: results["learners"][name] for name in tiny_run.learners}
+    for name, e in entry.items():
+        assert 0 <= e["mean"]["last_accuracy"][0] <= 1, name
+    # replay filled what its encoder copy left with exemplars (2 per class for 8 classes), within budget
+    assert entry["replay"]["nbytes"] - entry["finetune"]["nbytes"] == 16 * per_clip
+    assert entry["replay"]["nbytes"] <= budget
+    assert entry["finetune"]["nbytes"] < entry["replay"]["nbytes"]
+    assert "over budget" not in (__import__("pathlib").Path(tiny_run.out) / "compare.csv").read_text().split("\n")[1]
 
 
 def test_predict_labels_a_recording_window_by_window(tiny_run, tmp_path, capsys):

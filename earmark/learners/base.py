@@ -95,6 +95,7 @@ class IncrementalLearner(ResizableBuffersModule):
 
     Config: ClassVar[type] = LearnerConfig
     name: ClassVar[str] = ""
+    input_ndim: ClassVar[int] = 2  # 2: embeddings (n, d); 3: log-mel (n, n_mels, frames) for backbone learners
 
     def __init__(self, config: Any = None) -> None:
         super().__init__()
