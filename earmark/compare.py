@@ -25,7 +25,7 @@ from earmark.pipeline import (
     _nan_to_none,
     build_learner,
     encoder_summary,
-    evaluate_learner,
+    evaluate,
     module_bytes,
     prepare,
 )
@@ -39,6 +39,8 @@ METRICS = {
     "novel_accuracy": "novel",
     "harmonic_mean": "HM",
 }
+
+ONLINE = {"prequential_accuracy": "prequential"}  # test-then-train accuracy, with --online-batch
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -61,17 +63,20 @@ def compare(config: RunConfig, trials: int = 3) -> dict:
         for trial in range(trials):
             learner = build_learner(config, name, encoder_bytes)
             inputs = prep.inputs_for(learner)
-            matrix, seconds = evaluate_learner(learner, scenario.with_trial(trial), inputs, row_of)
-            runs.append({"trial": trial, "matrix": matrix, "seconds": seconds, "nbytes": prep.total_bytes(learner)})
+            matrix, seconds, online = evaluate(config, learner, scenario.with_trial(trial), inputs, row_of)
+            runs.append({"trial": trial, "matrix": matrix, "seconds": seconds, "nbytes": prep.total_bytes(learner),
+                         "online": online})
         per_learner[name] = {
             "trials": [
                 {"trial": r["trial"], "accuracy_matrix": r["matrix"].to_dict(),
                  "seen_accuracy": r["matrix"].seen_accuracy().tolist(),
                  "metrics": _nan_to_none(r["matrix"].summary()), "fit_seconds": r["seconds"],
-                 "nbytes": r["nbytes"]}
+                 "nbytes": r["nbytes"], **r["online"]}
                 for r in runs
             ],
-            "mean": {k: _mean_std([r["matrix"].summary()[k] for r in runs]) for k in METRICS},
+            "mean": {k: _mean_std([r["matrix"].summary()[k] for r in runs]) for k in METRICS}
+            | ({"prequential_accuracy": _mean_std([r["online"]["prequential_accuracy"] for r in runs])}
+               if config.online_batch else {}),
             "seen_accuracy_mean": np.mean([r["matrix"].seen_accuracy() for r in runs], axis=0).tolist(),
             "nbytes": int(max(r["nbytes"] for r in runs)),
             "seconds_per_session": float(np.mean([np.mean(r["seconds"]) for r in runs])),
@@ -102,7 +107,9 @@ def table_rows(per_learner: dict[str, dict], budget: int | None = None) -> list[
     rows = []
     for name, entry in per_learner.items():
         row: dict = {"learner": name}
-        for key, label in METRICS.items():
+        for key, label in (METRICS | ONLINE).items():
+            if key not in entry["mean"]:
+                continue
             m, s = entry["mean"][key]
             row[label] = "-" if m is None or np.isnan(m) else f"{100 * m:.1f} +- {100 * s:.1f}"
         over = budget is not None and entry["nbytes"] > budget

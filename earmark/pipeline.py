@@ -28,7 +28,8 @@ from earmark.learners import AnalyticLearner, IncrementalLearner, joint_ridge, m
 from earmark.learners.analytic import RandomReLUBuffer
 from earmark.metrics import AccuracyMatrix, format_table
 from earmark.plots import JOINT  # the joint ridge upper bound in reports (the learner `joint` retrains the encoder)
-from earmark.scenarios import ClassIncremental
+from earmark.registry import Registry
+from earmark.scenarios import BlurryIncremental, ClassIncremental, evaluate_online
 from earmark.training.supervised import TrainConfig, train_supervised
 
 
@@ -54,6 +55,11 @@ class RunConfig:
     # Total bytes each learner may hold (its state, exemplars and the encoder it relies on). Replay-style
     # learners fill what their model leaves with exemplars; the others are reported against it.
     memory_budget: int | None = None
+    # "class-incremental" (B/Inc, few-shot with `shots`) or "blurry" (Si-Blurry style: classes recur with
+    # uneven counts; `scenario_params` holds num_sessions, disjoint_fraction, blurry_fraction, concentration).
+    scenario: str = "class-incremental"
+    scenario_params: dict = field(default_factory=dict)
+    online_batch: int | None = None  # single pass in batches of this size, test-then-train
     # gamma scales with the embedding's energy: 0.1 (ACIL's default for ImageNet features) overfits
     # these embeddings; see the README for the sweep behind 1000.
     learner_params: dict[str, dict] = field(default_factory=lambda: {"analytic": {"gamma": 1000.0}})
@@ -169,6 +175,46 @@ def base_embedder(
 def _embedded(indices: np.ndarray, row_of: dict[int, int]) -> np.ndarray:
     """Dataset indices that have an embedding (skipped bad files have none)."""
     return np.asarray([i for i in indices if int(i) in row_of], dtype=np.int64)
+
+
+SCENARIOS: Registry = Registry("scenario")
+
+
+@SCENARIOS.register("class-incremental")
+def class_incremental(
+    config: RunConfig, dataset: AudioDataset, train: np.ndarray, test: np.ndarray
+) -> ClassIncremental:
+    if config.scenario_params:
+        raise ValueError(f"scenario_params are for the blurry scenario, got {config.scenario_params}")
+    return ClassIncremental(
+        dataset, train, test, initial_increment=config.initial, increment=config.increment,
+        shots=config.shots, seed=config.seed, num_classes=config.num_classes,
+    )
+
+
+@SCENARIOS.register("blurry")
+def blurry(config: RunConfig, dataset: AudioDataset, train: np.ndarray, test: np.ndarray) -> BlurryIncremental:
+    """Si-Blurry-style sessions; the session count defaults to what initial/increment would give."""
+    params = dict(config.scenario_params)
+    if "num_sessions" not in params:
+        n = config.num_classes or dataset.num_classes
+        params["num_sessions"] = 1 + max(0, -(-(n - config.initial) // config.increment))
+    return BlurryIncremental(dataset, train, test, seed=config.seed, num_classes=config.num_classes, **params)
+
+
+def evaluate(
+    config: RunConfig, learner: IncrementalLearner, scenario: ClassIncremental, X: torch.Tensor,
+    row_of: dict[int, int],
+) -> tuple[AccuracyMatrix, list[float], dict]:
+    """Session by session, or test-then-train over a single-pass stream when ``config.online_batch``."""
+    if config.online_batch is None:
+        matrix, seconds = evaluate_learner(learner, scenario, X, row_of)
+        return matrix, seconds, {}
+    t0 = time.perf_counter()
+    result = evaluate_online(learner, scenario, X, row_of, config.online_batch, seed=config.seed)
+    seconds = (time.perf_counter() - t0) / max(1, len(scenario))
+    online = {"prequential_accuracy": result.prequential_accuracy(), "curve": result.curve.tolist()}
+    return result.matrix, [seconds] * len(scenario), online
 
 
 def evaluate_learner(
@@ -292,15 +338,9 @@ def prepare(config: RunConfig, embed_train_pool: bool = False) -> Prepared:
     train_idx, test_idx = dataset.split(config.test_fold)
     if config.train_folds is not None:
         train_idx = np.flatnonzero(np.isin(dataset.folds, config.train_folds))
-    scenario = ClassIncremental(
-        dataset, train_idx, test_idx, initial_increment=config.initial, increment=config.increment,
-        shots=config.shots, seed=config.seed, num_classes=config.num_classes,
-    )
-    _log(
-        f"dataset {dataset.name}: {len(dataset)} clips, {dataset.num_classes} classes; scenario: "
-        f"{config.initial} base classes + {len(scenario) - 1} sessions, shots={config.shots}",
-        config.progress,
-    )
+    scenario = SCENARIOS.get(config.scenario)(config, dataset, train_idx, test_idx)
+    _log(f"dataset {dataset.name}: {len(dataset)} clips, {dataset.num_classes} classes; scenario: {scenario!r}",
+         config.progress)
     cache_root = Path(config.cache_dir) if config.cache_dir else default_data_dir() / "cache"
 
     t = time.perf_counter()
@@ -346,17 +386,19 @@ def run(config: RunConfig) -> dict:
     dataset, scenario, embedder, X, row_of = prep.dataset, prep.scenario, prep.embedder, prep.X, prep.row_of
 
     matrices: dict[str, AccuracyMatrix] = {}
+    online: dict[str, dict] = {}
     fit_seconds: dict[str, list[float]] = {}
     nbytes: dict[str, int] = {}
     learners: dict[str, IncrementalLearner] = {}
     for name in config.learners:
         learner = build_learner(config, name, module_bytes(embedder.encoder))
         t = time.perf_counter()
-        matrices[name], fit_seconds[name] = evaluate_learner(learner, scenario, prep.inputs_for(learner), row_of)
+        matrices[name], fit_seconds[name], online[name] = evaluate(
+            config, learner, scenario, prep.inputs_for(learner), row_of)
         timings[f"learner:{name}"] = time.perf_counter() - t
         nbytes[name] = prep.total_bytes(learner)
         learners[name] = learner
-    if config.joint_bound:
+    if config.joint_bound and config.online_batch is None:
         params = config.learner_params.get("analytic", {})
         t = time.perf_counter()
         matrices[JOINT], fit_seconds[JOINT] = evaluate_joint(scenario, X, row_of, params)
@@ -376,7 +418,7 @@ def run(config: RunConfig) -> dict:
         "learners": {
             name: {"accuracy_matrix": m.to_dict(), "matrix": _nan_to_none(m.matrix),
                    "seen_accuracy": m.seen_accuracy().tolist(), "metrics": _nan_to_none(m.summary()),
-                   "fit_seconds": fit_seconds[name], "nbytes": nbytes.get(name)}
+                   "fit_seconds": fit_seconds[name], "nbytes": nbytes.get(name), **online.get(name, {})}
             for name, m in matrices.items()
         },
         "timings": timings,
@@ -443,13 +485,16 @@ def render_report(results: dict) -> str:
             v = entry["metrics"].get(key)
             row[label] = "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f}"
         row["memory"] = _human_bytes(entry["nbytes"]) if entry.get("nbytes") is not None else "-"
+        if "prequential_accuracy" in entry:
+            row["prequential"] = f"{100 * entry['prequential_accuracy']:.1f}"
         row["fit s"] = f"{sum(entry['fit_seconds']):.2f}"
         summary.append(row)
     lines += [
         "Summary (%): AA = average incremental accuracy (session 0 included), last = final accuracy,",
         "PD = performance drop (first - last), forgetting = mean over earlier class groups of",
         "best earlier accuracy - final accuracy, BWT = backward transfer, HM = harmonic mean of base/novel.",
-        format_table(summary, ["learner", *labels.values(), "memory", "fit s"]),
+        format_table(summary, ["learner", *labels.values(), "memory", "fit s"]
+                     + (["prequential"] if any("prequential" in r for r in summary) else [])),
         "",
         "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in results["timings"].items()),
     ]
