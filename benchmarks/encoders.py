@@ -93,12 +93,33 @@ def grid_frames(tokens: int, cfg: EncoderConfig) -> int:
     return max(1, tokens // bands) * cfg.patch
 
 
+def pscan_selective_scan(u, delta, A, B, C, D=None, *, reverse=False, **_ignored):
+    """The selective scan through mambapy's parallel scan (its Mamba's ``selective_scan``), our signature."""
+    from mambapy.pscan import pscan  # type: ignore[import-not-found]
+
+    if reverse:
+        return pscan_selective_scan(u.flip(1), delta.flip(1), A, B.flip(1), C.flip(1), D).flip(1)
+    da = torch.exp(delta.unsqueeze(-1) * A)  # (B, L, E, N)
+    bx = (delta * u).unsqueeze(-1) * B.unsqueeze(2)
+    hs = pscan(da, bx)
+    y = (hs @ C.unsqueeze(-1)).squeeze(3)
+    return y + D * u if D is not None else y
+
+
+def has_mambapy() -> bool:
+    return importlib.util.find_spec("mambapy") is not None
+
+
 # ----------------------------------------------------------------------------- one measurement (child)
 
 
 def measure(spec: dict) -> dict:
     """Run in a fresh process: time + peak RSS delta of one (config, tokens, mode)."""
     torch.set_num_threads(spec["threads"])
+    if spec.get("scan") == "mambapy":
+        import earmark.encoders.mamba as mamba_module
+
+        mamba_module.selective_scan = pscan_selective_scan
     cfg = EncoderConfig(**spec["config"])
     torch.manual_seed(0)
     model = build_encoder(cfg)
@@ -149,6 +170,8 @@ def token_scaling(args: argparse.Namespace, peak: float) -> None:
         "mamba": dataclasses.replace(base, arch="mamba", scan_impl=args.scan_impl),
         "ast": dataclasses.replace(base, arch="ast"),
     }
+    if has_mambapy():
+        cfgs["pscan"] = cfgs["mamba"]  # the same encoder, its scan replaced by mambapy's pscan
     params = {k: sum(p.numel() for p in build_encoder(c).parameters()) / 1e6 for k, c in cfgs.items()}
     print(
         f"\n== token scaling: width {args.width}, depth {args.depth}, batch 1; "
@@ -164,6 +187,7 @@ def token_scaling(args: argparse.Namespace, peak: float) -> None:
     header = (
         f"{'tokens':>7} {'mode':<6}| {'mamba s':>8} {'MiB':>7} {'%mm':>5} | {'ast s':>8} {'MiB':>7} {'%mm':>5} "
         f"| {'ast/mamba time':>14} {'mem':>6}"
+        + (f" | {'pscan s':>8} {'MiB':>7} {'pscan/own':>9}" if "pscan" in cfgs else "")
     )
     print(header)
     print("-" * len(header))
@@ -175,6 +199,7 @@ def token_scaling(args: argparse.Namespace, peak: float) -> None:
                     row[arch] = None
                     continue
                 spec = {
+                    "scan": "mambapy" if arch == "pscan" else "own",
                     "config": cfg.to_dict(),
                     "tokens": tokens,
                     "mode": mode,
@@ -199,7 +224,12 @@ def token_scaling(args: argparse.Namespace, peak: float) -> None:
             m, a = row["mamba"], row["ast"]
             ratio = f"{a['seconds'] / m['seconds']:14.2f}" if m and a else f"{'-':>14}"
             mem = f"{a['peak_mib'] / m['peak_mib']:6.2f}" if m and a and m["peak_mib"] > 0 else f"{'-':>6}"
-            print(f"{tokens + 1:>7} {mode:<6}| {cells(m)} | {cells(a)} | {ratio} {mem}", flush=True)
+            line = f"{tokens + 1:>7} {mode:<6}| {cells(m)} | {cells(a)} | {ratio} {mem}"
+            if "pscan" in cfgs:
+                p = row["pscan"]
+                vs = f"{p['seconds'] / m['seconds']:9.2f}" if m and p else f"{'-':>9}"
+                line += f" | {p['seconds']:8.3f} {p['peak_mib']:7.1f} {vs}" if p else f" | {'skipped':>8} {'':>7} {vs}"
+            print(line, flush=True)
         if all((arch, mode) in stopped for arch in cfgs for mode in ("infer", "train")):
             print(f"   (stopping: every measurement at {tokens + 1} tokens took > {args.skip_after:.0f} s or failed)")
             break
@@ -209,35 +239,43 @@ def token_scaling(args: argparse.Namespace, peak: float) -> None:
 
 
 def mambapy_scan(args: argparse.Namespace) -> None:
-    print("\n== mambapy pscan vs own scan")
-    if importlib.util.find_spec("mambapy") is None:
-        print("   mambapy is not installed: skipped (pip install mambapy to compare its parallel scan)")
+    """The scan alone, one direction, forward and forward + backward: ours vs mambapy's pscan."""
+    print("\n== selective scan alone: own vs mambapy pscan (one direction, incl. exp(dA), B x, C . h and D u)")
+    if not has_mambapy():
+        print("   mambapy is not installed: skipped (pip install -e '.[bench]' to compare its parallel scan)")
         return
-    from mambapy.pscan import pscan  # type: ignore[import-not-found]
-
     from earmark.encoders.scan import selective_scan
 
-    e, s = 2 * args.width, 16
-    print(f"   one direction, batch 1, E {e}, N {s}; mambapy: h only (dA, dBx precomputed), ours: full scan")
-    for length in (256, 1024, 4096):
+    header = f"{'shape (B, L, E, N)':<22} {'mode':<9}| {'pscan ms':>9} {'own ms':>9} {'pscan/own':>9}"
+    print(header)
+    print("-" * len(header))
+    shapes = [(8, 257, 384, 16), (1, 256, 2 * args.width, 16), (1, 1024, 2 * args.width, 16),
+              (1, 4096, 2 * args.width, 16)]
+    for bsz, length, e, s in shapes:
         g = torch.Generator().manual_seed(0)
-        u = torch.randn(1, length, e, generator=g)
-        delta = torch.nn.functional.softplus(torch.randn(1, length, e, generator=g) - 3)
+        u = torch.randn(bsz, length, e, generator=g)
+        delta = torch.nn.functional.softplus(torch.randn(bsz, length, e, generator=g) - 3)
         a = -torch.arange(1, s + 1, dtype=torch.float32).repeat(e, 1)
-        b, c = torch.randn(1, length, s, generator=g), torch.randn(1, length, s, generator=g)
-        with torch.no_grad():
-            da = torch.exp(delta[..., None] * a)
-            dbx = delta[..., None] * b[:, :, None] * u[..., None]
-            t_py, _ = best_s(lambda da=da, dbx=dbx: pscan(da, dbx), args.repeats, args.time_cap)
-            ones = torch.ones(e)
-            t_own, _ = best_s(
-                lambda u=u, delta=delta, a=a, b=b, c=c, ones=ones: selective_scan(
-                    u, delta, a, b, c, ones, impl=args.scan_impl
-                ),
-                args.repeats,
-                args.time_cap,
-            )
-        print(f"   L {length:>5}: mambapy pscan {t_py * 1e3:8.1f} ms   own ({args.scan_impl}) {t_own * 1e3:8.1f} ms")
+        b, c = torch.randn(bsz, length, s, generator=g), torch.randn(bsz, length, s, generator=g)
+        d = torch.ones(e)
+        own = lambda *t: selective_scan(*t, impl=args.scan_impl)  # noqa: E731
+        inputs = (u, delta, a, b, c, d)
+        for mode in ("forward", "fwd+bwd"):
+            times = []
+            for fn in (pscan_selective_scan, own):
+                if mode == "forward":
+                    def run(fn=fn, inputs=inputs) -> None:
+                        with torch.no_grad():
+                            fn(*inputs)
+                else:
+                    leaves = [t.clone().requires_grad_(True) for t in inputs]
+
+                    def run(fn=fn, leaves=leaves) -> None:
+                        fn(*leaves).sum().backward()
+                times.append(best_s(run, args.repeats, args.time_cap)[0])
+            shape = f"({bsz}, {length}, {e}, {s})"
+            print(f"{shape:<22} {mode:<9}| {times[0] * 1e3:9.1f} {times[1] * 1e3:9.1f} {times[0] / times[1]:9.2f}",
+                  flush=True)
 
 
 def clip_throughput(args: argparse.Namespace) -> None:
