@@ -148,9 +148,7 @@ def base_embedder(
     torch.manual_seed(config.seed)
     embedder = AudioEmbedder(encoder_config(config.encoder), AudioConfig(clip_seconds=config.clip_seconds))
     if config.pretrained:
-        from earmark.training.pretrain import encoder_from_checkpoint
-
-        embedder.encoder = encoder_from_checkpoint(config.pretrained).train()
+        embedder.encoder = load_pretrained_encoder(config.pretrained).train()
         _log(f"starting from the pretrained encoder {config.pretrained}", config.progress)
     paths = [dataset.paths[i] for i in base.train_indices]
     raw, kept, skipped = load_features(embedder, paths, config.progress, config.on_error)
@@ -170,6 +168,20 @@ def base_embedder(
     embedder.to(config.device)
     return embedder, {"reused": False, "checkpoint": str(ckpt), "loss": history.loss,
                       "train_accuracy": history.accuracy, "seconds": history.seconds, "skipped": len(skipped)}
+
+
+def load_pretrained_encoder(path: str | Path) -> torch.nn.Module:
+    """An `earmark pretrain` checkpoint, or a published SSAST / SSAMBA / AuM one (.pth, .pt, .safetensors)."""
+    from earmark.checkpoint import CheckpointError
+    from earmark.encoders.convert import load_published
+    from earmark.training.pretrain import encoder_from_checkpoint
+
+    if Path(path).suffix in (".pth", ".pt"):
+        return load_published(path)[0]
+    try:
+        return encoder_from_checkpoint(path)
+    except CheckpointError:
+        return load_published(path)[0]
 
 
 def _embedded(indices: np.ndarray, row_of: dict[int, int]) -> np.ndarray:

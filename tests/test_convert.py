@@ -442,3 +442,13 @@ def test_unsupported_variants_refused_and_layer_scale_folded(tmp_path) -> None:
     want = src.layers[1].mixer.out_proj.weight.detach() * gamma[:, None]
     torch.testing.assert_close(enc.layers[1].mixer.out_proj.weight.detach(), want)
     assert ("module.layers.1.mixer.gamma", "layers.1.mixer.out_proj.weight") in report.mapped
+
+
+def test_pipeline_starts_base_training_from_a_published_file(tmp_path) -> None:
+    from earmark.pipeline import load_pretrained_encoder
+
+    enc = source(EncoderConfig(embed_dim=32, depth=2, max_frames=64))
+    path = write(tmp_path, inverse("aum", enc, True))
+    loaded = load_pretrained_encoder(path)
+    x = fbank()
+    torch.testing.assert_close(loaded.eval()(x), enc.eval()(x))
