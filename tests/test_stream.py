@@ -41,3 +41,28 @@ def test_stream_errors(tmp_path):
         list(iter_windows(nan, 1.0, 1.0))
     with pytest.raises(ValueError, match="positive"):
         list(iter_windows(nan, 0.0, 1.0))
+
+
+def test_three_hour_file_streams_in_flat_memory(tmp_path):
+    """A 3-hour recording (8 kHz, 8-bit: 86 MB on disk, 691 MB as float32 at 16 kHz) is windowed with
+    bounded memory, and the clip loader reads only the clip it needs."""
+    import tracemalloc
+
+    rate, seconds = 8000, 3 * 3600
+    path = tmp_path / "three hours.wav"
+    block = (np.sin(np.arange(rate * 60) * 2 * np.pi * 440 / rate) * 0.5).astype(np.float32)
+    with sf.SoundFile(str(path), "w", samplerate=rate, channels=1, subtype="PCM_U8") as fh:
+        for _ in range(seconds // 60):
+            fh.write(block)
+    assert sf.info(str(path)).duration == seconds
+    tracemalloc.start()
+    try:
+        clip = load_audio(path, AudioConfig(clip_seconds=2.0))
+        n_windows = sum(1 for _ in iter_windows(path, 600.0, 600.0, block_seconds=30.0))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert clip.shape == (32000,)
+    assert n_windows == 18
+    # one 600 s window at 16 kHz is 38 MB of float32; the whole file would be 691 MB
+    assert peak < 150 * 2**20, f"peak traced memory {peak / 2**20:.0f} MiB"
