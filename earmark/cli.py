@@ -8,9 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 COMPARE_DEFAULTS = {
-    "learners": ["ncm", "lda", "analytic", "ranpac", "fetril", "teen", "dsal"],
+    "learners": ["ncm", "lda", "analytic", "ranpac", "fetril", "teen", "dsal", "finetune", "replay"],
     "out": "runs/compare",
 }
+TUNE_DEFAULTS = {"learners": COMPARE_DEFAULTS["learners"], "out": "runs/tune"}
 
 
 def _shots(value: str) -> int | None:
@@ -22,6 +23,19 @@ def _shots(value: str) -> int | None:
     return n
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _bytes(value: str) -> int:
+    """'20MB', '512KiB' or a plain number of bytes."""
+    text = value.strip().upper().replace(" ", "")
+    number = text.rstrip("KMGIB")
+    unit = text[len(number):]
+    if unit not in _UNITS or not number:
+        raise argparse.ArgumentTypeError(f"not a size: {value!r} (use e.g. 20MB, 512KiB or bytes)")
+    return int(float(number) * _UNITS[unit])
+
+
 def _names(value: str) -> list[str]:
     return [s.strip() for s in value.split(",") if s.strip()]
 
@@ -30,6 +44,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     """Run options default to 'not given' so a YAML config can fill them and flags override it."""
     S = argparse.SUPPRESS
     p.add_argument("--config", default=S, help="YAML file with run options (flags given here override it)")
+    p.add_argument("--params", default=S,
+                   help="YAML file of learner -> options (e.g. params.yaml from `earmark tune`), merged into "
+                        "learner_params over --config")
     p.add_argument("--dataset", default=S, help="dataset loader name for --root (default esc50)")
     p.add_argument("--root", default=S, help="dataset folder (default: the embedded GM dataset)")
     p.add_argument("--initial", type=int, default=S, help="number of base classes (session 0), default 60")
@@ -42,9 +59,24 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder", default=S, help="encoder config name (fast, tiny, small), default fast")
     p.add_argument("--clip-seconds", type=float, default=S, help="clip length, default 2.0")
     p.add_argument("--epochs", type=int, default=S, help="base-session training epochs")
-    p.add_argument("--pretrained", default=S, help="start base training from an `earmark pretrain` checkpoint")
+    p.add_argument("--pretrained", default=S,
+                   help="start base training from an `earmark pretrain` checkpoint or a published "
+                        "SSAST/SSAMBA/AuM file")
     p.add_argument("--learners", "--learner", dest="learners", type=_names, default=S,
                    help="comma-separated learner names, default ncm,analytic")
+    p.add_argument("--scenario", choices=["class-incremental", "blurry"], default=S,
+                   help="class-incremental (default) or blurry: classes recur across sessions with uneven counts")
+    p.add_argument("--sessions", dest="num_sessions", type=int, default=S,
+                   help="blurry: number of sessions (default from --initial/--increment)")
+    p.add_argument("--blurry-fraction", type=float, default=S,
+                   help="blurry: share of a blurry class's clips moved to other sessions (default 0.1)")
+    p.add_argument("--disjoint-fraction", type=float, default=S,
+                   help="blurry: share of classes that appear in one session only (default 0.5)")
+    p.add_argument("--online-batch", type=int, default=S,
+                   help="online protocol: one pass in batches of this size, each predicted before it is learned")
+    p.add_argument("--memory-budget", type=_bytes, default=S,
+                   help="total bytes per learner (state + exemplars + encoder), e.g. 20MB; replay-style "
+                        "learners fill it with exemplars")
     p.add_argument("--no-joint", dest="joint_bound", action="store_false", default=S,
                    help="skip the joint ridge upper bound")
     p.add_argument("--on-error", choices=["fail", "skip"], default=S,
@@ -64,9 +96,10 @@ def _run_config(args: argparse.Namespace, defaults: dict | None = None):
     from earmark.pipeline import run_config_from_dict
 
     given = vars(args).copy()
-    for key in ("func", "command", "trials"):  # not run options
+    for key in ("func", "command", "trials", "grid", "metric"):  # not run options
         given.pop(key, None)
-    values: dict = dict(defaults or {})  # command defaults < YAML file < flags
+    values: dict = dict(defaults or {})  # command defaults < YAML file < --params file < flags
+    params_path = given.pop("params", None)
     if "config" in given:
         path = Path(given.pop("config"))
         if not path.is_file():
@@ -75,7 +108,14 @@ def _run_config(args: argparse.Namespace, defaults: dict | None = None):
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of run options")
         values.update(loaded)
+    if params_path is not None:
+        from earmark.tune import load_params, merge_learner_params
+
+        values["learner_params"] = merge_learner_params(values.get("learner_params"), load_params(params_path))
     epochs = given.pop("epochs", None)
+    blurry = {k: given.pop(k) for k in ("num_sessions", "blurry_fraction", "disjoint_fraction") if k in given}
+    if blurry:
+        values["scenario_params"] = {**(values.get("scenario_params") or {}), **blurry}
     values.update(given)
     if epochs is not None:
         values["train"] = {**(values.get("train") or {}), "epochs": epochs}
@@ -99,6 +139,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     config = _run_config(args, COMPARE_DEFAULTS)
     compare(config, trials=args.trials)
     print(f"\nresults: {config.out}/compare.json, {config.out}/compare.csv, plots: {config.out}/compare.png")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from earmark.tune import load_grid, tune
+
+    config = _run_config(args, TUNE_DEFAULTS)
+    grid = load_grid(args.grid) if args.grid else None
+    tune(config, grid, trials=args.trials, metric=args.metric)
     return 0
 
 
@@ -175,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(comp)
     comp.add_argument("--trials", type=int, default=3, help="support-set draws (few-shot protocol), default 3")
     comp.set_defaults(func=cmd_compare)
+    tun = sub.add_parser("tune", help="grid-search learner options on a tuning scenario; writes params.yaml for "
+                                      "`compare --params` (tune on classes disjoint from the evaluation's)")
+    _add_run_options(tun)
+    tun.add_argument("--grid", help="YAML file of learner -> {option: [values]} (default: earmark.tune.DEFAULT_GRID)")
+    tun.add_argument("--trials", type=int, default=3, help="support-set draws per grid point, default 3")
+    tun.add_argument("--metric", default="average_incremental_accuracy",
+                     help="score to maximize (forgetting / performance_drop: minimize), default "
+                          "average_incremental_accuracy")
+    tun.set_defaults(func=cmd_tune)
     pre = sub.add_parser("pretrain", help="self-supervised masked-patch pretraining (SSAST style), resumable")
     src = pre.add_mutually_exclusive_group(required=True)
     src.add_argument("--audio", help="a folder of audio files (searched recursively)")

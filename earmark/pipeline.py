@@ -61,8 +61,10 @@ class RunConfig:
     scenario_params: dict = field(default_factory=dict)
     online_batch: int | None = None  # single pass in batches of this size, test-then-train
     # gamma scales with the embedding's energy: 0.1 (ACIL's default for ImageNet features) overfits
-    # these embeddings; see the README for the sweep behind 1000.
-    learner_params: dict[str, dict] = field(default_factory=lambda: {"analytic": {"gamma": 1000.0}})
+    # these embeddings; see the README for the sweep behind 1000 (DS-AL's streams get the same value).
+    learner_params: dict[str, dict] = field(
+        default_factory=lambda: {"analytic": {"gamma": 1000.0}, "dsal": {"gamma": 1000.0, "gamma_comp": 1000.0}}
+    )
     joint_bound: bool = True
     seed: int = 0
     device: str = "cpu"

@@ -100,7 +100,7 @@ def test_registered_with_json_friendly_dataclass_config(name):
 def test_defaults_and_their_sources():
     assert StreamingLDALearner.Config().shrinkage == 1e-4  # Deep SLDA
     r = RanPACLearner.Config()
-    assert r.projection_size == 2048 and r.val_fraction == 0.2
+    assert r.projection_size == 2048 and r.val_fraction == 0.2 and r.search_min_per_class == 10
     assert r.ridge_grid == [10.0**k for k in range(-8, 9)]  # the paper's grid
     t = TEENLearner.Config()
     assert (t.alpha, t.tau, t.temperature) == (0.5, 16.0, 1 / 16)  # TEEN code: shift_weight 0.5, softmax_t 16
@@ -115,6 +115,7 @@ def test_defaults_and_their_sources():
         ("lda", {"shrinkage": 1.5}),
         ("ranpac", {"projection_size": -1}),
         ("ranpac", {"val_fraction": 0.0}),
+        ("ranpac", {"search_min_per_class": 0}),
         ("ranpac", {"ridge_min_log10": 3, "ridge_max_log10": 2}),
         ("fetril", {"optimizer": "sgd"}),
         ("fetril", {"lr": 0.0}),
@@ -235,7 +236,8 @@ def test_ranpac_statistics_equal_sums_over_all_data_and_weights_solve_the_chosen
 
 def test_ranpac_ridge_is_the_validation_argmin_of_each_call():
     X, y, _ = blobs([0, 1, 2, 3], 25, d=6, seed=5, spread=2.0)
-    learner = make_learner("ranpac", projection_size=32, seed=2)
+    # search_min_per_class=1: search on every call as the paper does (a 50-row part has classes under 10 rows)
+    learner = make_learner("ranpac", projection_size=32, seed=2, search_min_per_class=1)
     G = torch.zeros(32, 32, dtype=torch.float64)
     Q = torch.zeros(32, 0, dtype=torch.float64)
     for session, part in enumerate(torch.arange(len(y)).split(50)):
@@ -279,6 +281,32 @@ def test_ranpac_new_classes_add_zero_columns_to_q():
     added = H.T @ F.one_hot(torch.tensor([0, 0, 2]), 3).double()
     assert torch.allclose(learner.targets_[:, :2], before + added[:, :2], rtol=0, atol=1e-9)
     assert torch.allclose(learner.targets_[:, 2], added[:, 2], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_ranpac_keeps_its_lambda_on_few_shot_sessions_so_novel_classes_are_learned(seed):
+    # 20 overlapping base classes x 30 samples, then three 5-way 5-shot sessions. Searching lambda on a
+    # 5-clip validation part picked 1e6-1e7 here, where W ~ Q / lambda and 5-shot columns never win: novel
+    # accuracy 0.00 for both seeds. Kept from the base session (1e3), the novel classes are learned.
+    g = torch.Generator().manual_seed(seed)
+    centres = {c: torch.randn(32, generator=g) * 1.5 for c in range(35)}
+    X, y, _ = blobs(list(range(20)), 30, d=32, seed=1, spread=1.5, centres=centres)
+    learner = make_learner("ranpac", projection_size=128).partial_fit(X, y)
+    for s in range(3):
+        X, y, _ = blobs(list(range(20 + 5 * s, 25 + 5 * s)), 5, d=32, seed=2 + s, spread=1.5, centres=centres)
+        assert not learner.searches(torch.zeros(5, dtype=torch.long))  # 5 shots < search_min_per_class
+        learner.partial_fit(X, y)
+    assert learner.ridges_ == [learner.ridges_[0]] * 4
+    Xt, yt, _ = blobs(list(range(20, 35)), 40, d=32, seed=9, spread=1.5, centres=centres)
+    novel = (learner.predict(Xt) == yt).float().mean().item()
+    assert novel > 0.25, novel  # chance is 1/35
+
+
+def test_ranpac_pinned_ridge_is_used_on_every_call():
+    X, y, _ = blobs([0, 1], 10, seed=6)
+    learner = make_learner("ranpac", projection_size=16, ridge_min_log10=2, ridge_max_log10=2)
+    learner.partial_fit(X[:1], y[:1]).partial_fit(X, y).partial_fit(X[:4], y[:4])
+    assert learner.ridges_ == [100.0] * 3  # no fallback_ridge on a 1-sample first call, no search
 
 
 def test_ranpac_default_width():

@@ -122,6 +122,29 @@ def test_compare_runs_backbone_learners_under_one_memory_budget(tiny_run):
     assert "over budget" not in (__import__("pathlib").Path(tiny_run.out) / "compare.csv").read_text().split("\n")[1]
 
 
+def test_blurry_online_run_from_the_cli(tiny_run, tmp_path):
+    from earmark.cli import _run_config, build_parser
+
+    args = build_parser().parse_args([
+        "compare", "--scenario", "blurry", "--sessions", "3", "--blurry-fraction", "0.3", "--online-batch", "4",
+        "--memory-budget", "2MB", "--learners", "ncm,analytic",
+    ])
+    config = _run_config(args)
+    assert config.scenario == "blurry" and config.scenario_params == {"num_sessions": 3, "blurry_fraction": 0.3}
+    assert config.online_batch == 4 and config.memory_budget == 2_000_000
+    for key in ("scenario", "scenario_params", "online_batch"):
+        setattr(tiny_run, key, getattr(config, key))
+    results = run(tiny_run)
+    assert len(results["scenario"]["session_classes"]) == 3
+    assert "joint-ridge" not in results["learners"]  # no batch bound for a single-pass stream
+    for name in ("ncm", "analytic"):
+        entry = results["learners"][name]
+        assert 0 <= entry["prequential_accuracy"] <= 1
+        assert len(entry["curve"]) > 3
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compare", "--memory-budget", "lots"])
+
+
 def test_predict_labels_a_recording_window_by_window(tiny_run, tmp_path, capsys):
     import soundfile as sf
 
