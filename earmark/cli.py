@@ -37,6 +37,18 @@ def _bytes(value: str) -> int:
     return int(float(number) * _UNITS[unit])
 
 
+def _class_ids(value: str) -> list[int]:
+    """'0-49' or '3,1,7' or a mix ('0-9,20-29'): dataset class ids in learning order."""
+    ids: list[int] = []
+    try:
+        for part in _names(value):
+            lo, _, hi = part.partition("-")
+            ids.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of class ids: {value!r} (use e.g. 0-49 or 3,1,7)") from None
+    return ids
+
+
 def _names(value: str) -> list[str]:
     return [s.strip() for s in value.split(",") if s.strip()]
 
@@ -54,6 +66,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--increment", type=int, default=S, help="new classes per later session, default 5")
     p.add_argument("--shots", type=_shots, default=S, help="training clips per new class, or 'all' (default 5)")
     p.add_argument("--num-classes", type=int, default=S, help="use only the first N classes of the order")
+    p.add_argument("--class-order", type=_class_ids, default=S,
+                   help="dataset class ids in learning order, e.g. 0-49; a subset restricts the run to them "
+                        "(tune on some classes, compare on others)")
     p.add_argument("--test-fold", type=int, default=S, help="held-out fold, default 5")
     p.add_argument("--train-folds", type=lambda v: [int(x) for x in _names(v)], default=S,
                    help="comma-separated training folds (default: all but the test fold)")
@@ -139,7 +154,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     config = _run_config(args, COMPARE_DEFAULTS)
     compare(config, trials=args.trials)
-    print(f"\nresults: {config.out}/compare.json, {config.out}/compare.csv, plots: {config.out}/compare.png")
+    print(f"\nresults: {config.out}/results.json, {config.out}/compare.csv, plots: {config.out}/compare.png")
     return 0
 
 

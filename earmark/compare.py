@@ -91,7 +91,7 @@ def compare(config: RunConfig, trials: int = 3) -> dict:
         "learners": _nan_to_none(per_learner),
         "seconds": time.perf_counter() - t_start,
     }
-    atomic_write_text(out / "compare.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
     rows = table_rows(per_learner, config.memory_budget)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))

@@ -42,6 +42,9 @@ class RunConfig:
     out: str = "runs/demo"
     cache_dir: str | None = None  # default: <data dir>/cache
     num_classes: int | None = None  # None: every class of the dataset
+    # Dataset class ids in the order they are learned; a subset restricts the run to those classes
+    # (e.g. tune on one half, evaluate on the other). None: a permutation seeded by `seed`.
+    class_order: list[int] | None = None
     initial: int = 60
     increment: int = 5
     shots: int | None = 5  # training clips per new class in later sessions; None = all
@@ -202,7 +205,7 @@ def class_incremental(
         raise ValueError(f"scenario_params are for the blurry scenario, got {config.scenario_params}")
     return ClassIncremental(
         dataset, train, test, initial_increment=config.initial, increment=config.increment,
-        shots=config.shots, seed=config.seed, num_classes=config.num_classes,
+        shots=config.shots, seed=config.seed, num_classes=config.num_classes, class_order=config.class_order,
     )
 
 
@@ -211,9 +214,10 @@ def blurry(config: RunConfig, dataset: AudioDataset, train: np.ndarray, test: np
     """Si-Blurry-style sessions; the session count defaults to what initial/increment would give."""
     params = dict(config.scenario_params)
     if "num_sessions" not in params:
-        n = config.num_classes or dataset.num_classes
+        n = config.num_classes or (len(config.class_order) if config.class_order else dataset.num_classes)
         params["num_sessions"] = 1 + max(0, -(-(n - config.initial) // config.increment))
-    return BlurryIncremental(dataset, train, test, seed=config.seed, num_classes=config.num_classes, **params)
+    return BlurryIncremental(dataset, train, test, seed=config.seed, num_classes=config.num_classes,
+                             class_order=config.class_order, **params)
 
 
 def evaluate(

@@ -145,6 +145,19 @@ def test_blurry_online_run_from_the_cli(tiny_run, tmp_path):
         build_parser().parse_args(["compare", "--memory-budget", "lots"])
 
 
+def test_class_order_subset_restricts_the_run(tiny_run):
+    from earmark.cli import _run_config, build_parser
+
+    config = _run_config(build_parser().parse_args(["run", "--class-order", "7,2-4,0"]))
+    assert config.class_order == [7, 2, 3, 4, 0]
+    tiny_run.class_order = [7, 2, 3, 4, 0, 5]
+    results = run(tiny_run)
+    assert results["scenario"]["class_order"] == [7, 2, 3, 4, 0, 5]
+    assert sum(len(c) for c in results["scenario"]["session_classes"]) == 6
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--class-order", "a-b"])
+
+
 def test_predict_labels_a_recording_window_by_window(tiny_run, tmp_path, capsys):
     import soundfile as sf
 
