@@ -420,7 +420,7 @@ def run(config: RunConfig) -> dict:
         params = config.learner_params.get("analytic", {})
         t = time.perf_counter()
         matrices[JOINT], fit_seconds[JOINT] = evaluate_joint(scenario, X, row_of, params)
-        timings["learner:joint"] = time.perf_counter() - t
+        timings[f"learner:{JOINT}"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
 
     results = {

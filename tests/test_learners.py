@@ -20,6 +20,7 @@ from earmark.learners import (
     joint_ridge,
     make_learner,
 )
+from tests.learner_data import blobs, one_hot_in_order, rel_err
 
 # Small configs keep the tests fast; the defaults are exercised separately.
 SMALL = {"ncm": {}, "analytic": {"buffer_size": 64}, "ranpac": {"projection_size": 64}, "dsal": {"buffer_size": 64}}
@@ -29,28 +30,6 @@ NAMES = [n for n in LEARNERS.names() if LEARNERS.get(n).input_ndim == 2]
 
 def small(name: str, **kw) -> IncrementalLearner:
     return make_learner(name, **{**SMALL.get(name, {}), **kw})
-
-
-def blobs(
-    labels: list[int], per_class: int, d: int = 8, seed: int = 0, spread: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
-    """Gaussian blobs around random centres (one per label), shuffled."""
-    g = torch.Generator().manual_seed(seed)
-    centres = {lab: torch.randn(d, generator=g) * 3 for lab in labels}
-    X = torch.cat([centres[lab] + spread * torch.randn(per_class, d, generator=g) for lab in labels])
-    y = torch.tensor(labels).repeat_interleave(per_class)
-    perm = torch.randperm(len(y), generator=g)
-    return X[perm], y[perm], centres
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def one_hot_in_order(y: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    col = {int(c): i for i, c in enumerate(classes)}
-    cols = torch.tensor([col[int(v)] for v in y])
-    return torch.nn.functional.one_hot(cols, len(classes)).to(torch.float64)
 
 
 # ----------------------------------------------------------------------------- registry and configs

@@ -122,8 +122,12 @@ class BackboneLearner(IncrementalLearner):
         self.head_bias = torch.cat([self.head_bias, self.head_bias.new_zeros(k)])
 
     def _update(self, X: Tensor, cols: Tensor) -> None:
-        first = int(self.sessions_seen) == 0
         self.n_old_classes, self._new_classes = self.n_classes_ - self._new_classes, 0
+        self._learn_session(X, cols, first=int(self.sessions_seen) == 0)
+        self.sessions_seen += 1
+
+    def _learn_session(self, X: Tensor, cols: Tensor, first: bool) -> None:
+        """One session: head warm-start, encoder training, and the subclass hooks around them."""
         self._before_session(X, cols)
         Xt, ct = self._training_set(X, cols)
         if self.config.head_epochs:
@@ -132,7 +136,6 @@ class BackboneLearner(IncrementalLearner):
         if epochs:
             self._train(Xt, ct, epochs)
         self._after_session(X, cols)
-        self.sessions_seen += 1
 
     def _scores(self, X: Tensor) -> Tensor:
         return self._logits(self._embed(X)).double()
@@ -230,7 +233,8 @@ class BackboneLearner(IncrementalLearner):
         w = nn.Parameter(self.head_weight.clone())
         b = nn.Parameter(self.head_bias.clone())
         trainable = self._trainable()
-        skip = {id(p) for n, p in self.encoder.named_parameters() if n in no_decay_names(self.encoder)}
+        no_decay = no_decay_names(self.encoder)
+        skip = {id(p) for n, p in self.encoder.named_parameters() if n in no_decay}
         groups = [
             {"params": [p for p in trainable if id(p) not in skip], "weight_decay": cfg.weight_decay, "lr": cfg.lr},
             {"params": [p for p in trainable if id(p) in skip], "weight_decay": 0.0, "lr": cfg.lr},

@@ -78,13 +78,11 @@ class FSALearner(BackboneLearner):
             return [self.film_scale, self.film_shift]
         return super()._trainable()
 
-    def _update(self, X: Tensor, cols: Tensor) -> None:
-        self.n_old_classes, self._new_classes = self.n_classes_ - self._new_classes, 0
-        if int(self.sessions_seen) == 0 and self.config.adapter != "none" and self.config.adapt_epochs:
+    def _learn_session(self, X: Tensor, cols: Tensor, first: bool) -> None:
+        if first and self.config.adapter != "none" and self.config.adapt_epochs:
             self._fit_head(X, cols)
             self._train(X, cols, self.config.adapt_epochs)
         self.head.partial_fit(self._embed(X), self.class_labels[cols])
-        self.sessions_seen += 1
 
     def _scores(self, X: Tensor) -> Tensor:
         return self.head.decision_function(self._embed(X)).double()
