@@ -43,6 +43,7 @@ import torch
 
 from earmark.audio.features import FeatureConfig
 from earmark.encoders import EncoderConfig, build_encoder, resolve_config
+from earmark.runtime import keep_freed_memory
 
 HERE = __file__
 
@@ -94,9 +95,15 @@ def grid_frames(tokens: int, cfg: EncoderConfig) -> int:
 
 
 def pscan_selective_scan(u, delta, A, B, C, D=None, *, reverse=False, **_ignored):
-    """The selective scan through mambapy's parallel scan (its Mamba's ``selective_scan``), our signature."""
+    """The selective scan through mambapy's parallel scan (its Mamba's ``selective_scan``), our signature
+    (grouped inputs - both directions of a block - run as one pscan per group, as mambapy would)."""
     from mambapy.pscan import pscan  # type: ignore[import-not-found]
 
+    if u.ndim == 4:
+        flags = [reverse] * u.shape[0] if isinstance(reverse, bool) else list(reverse)
+        skips = D.unbind(0) if D is not None else [None] * u.shape[0]
+        parts = zip(u, delta, A, B, C, skips, flags, strict=True)
+        return torch.stack([pscan_selective_scan(*p[:6], reverse=p[6]) for p in parts])
     if reverse:
         return pscan_selective_scan(u.flip(1), delta.flip(1), A, B.flip(1), C.flip(1), D).flip(1)
     da = torch.exp(delta.unsqueeze(-1) * A)  # (B, L, E, N)
@@ -116,6 +123,7 @@ def has_mambapy() -> bool:
 def measure(spec: dict) -> dict:
     """Run in a fresh process: time + peak RSS delta of one (config, tokens, mode)."""
     torch.set_num_threads(spec["threads"])
+    keep_freed_memory()  # as the earmark CLI runs (see earmark/runtime.py), for every arch alike
     if spec.get("scan") == "mambapy":
         import earmark.encoders.mamba as mamba_module
 
@@ -239,30 +247,36 @@ def token_scaling(args: argparse.Namespace, peak: float) -> None:
 
 
 def mambapy_scan(args: argparse.Namespace) -> None:
-    """The scan alone, one direction, forward and forward + backward: ours vs mambapy's pscan."""
-    print("\n== selective scan alone: own vs mambapy pscan (one direction, incl. exp(dA), B x, C . h and D u)")
+    """The scan alone, forward and forward + backward: ours vs mambapy's pscan. G = 2 is a
+    bidirectional block's pair (the second reversed): one grouped call of ours, two pscans."""
+    print("\n== selective scan alone: own vs mambapy pscan (incl. exp(dA), B x, C . h and D u)")
     if not has_mambapy():
         print("   mambapy is not installed: skipped (pip install -e '.[bench]' to compare its parallel scan)")
         return
     from earmark.encoders.scan import selective_scan
 
-    header = f"{'shape (B, L, E, N)':<22} {'mode':<9}| {'pscan ms':>9} {'own ms':>9} {'pscan/own':>9}"
+    header = f"{'shape (G, B, L, E, N)':<25} {'mode':<9}| {'pscan ms':>9} {'own ms':>9} {'pscan/own':>9}"
     print(header)
     print("-" * len(header))
-    shapes = [(8, 257, 384, 16), (1, 256, 2 * args.width, 16), (1, 1024, 2 * args.width, 16),
-              (1, 4096, 2 * args.width, 16)]
-    for bsz, length, e, s in shapes:
+    e2 = 2 * args.width
+    shapes = [(1, 8, 257, 384, 16), (1, 1, 256, e2, 16), (1, 1, 1024, e2, 16), (1, 1, 4096, e2, 16),
+              (2, 1, 256, e2, 16), (2, 1, 4096, e2, 16)]
+    for groups, bsz, length, e, s in shapes:
         g = torch.Generator().manual_seed(0)
-        u = torch.randn(bsz, length, e, generator=g)
-        delta = torch.nn.functional.softplus(torch.randn(bsz, length, e, generator=g) - 3)
-        a = -torch.arange(1, s + 1, dtype=torch.float32).repeat(e, 1)
-        b, c = torch.randn(bsz, length, s, generator=g), torch.randn(bsz, length, s, generator=g)
-        d = torch.ones(e)
-        own = lambda *t: selective_scan(*t, impl=args.scan_impl)  # noqa: E731
+        u = torch.randn(groups, bsz, length, e, generator=g)
+        delta = torch.nn.functional.softplus(torch.randn(groups, bsz, length, e, generator=g) - 3)
+        a = -torch.arange(1, s + 1, dtype=torch.float32).repeat(groups, e, 1)
+        b, c = (torch.randn(groups, bsz, length, s, generator=g) for _ in range(2))
+        d = torch.ones(groups, e)
+        reverse = (False, True)[:groups]
         inputs = (u, delta, a, b, c, d)
+        if groups == 1:
+            inputs, reverse = tuple(t[0] for t in inputs), False
+        own = lambda *t, r=reverse: selective_scan(*t, impl=args.scan_impl, reverse=r)  # noqa: E731
+        ref = lambda *t, r=reverse: pscan_selective_scan(*t, reverse=r)  # noqa: E731
         for mode in ("forward", "fwd+bwd"):
             times = []
-            for fn in (pscan_selective_scan, own):
+            for fn in (ref, own):
                 if mode == "forward":
                     def run(fn=fn, inputs=inputs) -> None:
                         with torch.no_grad():
@@ -273,15 +287,17 @@ def mambapy_scan(args: argparse.Namespace) -> None:
                     def run(fn=fn, leaves=leaves) -> None:
                         fn(*leaves).sum().backward()
                 times.append(best_s(run, args.repeats, args.time_cap)[0])
-            shape = f"({bsz}, {length}, {e}, {s})"
-            print(f"{shape:<22} {mode:<9}| {times[0] * 1e3:9.1f} {times[1] * 1e3:9.1f} {times[0] / times[1]:9.2f}",
+            shape = f"({groups}, {bsz}, {length}, {e}, {s})"
+            print(f"{shape:<25} {mode:<9}| {times[0] * 1e3:9.1f} {times[1] * 1e3:9.1f} {times[0] / times[1]:9.2f}",
                   flush=True)
 
 
 def clip_throughput(args: argparse.Namespace) -> None:
     feats = FeatureConfig()
-    print(f"\n== embedding throughput (forward, no grad, batch {args.clip_batch}); RTF = compute time / audio time")
-    header = f"{'preset':<10} {'params':>7} | " + " | ".join(f"{f'{s} s clips/s':>13} {'RTF':>8}" for s in args.seconds)
+    print("\n== embedding throughput (forward, no grad); RTF = compute time / audio time")
+    header = f"{'preset':<10} {'params':>7} {'batch':>5} | " + " | ".join(
+        f"{f'{s:g} s clips/s':>13} {'RTF':>8}" for s in args.seconds
+    )
     print(header)
     print("-" * len(header))
     for name in args.presets.split(","):
@@ -289,14 +305,15 @@ def clip_throughput(args: argparse.Namespace) -> None:
         torch.manual_seed(0)
         model = build_encoder(cfg).eval()
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
-        cells = []
-        for seconds in args.seconds:
-            frames = feats.num_frames(int(seconds * feats.sample_rate))
-            x = torch.randn(args.clip_batch, cfg.n_mels, frames)
-            with torch.no_grad():
-                t, _ = best_s(lambda model=model, x=x: model(x), args.repeats, args.time_cap)
-            cells.append(f"{args.clip_batch / t:13.2f} {t / (args.clip_batch * seconds):8.5f}")
-        print(f"{name:<10} {n_params:6.2f}M | " + " | ".join(cells), flush=True)
+        for batch in args.clip_batch:
+            cells = []
+            for seconds in args.seconds:
+                frames = feats.num_frames(int(seconds * feats.sample_rate))
+                x = torch.randn(batch, cfg.n_mels, frames)
+                with torch.no_grad():
+                    t, _ = best_s(lambda model=model, x=x: model(x), args.repeats, args.time_cap)
+                cells.append(f"{batch / t:13.2f} {t / (batch * seconds):8.5f}")
+            print(f"{name:<10} {n_params:6.2f}M {batch:>5} | " + " | ".join(cells), flush=True)
 
 
 def main() -> None:
@@ -310,7 +327,7 @@ def main() -> None:
     p.add_argument("--scan-impl", default="auto", help="Mamba scan: auto | sequential | chunked | reference")
     p.add_argument("--presets", default="tiny,ast-tiny,fast,ast-fast", help="presets for the clip throughput table")
     p.add_argument("--seconds", default="1,10,60", help="clip durations for the throughput table")
-    p.add_argument("--clip-batch", type=int, default=4)
+    p.add_argument("--clip-batch", default="1,32", help="batch sizes for the clip throughput table")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--time-cap", type=float, default=20.0, help="stop repeating one measurement after this many s")
     p.add_argument("--skip-after", type=float, default=20.0, help="skip larger sizes once one run takes longer")
@@ -319,8 +336,10 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.width, args.depth, args.max_tokens = 64, 4, 2048
-        args.presets, args.clip_batch, args.repeats, args.time_cap, args.skip_after = "fast,ast-fast", 2, 2, 3.0, 5.0
+        args.presets, args.clip_batch, args.repeats, args.time_cap, args.skip_after = "fast,ast-fast", "2", 2, 3.0, 5.0
     args.seconds = [float(s) for s in args.seconds.split(",")]
+    args.clip_batch = [int(b) for b in args.clip_batch.split(",")]
+    keep_freed_memory()
     torch.set_num_threads(args.threads)
     n = 512 if args.quick else 1024
     peak = matmul_flops(n, args.time_cap)

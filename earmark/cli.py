@@ -284,8 +284,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from earmark.audio import AudioDecodeError
     from earmark.checkpoint import CheckpointError
     from earmark.data.base import DatasetLayoutError
+    from earmark.runtime import keep_freed_memory
 
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # reuse freed tensor memory warm instead of page-faulting it in again
     try:
         return args.func(args)
     except (AudioDecodeError, DatasetLayoutError, CheckpointError, FileNotFoundError, KeyError, ValueError) as exc:

@@ -159,8 +159,9 @@ def test_no_grad_and_low_precision_inputs() -> None:
 
 def test_dispatch_and_validation() -> None:
     assert set(SCAN_IMPLS) == {"auto", "sequential", "chunked", "reference"}
-    assert choose_impl(1, 64, 16) == "chunked"
-    assert choose_impl(32, 256, 16) == "sequential"
+    assert choose_impl(2, 32, 4, 1000) == "chunked"  # tiny steps: per-op overhead dominates
+    assert choose_impl(2, 32, 4, 8) == "sequential"  # too short for chunks to pay off
+    assert choose_impl(2, 384, 16, 4097) == "sequential"
     assert chunk_length(257) == 17 and chunk_length(1) == 1 and chunk_length(10, 64) == 10
     assert block_steps(1, 1, 1) >= 1 and block_steps(10**6, 10**3, 16) == 1
     inputs = make_inputs(2, 9, 3, 4, torch.float64)
@@ -174,3 +175,40 @@ def test_dispatch_and_validation() -> None:
         selective_scan(u, delta, A[:, :2].T, B, C, D)
     with pytest.raises(ValueError, match="B must be"):
         selective_scan(u, delta, A, B[:, :3], C, D)
+    grouped = [t[None].expand(2, *t.shape) for t in inputs]
+    with pytest.raises(ValueError, match="one flag per group"):
+        selective_scan(*grouped, reverse=(True, False, True))
+    with pytest.raises(ValueError, match="A must be"):
+        selective_scan(*grouped[:2], A, *grouped[3:])
+
+
+def make_grouped(groups: int, batch: int, length: int, e: int, n: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    per_group = [make_inputs(batch, length, e, n, dtype, seed=10 + i) for i in range(groups)]
+    return [torch.stack([p[j].detach() for p in per_group]).requires_grad_() for j in range(6)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("impl", "kw"), [("chunked", {"chunk": 0}), ("chunked", {"chunk": 4}), *FAST[4:]])
+def test_grouped_equals_one_scan_per_group(impl: str, kw: dict, dtype: torch.dtype) -> None:
+    """Two directions in one pass (G=2, the second reversed) = two separate reference scans,
+    forward and every gradient (each group has its own A and D)."""
+    inputs = make_grouped(2, 3, 19, 5, 4, dtype)
+    reverse = (False, True)
+    y_ref = torch.stack([selective_scan_reference(*(t[g] for t in inputs), reverse=reverse[g]) for g in range(2)])
+    assert_close(selective_scan_reference(*inputs, reverse=reverse), y_ref, TOL[dtype], "grouped reference")
+    gy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    g_ref = torch.autograd.grad(y_ref, inputs, gy)
+    fresh = [t.detach().clone().requires_grad_() for t in inputs]
+    y = _run(impl, dict(kw, reverse=reverse), *fresh)
+    assert y.shape == (2, 3, 19, 5)
+    assert_close(y, y_ref, TOL[dtype], f"grouped {impl}{kw} y")
+    for name, g, gr in zip(["u", "delta", "A", "B", "C", "D"], torch.autograd.grad(y, fresh, gy), g_ref, strict=True):
+        assert g.shape == gr.shape, name
+        assert_close(g, gr, TOL[dtype], f"grouped {impl}{kw} d{name}")
+
+
+@pytest.mark.parametrize(("impl", "kw"), [("chunked", {"chunk": 2}), ("sequential", {"block": 2})])
+def test_grouped_gradcheck_float64(impl: str, kw: dict) -> None:
+    inputs = make_grouped(2, 2, 5, 3, 2, torch.float64)
+    run = lambda *xs: _run(impl, dict(kw, reverse=(True, False)), *xs)  # noqa: E731
+    assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-8)

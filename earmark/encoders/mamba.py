@@ -73,31 +73,20 @@ class _Direction(nn.Module):
             y = torch.addcmul(y, xp[:, off : off + length], w[:, j])
         return y
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (batch, L, E) -> scan output (batch, L, E), before gating."""
-        x = F.silu(self.conv(x))
-        r, n = self.config.rank, self.config.d_state
-        dt, b, c = self.x_proj(x).split([r, n, n], dim=-1)
-        delta = F.softplus(self.dt_proj(dt).float())
-        a = -torch.exp(self.A_log.float())
-        cfg = self.config
-        y = selective_scan(
-            x, delta, a, b, c, self.D.float(), chunk=cfg.scan_chunk, impl=cfg.scan_impl, reverse=self.reverse
-        )
-        return y.to(x.dtype)
-
 
 class MambaMixer(nn.Module):
     """Mamba mixer; with ``bidirectional`` the v2 form: shared in/out projections, a second
     direction over the reversed sequence, outputs averaged before out_proj.
 
     The gate is applied once to the average: (y_f * g + flip(y_b(flip x) * flip g)) / 2 equals
-    (y_f + y_b_reversed) / 2 * g with g = silu(z).
+    (y_f + y_b_reversed) / 2 * g with g = silu(z). Both directions run as one grouped computation
+    (stacked x_proj / dt_proj matmuls, one scan over both): half the per-step overhead of two scans.
     """
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         d, e = config.embed_dim, config.inner_dim
+        self.config = config
         self.in_proj = nn.Linear(d, 2 * e, bias=False)
         self.fwd = _Direction(config)
         self.bwd = _Direction(config, reverse=True) if config.bidirectional else None
@@ -105,11 +94,37 @@ class MambaMixer(nn.Module):
         with torch.no_grad():  # keep the residual stream's variance ~flat over depth
             self.out_proj.weight.div_(math.sqrt(config.depth))
 
+    def directions(self) -> list[_Direction]:
+        return [self.fwd] if self.bwd is None else [self.fwd, self.bwd]
+
     def forward(self, h: Tensor) -> Tensor:
         x, z = self.in_proj(h).chunk(2, dim=-1)
-        y = self.fwd(x)
-        if self.bwd is not None:
-            y = (y + self.bwd(x)) * 0.5
+        dirs = self.directions()
+        cfg = self.config
+        r, n = cfg.rank, cfg.d_state
+        xs = F.silu(torch.stack([d.conv(x) for d in dirs]))  # (G, batch, L, E)
+        g, bsz, length, e = xs.shape
+        rows = xs.view(g, bsz * length, e)
+        dbc = torch.bmm(rows, torch.stack([d.x_proj.weight for d in dirs]).transpose(1, 2).to(x.dtype))
+        dt, b, c = dbc.split([r, n, n], dim=-1)
+        w_dt = torch.stack([d.dt_proj.weight for d in dirs]).transpose(1, 2).to(x.dtype)  # (G, R, E)
+        bias = torch.stack([d.dt_proj.bias for d in dirs])[:, None].to(x.dtype)
+        delta = F.softplus(torch.baddbmm(bias, dt, w_dt).float())
+        a = -torch.exp(torch.stack([d.A_log for d in dirs]).float())
+        skip = torch.stack([d.D for d in dirs]).float()
+        shape = (g, bsz, length)
+        y = selective_scan(
+            xs,
+            delta.view(*shape, e),
+            a,
+            b.reshape(*shape, n),
+            c.reshape(*shape, n),
+            skip,
+            chunk=cfg.scan_chunk,
+            impl=cfg.scan_impl,
+            reverse=tuple(d.reverse for d in dirs),
+        ).to(x.dtype)
+        y = y[0] if g == 1 else y.mean(0)
         return self.out_proj(y * F.silu(z))
 
 

@@ -48,17 +48,25 @@ inputs are upcast; the output has ``u``'s dtype).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 SCAN_IMPLS = ("auto", "sequential", "chunked", "reference")
 
+Reverse = bool | Sequence[bool]
+
 
 def selective_scan_reference(
-    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, *, reverse: bool = False
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, *, reverse: Reverse = False
 ) -> Tensor:
     """Sequential loop over time; the oracle the fast scan is tested against."""
+    if u.ndim == 4:  # grouped: one plain scan per group
+        flags = _reverse_flags(reverse, u.shape[0])
+        ds = D.unbind(0) if D is not None else (None,) * u.shape[0]
+        parts = zip(u, delta, A, B, C, ds, flags, strict=True)
+        return torch.stack([selective_scan_reference(*p[:6], reverse=p[6]) for p in parts])
     if reverse:
         y = selective_scan_reference(u.flip(1), delta.flip(1), A, B.flip(1), C.flip(1), D)
         return y.flip(1)
@@ -86,11 +94,10 @@ def selective_scan_chunked(
     D: Tensor | None = None,
     *,
     chunk: int = 0,
-    reverse: bool = False,
+    reverse: Reverse = False,
 ) -> Tensor:
     """Two-level chunked scan with a recomputing analytic backward; ``chunk=0`` picks ~sqrt(L)."""
-    _check_shapes(u, delta, A, B, C, D)
-    return _Scan.apply(u, delta, A, B, C, _skip(u, A, D), chunk_length(u.shape[1], chunk), 0, reverse)
+    return _apply(u, delta, A, B, C, D, chunk_length(u.shape[-2], chunk), 0, reverse)
 
 
 def selective_scan_sequential(
@@ -102,27 +109,28 @@ def selective_scan_sequential(
     D: Tensor | None = None,
     *,
     block: int = 0,
-    reverse: bool = False,
+    reverse: Reverse = False,
 ) -> Tensor:
-    """Step-by-step scan with a recomputing analytic backward (fastest when batch * E * N is large).
+    """Step-by-step scan with a recomputing analytic backward.
 
     ``block``: time steps whose decays/inputs/outputs are computed together (0: :func:`block_steps`).
     """
-    _check_shapes(u, delta, A, B, C, D)
-    k = block if block > 0 else block_steps(u.shape[0], A.shape[0], A.shape[1])
-    return _Scan.apply(u, delta, A, B, C, _skip(u, A, D), 0, k, reverse)
+    rows = u.shape[-3] * (u.shape[0] if u.ndim == 4 else 1)
+    k = block if block > 0 else block_steps(rows, A.shape[-2], A.shape[-1])
+    return _apply(u, delta, A, B, C, D, 0, k, reverse)
 
 
-def block_steps(batch: int, channels: int, state: int, budget: int = 1 << 19) -> int:
-    """Time steps per block of the sequential scan: enough to amortize per-op overhead, few enough
-    that the block buffers (``budget`` elements each) stay in cache."""
-    return max(1, budget // max(1, batch * channels * state))
+def block_steps(rows: int, channels: int, state: int, budget: int = 1 << 19) -> int:
+    """Time steps per block of the sequential scan (``rows`` = groups x batch): enough to amortize
+    per-op overhead, few enough that the block buffers (``budget`` elements each) stay in cache."""
+    return max(1, budget // max(1, rows * channels * state))
 
 
-def choose_impl(batch: int, channels: int, state: int, min_sequential: int = 1 << 13) -> str:
-    """``auto``'s choice: the sequential scan once one time step's state (batch x E x N) is big enough
-    that per-op overhead is small next to the arithmetic; the chunked scan below that."""
-    return "sequential" if batch * channels * state >= min_sequential else "chunked"
+def choose_impl(rows: int, channels: int, state: int, length: int) -> str:
+    """``auto``'s choice. The sequential scan, unless one step's state (rows x E x N) is so small
+    that the per-step dispatch (~2 us) outweighs its arithmetic and the sequence is long enough
+    for the chunked scan's extra passes to pay off."""
+    return "chunked" if rows * channels * state < 2048 and length >= 16 else "sequential"
 
 
 def selective_scan(
@@ -135,15 +143,19 @@ def selective_scan(
     *,
     chunk: int = 0,
     impl: str = "auto",
-    reverse: bool = False,
+    reverse: Reverse = False,
 ) -> Tensor:
     """Run the scan with ``impl`` in SCAN_IMPLS (``auto``: see :func:`choose_impl`).
 
+    Ungrouped: u, delta (batch, L, E), A (E, N), B, C (batch, L, N), D (E,). Grouped: the same with
+    a leading G axis on every tensor (G independent scans with their own A and D, run in one pass:
+    the two directions of a bidirectional block), and ``reverse`` one flag per group.
     ``reverse=True`` scans from the last step to the first: the same as flipping the time axis of
     u, delta, B, C and of the result, without the copies.
     """
     if impl == "auto":
-        impl = choose_impl(u.shape[0], A.shape[0], A.shape[1])
+        rows = u.shape[-3] * (u.shape[0] if u.ndim == 4 else 1)
+        impl = choose_impl(rows, A.shape[-2], A.shape[-1], u.shape[-2])
     if impl == "chunked":
         return selective_scan_chunked(u, delta, A, B, C, D, chunk=chunk, reverse=reverse)
     if impl == "sequential":
@@ -167,65 +179,99 @@ def chunk_length(length: int, chunk: int = 0) -> int:
 
 
 def _skip(u: Tensor, A: Tensor, D: Tensor | None) -> Tensor:
-    return D if D is not None else torch.zeros(A.shape[0], dtype=A.dtype, device=u.device)
+    return D if D is not None else torch.zeros(A.shape[:-1], dtype=A.dtype, device=u.device)
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _reverse_flags(reverse: bool | Sequence[bool], groups: int) -> tuple[bool, ...]:
+    flags = (bool(reverse),) * groups if isinstance(reverse, bool) else tuple(bool(r) for r in reverse)
+    if len(flags) != groups:
+        raise ValueError(f"reverse needs one flag per group ({groups}); got {len(flags)}")
+    return flags
+
+
 def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None) -> None:
-    if u.ndim != 3 or delta.shape != u.shape:
-        raise ValueError(f"u and delta must both be (batch, L, E); got {tuple(u.shape)}, {tuple(delta.shape)}")
-    bsz, length, e = u.shape
-    if A.ndim != 2 or A.shape[0] != e:
-        raise ValueError(f"A must be (E={e}, N); got {tuple(A.shape)}")
-    n = A.shape[1]
+    """Shapes, ungrouped ((batch, L, E) with A (E, N)) or grouped (a leading G on every tensor)."""
+    if u.ndim not in (3, 4) or delta.shape != u.shape:
+        raise ValueError(
+            f"u and delta must both be (batch, L, E) or (G, batch, L, E); got {tuple(u.shape)}, {tuple(delta.shape)}"
+        )
+    lead = tuple(u.shape[:-3])
+    *_, bsz, length, e = u.shape
+    if A.ndim != len(lead) + 2 or tuple(A.shape[:-1]) != (*lead, e):
+        raise ValueError(f"A must be {(*lead, e)} + (N,); got {tuple(A.shape)}")
+    n = A.shape[-1]
     for name, t in (("B", B), ("C", C)):
-        if tuple(t.shape) != (bsz, length, n):
-            raise ValueError(f"{name} must be (batch, L, N) = {(bsz, length, n)}; got {tuple(t.shape)}")
-    if D is not None and tuple(D.shape) != (e,):
-        raise ValueError(f"D must be (E={e},); got {tuple(D.shape)}")
+        if tuple(t.shape) != (*lead, bsz, length, n):
+            raise ValueError(f"{name} must be (batch, L, N) = {(*lead, bsz, length, n)}; got {tuple(t.shape)}")
+    if D is not None and tuple(D.shape) != (*lead, e):
+        raise ValueError(f"D must be {(*lead, e)}; got {tuple(D.shape)}")
 
 
-def _time_major(t: Tensor, dtype: torch.dtype, reverse: bool = False) -> Tensor:
-    """(batch, L, ...) -> contiguous (L, batch, ...) in the compute dtype, optionally time-reversed
-    (the flip costs nothing extra: it is the same copy)."""
-    t = t.to(dtype).transpose(0, 1)
-    if not reverse:
-        return t.contiguous()
-    backwards = torch.arange(t.shape[0] - 1, -1, -1, device=t.device)
-    return torch.index_select(t, 0, backwards)  # contiguous, unlike flip of a transposed view
+def _apply(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, lc: int, k: int, reverse
+) -> Tensor:
+    """Check shapes, add the group axis if absent, run :class:`_Scan`, drop the axis again."""
+    _check_shapes(u, delta, A, B, C, D)
+    if u.ndim == 4:
+        return _Scan.apply(u, delta, A, B, C, _skip(u, A, D), lc, k, _reverse_flags(reverse, u.shape[0]))
+    grouped = (t[None] for t in (u, delta, A, B, C, _skip(u, A, D)))
+    return _Scan.apply(*grouped, lc, k, _reverse_flags(reverse, 1))[0]
 
 
-def _batch_major(t: Tensor, reverse: bool) -> Tensor:
-    """Inverse of :func:`_time_major` (a view unless reversed)."""
-    return (t.flip(0) if reverse else t).transpose(0, 1)
+def _time_major(t: Tensor, dtype: torch.dtype, reverse: tuple[bool, ...]) -> Tensor:
+    """(G, batch, L, ...) -> contiguous (L, G, batch, ...) in the compute dtype, the time axis of
+    each reversed group flipped (so every group scans forward in storage order)."""
+    out = t.new_empty((t.shape[2], *t.shape[:2], *t.shape[3:]), dtype=dtype)
+    for g, rev in enumerate(reverse):
+        src = t[g].transpose(0, 1)
+        out[:, g] = src.flip(0) if rev else src
+    return out
 
 
-# Layout: states are stored time-major as (L, batch, N, E) - channels innermost, so the broadcast
-# products (delta_t x A, B_t x delta_t u_t) run over long contiguous rows (with E innermost, an
-# (E, 1) x (1, N) outer product is ~3x slower on a CPU). A is passed transposed, AT = A.T (N, E).
+def _group_major(t: Tensor, reverse: tuple[bool, ...]) -> Tensor:
+    """Inverse of :func:`_time_major`: (L, G, batch, ...) -> (G, batch, L, ...) (a view if nothing
+    is reversed)."""
+    t = t.transpose(0, 1)  # (G, L, batch, ...)
+    if any(reverse):
+        t = torch.stack([tg.flip(0) if rev else tg for tg, rev in zip(t.unbind(0), reverse, strict=True)])
+    return t.transpose(1, 2)
 
 
-def _states(deltaT: Tensor, duT: Tensor, AT: Tensor, BT: Tensor, lc: int) -> tuple[Tensor, Tensor]:
-    """All hidden states h (Lp, batch, N, E) and the per-step decays a = exp(delta A), time-major.
+# Layout: tensors are time-major, (L, G, batch, ...) with G the groups (scan directions); states are
+# (L, G * batch, N, E) - channels innermost, so the broadcast products (delta_t x A, B_t x delta_t u_t)
+# run over long contiguous rows (with E innermost, an (E, 1) x (1, N) outer product is ~3x slower on
+# a CPU). A is passed transposed and in base 2: A2 = A.T / ln 2 (G, N, E), so a decay is
+# exp2(delta A2) - torch.exp2 is ~10x faster than torch.exp on this machine's CPU (AVX-512).
+
+
+def _decay(deltaT: Tensor, A2: Tensor, out: Tensor) -> Tensor:
+    """out (m, G * batch, N, E) <- exp2(delta_t A2): the per-step decays of ``m`` steps."""
+    m, groups, bsz, e = deltaT.shape
+    torch.mul(deltaT[:, :, :, None, :], A2[:, None], out=out.view(m, groups, bsz, A2.shape[1], e))
+    return out.exp2_()
+
+
+def _states(deltaT: Tensor, duT: Tensor, A2: Tensor, BT: Tensor, lc: int) -> tuple[Tensor, Tensor]:
+    """All hidden states h (Lp, R, N, E), R = G * batch, and the per-step decays, time-major.
 
     Lp = L rounded up to a multiple of ``lc``; the padded tail has decay 1 and input 0.
     """
-    length, bsz, e = deltaT.shape
-    n = AT.shape[0]
+    length, groups, bsz, e = deltaT.shape
+    rows, n = groups * bsz, A2.shape[1]
     nc = -(-length // lc)
     lp = nc * lc
-    a = deltaT.new_empty(lp, bsz, n, e)
-    torch.mul(deltaT[:, :, None, :], AT, out=a[:length])
-    a[:length].exp_()
+    a = deltaT.new_empty(lp, rows, n, e)
+    _decay(deltaT, A2, a[:length])
     a[length:].fill_(1.0)
-    h = deltaT.new_empty(lp, bsz, n, e)
-    torch.mul(BT[:, :, :, None], duT[:, :, None, :], out=h[:length])
+    h = deltaT.new_empty(lp, rows, n, e)
+    torch.mul(BT.view(length, rows, n, 1), duT.view(length, rows, 1, e), out=h[:length])
     h[length:].zero_()
-    av = a.view(nc, lc, bsz, n, e)
-    hv = h.view(nc, lc, bsz, n, e)
+    av = a.view(nc, lc, rows, n, e)
+    hv = h.view(nc, lc, rows, n, e)
     # 1. within-chunk recurrence from a zero state, all chunks at once; total decay per chunk
     prod = av[:, 0].clone() if nc > 1 else None
     for i in range(1, lc):
@@ -235,7 +281,7 @@ def _states(deltaT: Tensor, duT: Tensor, AT: Tensor, BT: Tensor, lc: int) -> tup
     if prod is None:
         return h, a
     # 2. true state at the end of chunk c (entering chunk c + 1)
-    carry = deltaT.new_empty(nc - 1, bsz, n, e)
+    carry = deltaT.new_empty(nc - 1, rows, n, e)
     carry[0] = hv[0, -1]
     for c in range(1, nc - 1):
         torch.addcmul(hv[c, -1], prod[c], carry[c - 1], out=carry[c])
@@ -250,10 +296,10 @@ def _states(deltaT: Tensor, duT: Tensor, AT: Tensor, BT: Tensor, lc: int) -> tup
 
 def _adjoint(a: Tensor, g: Tensor, lc: int) -> None:
     """In place: g_t <- g_t + a_{t+1} g_{t+1}, accumulated backwards in time (the adjoint scan)."""
-    lp, bsz, n, e = a.shape
+    lp, rows, n, e = a.shape
     nc = lp // lc
-    av = a.view(nc, lc, bsz, n, e)
-    gv = g.view(nc, lc, bsz, n, e)
+    av = a.view(nc, lc, rows, n, e)
+    gv = g.view(nc, lc, rows, n, e)
     # 1. within-chunk reverse recurrence; total decay of each chunk
     prod = av[:, lc - 1].clone() if nc > 1 else None
     for i in range(lc - 2, -1, -1):
@@ -263,7 +309,7 @@ def _adjoint(a: Tensor, g: Tensor, lc: int) -> None:
     if prod is None:
         return
     # 2. carry[c]: what flows into the last step of chunk c from chunks c+1.. (= a_next g_next)
-    carry = a.new_empty(nc - 1, bsz, n, e)
+    carry = a.new_empty(nc - 1, rows, n, e)
     torch.mul(av[nc - 1, 0], gv[nc - 1, 0], out=carry[nc - 2])
     for c in range(nc - 3, -1, -1):
         torch.mul(av[c + 1, 0], gv[c + 1, 0], out=carry[c])
@@ -277,195 +323,241 @@ def _adjoint(a: Tensor, g: Tensor, lc: int) -> None:
             run.mul_(av[:-1, i])
 
 
-def _chunked(deltaT: Tensor, duT: Tensor, AT: Tensor, BT: Tensor, CT: Tensor, lc: int) -> Tensor:
-    length, bsz, e = deltaT.shape
-    n = AT.shape[0]
-    h, _ = _states(deltaT, duT, AT, BT, lc)
-    rows = length * bsz
-    return torch.bmm(CT.view(rows, 1, n), h[:length].view(rows, n, e)).view(length, bsz, e)
+def _readout(CT: Tensor, h: Tensor, out: Tensor | None = None) -> Tensor:
+    """y_t = C_t . h_t for every row: CT (m, R, N), h (m, R, N, E) -> (m, R, E)."""
+    m, rows, n, e = h.shape
+    flat = m * rows
+    res = torch.bmm(CT.reshape(flat, 1, n), h.view(flat, n, e), out=None if out is None else out.view(flat, 1, e))
+    return res.view(m, rows, e)
+
+
+def _chunked(deltaT: Tensor, duT: Tensor, A2: Tensor, BT: Tensor, CT: Tensor, lc: int) -> Tensor:
+    length, groups, bsz, e = deltaT.shape
+    h, _ = _states(deltaT, duT, A2, BT, lc)
+    return _readout(CT, h[:length]).view(length, groups, bsz, e)
+
+
+def _decay_grads(
+    ds: Tensor, deltaT: Tensor, A2: Tensor, need_A: bool, need_delta: bool, buf: Tensor | None = None
+) -> tuple[Tensor | None, Tensor | None]:
+    """From ds = dL/d(delta_t A) (m, R, N, E): (dL/dA.T per group (G, N, E), sum_n ds A (m, G, batch, E)).
+
+    Overwrites ds; ``buf`` (ds's shape), if given, saves an allocation."""
+    m, groups, bsz, e = deltaT.shape
+    n = A2.shape[1]
+    dsv = ds.view(m, groups, bsz, n, e)
+    out = None if buf is None else buf.view(dsv.shape)
+    g_A = torch.mul(dsv, deltaT[:, :, :, None, :], out=out).sum((0, 2)) if need_A else None
+    g_dl = dsv.mul_(A2[:, None]).sum(-2).mul_(math.log(2.0)) if need_delta else None
+    return g_A, g_dl
 
 
 def _chunked_grads(
-    deltaT: Tensor, duT: Tensor, AT: Tensor, BT: Tensor, CT: Tensor, gyT: Tensor, lc: int, need: tuple[bool, ...]
+    deltaT: Tensor, duT: Tensor, A2: Tensor, BT: Tensor, CT: Tensor, gyT: Tensor, lc: int, need: tuple[bool, ...]
 ) -> tuple[Tensor | None, ...]:
     """Backward of the chunked scan. Returns (dL/d(delta u), sum_n dL/d(delta A) A, dL/dA.T, dL/dB,
     dL/dC), time-major, None where not needed."""
     need_du, need_delta, need_A, need_B, need_C = need
-    length, bsz, e = deltaT.shape
-    n = AT.shape[0]
-    rows = length * bsz
-    h, a = _states(deltaT, duT, AT, BT, lc)
-    h_rows = h[:length].view(rows, n, e)
-    g_C = torch.bmm(h_rows, gyT.view(rows, e, 1)).view(length, bsz, n) if need_C else None
+    length, groups, bsz, e = deltaT.shape
+    rows, n = groups * bsz, A2.shape[1]
+    flat = length * rows
+    h, a = _states(deltaT, duT, A2, BT, lc)
+    h_rows = h[:length].view(flat, n, e)
+    g_C = torch.bmm(h_rows, gyT.view(flat, e, 1)).view(length, groups, bsz, n) if need_C else None
     g_du = g_dl = g_A = g_B = None
     if need_du or need_delta or need_A or need_B:
         g = torch.empty_like(h)  # adjoint states g_t = C_t dy_t + a_{t+1} g_{t+1}
-        torch.mul(CT[:, :, :, None], gyT[:, :, None, :], out=g[:length])
+        torch.mul(CT.view(length, rows, n, 1), gyT.view(length, rows, 1, e), out=g[:length])
         g[length:].zero_()
         _adjoint(a, g, lc)
-        g_rows = g[:length].view(rows, n, e)
+        g_rows = g[:length].view(flat, n, e)
         if need_B:
-            g_B = torch.bmm(g_rows, duT.view(rows, e, 1)).view(length, bsz, n)
+            g_B = torch.bmm(g_rows, duT.view(flat, e, 1)).view(length, groups, bsz, n)
         if need_du:
-            g_du = torch.bmm(BT.view(rows, 1, n), g_rows).view(length, bsz, e)
+            g_du = torch.bmm(BT.view(flat, 1, n), g_rows).view(length, groups, bsz, e)
         if need_delta or need_A:
             ds = a  # dL/d(delta_t A) = g_t a_t h_{t-1}, written over a (not needed any more)
             ds[1:].mul_(g[1:]).mul_(h[:-1])
             ds[0].zero_()
-            ds_rows = ds[:length].view(rows, n, e)
-            if need_A:
-                g_A = torch.mul(ds_rows, deltaT.view(rows, 1, e)).sum(0)
-            if need_delta:
-                g_dl = ds_rows.mul_(AT).sum(-2).view(length, bsz, e)
+            g_A, g_dl = _decay_grads(ds[:length], deltaT, A2, need_A, need_delta)
     return g_du, g_dl, g_A, g_B, g_C
 
 
 def _sequential(
-    deltaT: Tensor, duT: Tensor, AT: Tensor, BT: Tensor, CT: Tensor | None, k: int, hs: Tensor | None = None
+    deltaT: Tensor, duT: Tensor, A2: Tensor, BT: Tensor, CT: Tensor | None, k: int, bounds: Tensor | None = None
 ) -> Tensor | None:
     """One step at a time; decays, inputs and outputs are computed ``k`` steps at a time into small
-    reused buffers that stay in cache. Returns y (L, batch, E) or, with ``hs`` given, writes every
-    state into it instead."""
-    length, bsz, e = deltaT.shape
-    n = AT.shape[0]
+    reused buffers that stay in cache. Returns y (L, G, batch, E) (None without ``CT``); with
+    ``bounds`` given, also writes the state entering each block (zeros for the first) into it."""
+    length, groups, bsz, e = deltaT.shape
+    rows, n = groups * bsz, A2.shape[1]
     k = max(1, min(k, length))
-    a = deltaT.new_empty(k, bsz, n, e)
-    hb = (deltaT.new_empty(k, bsz, n, e), deltaT.new_empty(k, bsz, n, e)) if hs is None else None
-    y = deltaT.new_empty(length, bsz, 1, e) if hs is None else None
+    a = _Block(deltaT, k, rows, n, e)
+    hb = (_Block(deltaT, k, rows, n, e), _Block(deltaT, k, rows, n, e))  # ping-pong: prev stays valid
+    y = deltaT.new_empty(length, rows, e) if CT is not None else None
     prev: Tensor | None = None  # the state before the current step
     for i, t0 in enumerate(range(0, length, k)):
         m = min(k, length - t0)
         sl = slice(t0, t0 + m)
-        h = hs[sl] if hs is not None else hb[i % 2][:m]  # ping-pong: prev stays valid
-        torch.mul(deltaT[sl, :, None, :], AT, out=a[:m])
-        a[:m].exp_()
-        torch.mul(BT[sl, :, :, None], duT[sl, :, None, :], out=h)
-        for j in range(m):
-            if prev is not None:
-                h[j].addcmul_(a[j], prev)
-            prev = h[j]
+        if bounds is not None:
+            bounds[i].zero_() if prev is None else bounds[i].copy_(prev)
+        h = hb[i % 2]
+        _decay(deltaT[sl], A2, a.full[:m])
+        torch.mul(BT[sl].view(m, rows, n, 1), duT[sl].view(m, rows, 1, e), out=h.full[:m])
+        _recur(a.steps[:m], h.steps[:m], prev)
+        prev = h.steps[m - 1]
         if y is not None:
-            rows = m * bsz
-            torch.bmm(CT[sl].view(rows, 1, n), h.view(rows, n, e), out=y[sl].view(rows, 1, e))
-    return None if y is None else y.view(length, bsz, e)
+            _readout(CT[sl], h.full[:m], out=y[sl])
+    return None if y is None else y.view(length, groups, bsz, e)
+
+
+class _Block:
+    """A (k, rows, N, E) buffer plus its k per-step views, made once per scan: creating a view costs
+    about as much as the step's arithmetic at batch 1, so the step loops only reuse them."""
+
+    def __init__(self, like: Tensor, k: int, rows: int, n: int, e: int) -> None:
+        self.full = like.new_empty(k, rows, n, e)
+        self.steps = self.full.unbind(0)
+
+
+def _recur(a: Sequence[Tensor], h: Sequence[Tensor], prev: Tensor | None) -> None:
+    """In place over a block of steps: h_j <- h_j + a_j h_{j-1}, from ``prev`` (None: zero state)."""
+    for a_j, h_j in zip(a, h, strict=True):  # one dispatch per step
+        if prev is not None:
+            h_j.addcmul_(a_j, prev)
+        prev = h_j
 
 
 def _sequential_grads(
     deltaT: Tensor,
     duT: Tensor,
-    AT: Tensor,
+    A2: Tensor,
     BT: Tensor,
     CT: Tensor,
     gyT: Tensor,
     k: int,
+    bounds: Tensor,
     need: tuple[bool, ...],
 ) -> tuple[Tensor | None, ...]:
-    """Backward of :func:`_sequential`: recompute the states, then walk back in time carrying the
-    adjoint ``a_t g_t``, ``k`` steps per block. Same outputs as :func:`_chunked_grads`."""
+    """Backward of :func:`_sequential`, from the state entering each block of ``k`` steps (saved
+    by the forward). Block by block from the end, it recomputes that block's states and carries the
+    adjoint ``a_t g_t`` back in time. Every buffer is one block (in cache); no (L, batch, N, E)
+    tensor is ever allocated. Same outputs as :func:`_chunked_grads`."""
     need_du, need_delta, need_A, need_B, need_C = need
-    length, bsz, e = deltaT.shape
-    n = AT.shape[0]
-    k = max(1, min(k, length))
-    hs = deltaT.new_empty(length, bsz, n, e)
-    _sequential(deltaT, duT, AT, BT, None, k, hs)
-    a, g = deltaT.new_empty(k, bsz, n, e), deltaT.new_empty(k, bsz, n, e)
-    carry = deltaT.new_zeros(bsz, n, e)  # a_{t+1} g_{t+1}: the adjoint flowing into step t
-    g_du = deltaT.new_empty(length, bsz, 1, e) if need_du else None
-    g_dl = deltaT.new_empty(length, bsz, e) if need_delta else None
-    g_A = deltaT.new_zeros(n, e) if need_A else None
-    g_B = deltaT.new_empty(length, bsz, n, 1) if need_B else None
-    g_C = None
-    if need_C:
-        rows = length * bsz
-        g_C = torch.bmm(hs.view(rows, n, e), gyT.view(rows, e, 1)).view(length, bsz, n)
-    for t0 in reversed(range(0, length, k)):
+    length, groups, bsz, e = deltaT.shape
+    rows, n = groups * bsz, A2.shape[1]
+    a, g, h, tmp = (_Block(deltaT, k, rows, n, e) for _ in range(4))
+    carry = deltaT.new_zeros(rows, n, e)  # a_{t+1} g_{t+1}: the adjoint flowing into step t
+    g_du = deltaT.new_empty(length, rows, 1, e) if need_du else None
+    g_dl = deltaT.new_empty(length, groups, bsz, e) if need_delta else None
+    g_A = deltaT.new_zeros(groups, n, e) if need_A else None
+    g_B = deltaT.new_empty(length, rows, n) if need_B else None
+    g_C = deltaT.new_empty(length, rows, n) if need_C else None
+    for i, t0 in reversed(list(enumerate(range(0, length, k)))):
         m = min(k, length - t0)
-        rows = m * bsz
         sl = slice(t0, t0 + m)
-        torch.mul(CT[sl, :, :, None], gyT[sl, :, None, :], out=g[:m])
-        torch.mul(deltaT[sl, :, None, :], AT, out=a[:m])
-        a[:m].exp_()
-        for j in range(m - 1, -1, -1):
-            g[j].add_(carry)  # g_t = C_t dy_t + a_{t+1} g_{t+1}
-            a[j].mul_(g[j])  # a_t g_t, carried into step t - 1
-            carry = a[j]
+        a_, g_, h_, tmp_ = a.full[:m], g.full[:m], h.full[:m], tmp.full[:m]
+        du_ = duT[sl].view(m, rows, 1, e)
+        _decay(deltaT[sl], A2, a_)
+        torch.mul(BT[sl].view(m, rows, n, 1), du_, out=h_)
+        _recur(a.steps[:m], h.steps[:m], bounds[i] if i else None)  # this block's states, recomputed
+        if g_C is not None:  # dL/dC_t = h_t . dy_t
+            torch.sum(torch.mul(h_, gyT[sl].view(m, rows, 1, e), out=tmp_), -1, out=g_C[sl])
+        torch.mul(CT[sl].view(m, rows, n, 1), gyT[sl].view(m, rows, 1, e), out=g_)
+        for a_j, g_j in zip(reversed(a.steps[:m]), reversed(g.steps[:m]), strict=True):
+            g_j.add_(carry)  # g_t = C_t dy_t + a_{t+1} g_{t+1}
+            carry = a_j.mul_(g_j)  # a_t g_t, carried into step t - 1
         carry = carry.clone()  # a is overwritten by the next block
-        g_rows = g[:m].view(rows, n, e)
-        if g_B is not None:
-            torch.bmm(g_rows, duT[sl].view(rows, e, 1), out=g_B[sl].view(rows, n, 1))
+        if g_B is not None:  # dL/dB_t = g_t . (delta_t u_t)
+            torch.sum(torch.mul(g_, du_, out=tmp_), -1, out=g_B[sl])
         if g_du is not None:
-            torch.bmm(BT[sl].view(rows, 1, n), g_rows, out=g_du[sl].view(rows, 1, e))
-        if need_A or need_delta:  # dL/d(delta_t A) = a_t g_t h_{t-1} (h_{-1} = 0), written over a
-            ds = a[:m]
-            if t0 == 0:
-                ds[1:].mul_(hs[: m - 1])
-                ds[0].zero_()
+            flat = m * rows
+            torch.bmm(BT[sl].view(flat, 1, n), g_.view(flat, n, e), out=g_du[sl].view(flat, 1, e))
+        if need_A or need_delta:  # dL/d(delta_t A) = a_t g_t h_{t-1}, written over a
+            a_[1:].mul_(h_[:-1])
+            if i:
+                a_[0].mul_(bounds[i])
             else:
-                ds.mul_(hs[t0 - 1 : t0 + m - 1])
-            if g_A is not None:  # g is free again: reuse it rather than allocate
-                g_A += torch.mul(ds, deltaT[sl, :, None, :], out=g[:m]).view(rows, n, e).sum(0)
+                a_[0].zero_()
+            part_A, part_dl = _decay_grads(a_, deltaT[sl], A2, need_A, need_delta, tmp_)
+            if g_A is not None:
+                g_A += part_A
             if g_dl is not None:
-                torch.sum(ds.mul_(AT), -2, out=g_dl[sl])
+                g_dl[sl] = part_dl
     return (
-        None if g_du is None else g_du.view(length, bsz, e),
+        None if g_du is None else g_du.view(length, groups, bsz, e),
         g_dl,
         g_A,
-        None if g_B is None else g_B.view(length, bsz, n),
-        g_C,
+        None if g_B is None else g_B.view(length, groups, bsz, n),
+        None if g_C is None else g_C.view(length, groups, bsz, n),
     )
 
 
 class _Scan(torch.autograd.Function):
     """Saves only the inputs; backward recomputes the states.
 
+    Inputs are grouped: u, delta (G, batch, L, E), A (G, E, N), B, C (G, batch, L, N), D (G, E).
     ``lc > 0``: chunked with chunk length ``lc``; ``lc == 0``: sequential in blocks of ``k`` steps.
-    ``reverse``: scan from the last step to the first.
+    ``reverse``: per group, scan from the last step to the first.
     """
 
     @staticmethod
     def forward(
-        ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, lc: int, k: int, reverse: bool
+        ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, lc: int, k: int, reverse: tuple
     ) -> Tensor:
         dtype = _compute_dtype(u, delta, A, B, C, D)
         u_, d_ = u.to(dtype), delta.to(dtype)
         deltaT = _time_major(d_, dtype, reverse)
-        args = (deltaT, deltaT * _time_major(u_, dtype, reverse), A.to(dtype).t().contiguous())
+        args = (deltaT, deltaT * _time_major(u_, dtype, reverse), _base2(A, dtype))
         BT, CT = _time_major(B, dtype, reverse), _time_major(C, dtype, reverse)
-        yT = _sequential(*args, BT, CT, k) if lc == 0 else _chunked(*args, BT, CT, lc)
-        ctx.save_for_backward(u, delta, A, B, C, D)
+        bounds = None
+        if lc == 0:
+            length, groups, bsz, e = deltaT.shape
+            k = max(1, min(k, length))
+            if any(ctx.needs_input_grad[:6]):  # 1/k of the states: saves a recompute in backward
+                bounds = deltaT.new_empty(-(-length // k), groups * bsz, A.shape[-1], e)
+            yT = _sequential(*args, BT, CT, k, bounds)
+        else:
+            yT = _chunked(*args, BT, CT, lc)
+        ctx.save_for_backward(u, delta, A, B, C, D, bounds)
         ctx.lc, ctx.k, ctx.reverse = lc, k, reverse
-        return torch.addcmul(_batch_major(yT, reverse), D.to(dtype), u_).to(u.dtype)
+        return torch.addcmul(_group_major(yT, reverse), D.to(dtype)[:, None, None], u_).to(u.dtype)
 
     @staticmethod
     def backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
-        u, delta, A, B, C, D = ctx.saved_tensors
+        u, delta, A, B, C, D, bounds = ctx.saved_tensors
         rev = ctx.reverse
         dtype = _compute_dtype(u, delta, A, B, C, D)
         need_u, need_delta, need_A, need_B, need_C, need_D = ctx.needs_input_grad[:6]
         u_, d_, gy_ = u.to(dtype), delta.to(dtype), gy.to(dtype)
         grads: list[Tensor | None] = [None] * 9
         if need_D:
-            grads[5] = (gy_ * u_).sum((0, 1)).to(D.dtype)
+            grads[5] = (gy_ * u_).sum((1, 2)).to(D.dtype)
         need = (need_u or need_delta, need_delta, need_A, need_B, need_C)
         if not any(need):
             return tuple(grads)
         deltaT = _time_major(d_, dtype, rev)
-        args = (deltaT, deltaT * _time_major(u_, dtype, rev), A.to(dtype).t().contiguous())
+        args = (deltaT, deltaT * _time_major(u_, dtype, rev), _base2(A, dtype))
         BT, CT, gyT = (_time_major(t, dtype, rev) for t in (B, C, gy_))
         if ctx.lc == 0:
-            g_du, g_dl, g_AT, g_B, g_C = _sequential_grads(*args, BT, CT, gyT, ctx.k, need)
+            g_du, g_dl, g_AT, g_B, g_C = _sequential_grads(*args, BT, CT, gyT, ctx.k, bounds, need)
         else:
             g_du, g_dl, g_AT, g_B, g_C = _chunked_grads(*args, BT, CT, gyT, ctx.lc, need)
         if g_du is not None:
-            g_du = _batch_major(g_du, rev)
+            g_du = _group_major(g_du, rev)
         if need_u:
-            grads[0] = torch.addcmul(gy_ * D.to(dtype), g_du, d_).to(u.dtype)
+            grads[0] = torch.addcmul(gy_ * D.to(dtype)[:, None, None], g_du, d_).to(u.dtype)
         if need_delta:
-            grads[1] = torch.addcmul(_batch_major(g_dl, rev), g_du, u_).to(delta.dtype)
+            grads[1] = torch.addcmul(_group_major(g_dl, rev), g_du, u_).to(delta.dtype)
         if need_A:
-            grads[2] = g_AT.t().to(A.dtype)
+            grads[2] = g_AT.transpose(1, 2).to(A.dtype)
         if need_B:
-            grads[3] = _batch_major(g_B, rev).to(B.dtype)
+            grads[3] = _group_major(g_B, rev).to(B.dtype)
         if need_C:
-            grads[4] = _batch_major(g_C, rev).to(C.dtype)
+            grads[4] = _group_major(g_C, rev).to(C.dtype)
         return tuple(grads)
+
+
+def _base2(A: Tensor, dtype: torch.dtype) -> Tensor:
+    """A (G, E, N) -> A.T / ln 2 (G, N, E), contiguous: exp(delta A) = exp2(delta A2)."""
+    return (A.to(dtype) * (1.0 / math.log(2.0))).transpose(1, 2).contiguous()
