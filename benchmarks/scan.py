@@ -28,6 +28,7 @@ from earmark.encoders.scan import (
     selective_scan_reference,
     selective_scan_sequential,
 )
+from earmark.runtime import keep_freed_memory
 
 
 def best_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -62,7 +63,7 @@ def bench_scan(args: argparse.Namespace) -> None:
     report(f"sequential (block {block_steps(b, E, N)})", selective_scan_sequential)
     for chunk in (int(c) for c in args.chunks.split(",")):
         report(f"chunked Lc={chunk_length(L, chunk)}", lambda *xs, c=chunk: selective_scan_chunked(*xs, chunk=c))
-    print(f"  auto picks: {choose_impl(b, E, N)}")
+    print(f"  auto picks: {choose_impl(b, E, N, L)}")
 
 
 def parse_config(spec: str) -> tuple[str, EncoderConfig]:
@@ -114,6 +115,7 @@ def bench_encoder(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    keep_freed_memory()  # as the CLI runs
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
     s = sub.add_parser("scan")

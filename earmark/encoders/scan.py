@@ -6,24 +6,35 @@ The recurrence, per batch item, channel ``e`` and state ``n``::
     y_t = C_t . h_t + D * u_t
 
 Shapes: ``u, delta``: (batch, L, E); ``A``: (E, N); ``B, C``: (batch, L, N); ``D``: (E,) or None.
+Grouped: the same with a leading G on every tensor - G independent scans with their own A and D
+and a ``reverse`` flag each, run as one (the two directions of a bidirectional block: one loop over
+time instead of two, which halves the per-step dispatch overhead).
 
 Implementations (``impl``):
 
 * ``reference`` - :func:`selective_scan_reference`, a plain loop over time (``unbind``, autograd
   through every step). Slow but obviously right: the test oracle.
-* ``chunked`` - :func:`selective_scan_chunked`, a two-level chunked scan (below).
 * ``sequential`` - :func:`selective_scan_sequential`, the recurrence one step at a time over
-  (batch, N, E) slices, with decays, inputs and outputs computed a block of steps at a time.
-* ``auto`` (default) - sequential once a step's state (batch x E x N) has >= 8192 elements, where
-  per-op overhead is small next to the arithmetic; chunked below that (small batches, inference).
+  (G x batch, N, E) slices; decays, inputs and outputs are computed a block of steps at a time in
+  block-sized buffers that stay in cache.
+* ``chunked`` - :func:`selective_scan_chunked`, a two-level chunked scan (below).
+* ``auto`` (default) - sequential, unless one step's state has < 2048 elements and the sequence
+  is >= 16 steps: then per-op overhead dominates and the chunked scan's fewer, larger ops win
+  (e.g. the ``fast`` preset at batch 1).
 
-Both fast paths share a hand-written backward (:class:`_Scan`): only the inputs are saved, the
-states are recomputed, and the adjoint recurrence ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}``
-runs backwards in time, followed by a few contractions. ``reverse=True`` scans from the last step
-to the first (the backward branch of a bidirectional block) without flipping any tensor.
+Both fast paths share a hand-written backward (:class:`_Scan`). The chunked scan saves only the
+inputs and recomputes all states; the sequential scan also keeps the state entering each block
+(1/k of the states), and its backward walks the blocks from the end, recomputing one block's
+states at a time and running the adjoint recurrence ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}``
+through it - no (L, batch, N, E) tensor is ever allocated. ``reverse=True`` scans from the last
+step to the first without flipping any state-sized tensor.
 
-Measured on 2 CPU cores (batch 8, L 257, E 384, N 16; ms forward / forward+backward): reference
-loop ~66-90 / 270-320, sequential ~20 / 77-108, chunked ~65 / 215-235 (``benchmarks/scan.py``).
+CPU facts this is built on (2-core AVX-512 machine, torch 2.13): ``torch.exp`` costs ~1 ns per
+float32 element, ``torch.exp2`` ~0.1 ns, so decays are ``exp2(delta * A / ln 2)``; one PyTorch op
+costs ~2-3 us however small, so a step of a batch-1 scan (12k elements) is dispatch-bound; creating
+a view costs ~1 us, so the per-step views are made once per call. Measured at batch 1, L 4096,
+E 384, N 16, both directions: ~50 ms forward, ~290 ms forward + backward (``benchmarks/encoders.py``
+has the comparison with mambapy's parallel scan).
 
 Why the chunked scan is not the textbook closed form ``h_t = exp(S_t) (h_0 + sum_s exp(-S_s) x_s)``
 with ``S = cumsum(delta * A)``: on a CPU in eager PyTorch that form costs about twice the memory
