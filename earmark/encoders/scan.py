@@ -33,8 +33,8 @@ CPU facts this is built on (2-core AVX-512 machine, torch 2.13): ``torch.exp`` c
 float32 element, ``torch.exp2`` ~0.1 ns, so decays are ``exp2(delta * A / ln 2)``; one PyTorch op
 costs ~2-3 us however small, so a step of a batch-1 scan (12k elements) is dispatch-bound; creating
 a view costs ~1 us, so the per-step views are made once per call. Measured at batch 1, L 4096,
-E 384, N 16, both directions: ~50 ms forward, ~290 ms forward + backward (``benchmarks/encoders.py``
-has the comparison with mambapy's parallel scan).
+E 384, N 16, both directions: 50-95 ms forward, 260-290 ms forward + backward, varying between
+runs on a shared machine (``benchmarks/encoders.py`` compares with mambapy's parallel scan).
 
 Why the chunked scan is not the textbook closed form ``h_t = exp(S_t) (h_0 + sum_s exp(-S_s) x_s)``
 with ``S = cumsum(delta * A)``: on a CPU in eager PyTorch that form costs about twice the memory
