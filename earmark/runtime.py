@@ -9,7 +9,7 @@ gains less). :func:`keep_freed_memory` raises both thresholds, so freed blocks s
 and are reused warm - the caching behaviour PyTorch's GPU allocator has by default.
 
 It changes how the whole process allocates, so a library import never calls it; applications
-(``earmark`` CLI, the HTTP service, ``benchmarks/``) do.
+(the ``earmark`` CLI, ``benchmarks/``) do.
 """
 
 from __future__ import annotations

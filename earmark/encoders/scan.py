@@ -122,12 +122,11 @@ def selective_scan_sequential(
     block: int = 0,
     reverse: Reverse = False,
 ) -> Tensor:
-    """Step-by-step scan with a recomputing analytic backward.
+    """Step-by-step scan; its analytic backward recomputes the states from those saved at block starts.
 
     ``block``: time steps whose decays/inputs/outputs are computed together (0: :func:`block_steps`).
     """
-    rows = u.shape[-3] * (u.shape[0] if u.ndim == 4 else 1)
-    k = block if block > 0 else block_steps(rows, A.shape[-2], A.shape[-1])
+    k = block if block > 0 else block_steps(_rows(u), A.shape[-2], A.shape[-1])
     return _apply(u, delta, A, B, C, D, 0, k, reverse)
 
 
@@ -165,8 +164,7 @@ def selective_scan(
     u, delta, B, C and of the result, without the copies.
     """
     if impl == "auto":
-        rows = u.shape[-3] * (u.shape[0] if u.ndim == 4 else 1)
-        impl = choose_impl(rows, A.shape[-2], A.shape[-1], u.shape[-2])
+        impl = choose_impl(_rows(u), A.shape[-2], A.shape[-1], u.shape[-2])
     if impl == "chunked":
         return selective_scan_chunked(u, delta, A, B, C, D, chunk=chunk, reverse=reverse)
     if impl == "sequential":
@@ -189,6 +187,11 @@ def chunk_length(length: int, chunk: int = 0) -> int:
 # implementation
 
 
+def _rows(u: Tensor) -> int:
+    """Independent scans run side by side: groups x batch."""
+    return u.shape[-3] * (u.shape[0] if u.ndim == 4 else 1)
+
+
 def _skip(u: Tensor, A: Tensor, D: Tensor | None) -> Tensor:
     return D if D is not None else torch.zeros(A.shape[:-1], dtype=A.dtype, device=u.device)
 
@@ -197,7 +200,7 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _reverse_flags(reverse: bool | Sequence[bool], groups: int) -> tuple[bool, ...]:
+def _reverse_flags(reverse: Reverse, groups: int) -> tuple[bool, ...]:
     flags = (bool(reverse),) * groups if isinstance(reverse, bool) else tuple(bool(r) for r in reverse)
     if len(flags) != groups:
         raise ValueError(f"reverse needs one flag per group ({groups}); got {len(flags)}")
@@ -227,10 +230,12 @@ def _apply(
 ) -> Tensor:
     """Check shapes, add the group axis if absent, run :class:`_Scan`, drop the axis again."""
     _check_shapes(u, delta, A, B, C, D)
+    # inside forward, ctx.needs_input_grad is True even under no_grad: decide here
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D))
     if u.ndim == 4:
-        return _Scan.apply(u, delta, A, B, C, _skip(u, A, D), lc, k, _reverse_flags(reverse, u.shape[0]))
+        return _Scan.apply(u, delta, A, B, C, _skip(u, A, D), lc, k, _reverse_flags(reverse, u.shape[0]), grad)
     grouped = (t[None] for t in (u, delta, A, B, C, _skip(u, A, D)))
-    return _Scan.apply(*grouped, lc, k, _reverse_flags(reverse, 1))[0]
+    return _Scan.apply(*grouped, lc, k, _reverse_flags(reverse, 1), grad)[0]
 
 
 def _time_major(t: Tensor, dtype: torch.dtype, reverse: tuple[bool, ...]) -> Tensor:
@@ -342,6 +347,13 @@ def _readout(CT: Tensor, h: Tensor, out: Tensor | None = None) -> Tensor:
     return res.view(m, rows, e)
 
 
+def _dot_channels(x: Tensor, v: Tensor, out: Tensor | None = None, buf: Tensor | None = None) -> Tensor:
+    """sum_e x[..., n, e] v[..., e] for x (m, R, N, E), v (m, R, E) -> (m, R, N). As mul + sum: a
+    batched matrix-vector ``bmm`` is ~5x slower on a CPU. ``buf`` (x's shape) saves an allocation."""
+    m, rows, n, e = x.shape
+    return torch.sum(torch.mul(x, v.reshape(m, rows, 1, e), out=buf), -1, out=out)
+
+
 def _chunked(deltaT: Tensor, duT: Tensor, A2: Tensor, BT: Tensor, CT: Tensor, lc: int) -> Tensor:
     length, groups, bsz, e = deltaT.shape
     h, _ = _states(deltaT, duT, A2, BT, lc)
@@ -373,19 +385,17 @@ def _chunked_grads(
     rows, n = groups * bsz, A2.shape[1]
     flat = length * rows
     h, a = _states(deltaT, duT, A2, BT, lc)
-    h_rows = h[:length].view(flat, n, e)
-    g_C = torch.bmm(h_rows, gyT.view(flat, e, 1)).view(length, groups, bsz, n) if need_C else None
+    g_C = _dot_channels(h[:length], gyT).view(length, groups, bsz, n) if need_C else None
     g_du = g_dl = g_A = g_B = None
     if need_du or need_delta or need_A or need_B:
         g = torch.empty_like(h)  # adjoint states g_t = C_t dy_t + a_{t+1} g_{t+1}
         torch.mul(CT.view(length, rows, n, 1), gyT.view(length, rows, 1, e), out=g[:length])
         g[length:].zero_()
         _adjoint(a, g, lc)
-        g_rows = g[:length].view(flat, n, e)
         if need_B:
-            g_B = torch.bmm(g_rows, duT.view(flat, e, 1)).view(length, groups, bsz, n)
+            g_B = _dot_channels(g[:length], duT).view(length, groups, bsz, n)
         if need_du:
-            g_du = torch.bmm(BT.view(flat, 1, n), g_rows).view(length, groups, bsz, e)
+            g_du = torch.bmm(BT.view(flat, 1, n), g[:length].view(flat, n, e)).view(length, groups, bsz, e)
         if need_delta or need_A:
             ds = a  # dL/d(delta_t A) = g_t a_t h_{t-1}, written over a (not needed any more)
             ds[1:].mul_(g[1:]).mul_(h[:-1])
@@ -473,14 +483,14 @@ def _sequential_grads(
         torch.mul(BT[sl].view(m, rows, n, 1), du_, out=h_)
         _recur(a.steps[:m], h.steps[:m], bounds[i] if i else None)  # this block's states, recomputed
         if g_C is not None:  # dL/dC_t = h_t . dy_t
-            torch.sum(torch.mul(h_, gyT[sl].view(m, rows, 1, e), out=tmp_), -1, out=g_C[sl])
+            _dot_channels(h_, gyT[sl], out=g_C[sl], buf=tmp_)
         torch.mul(CT[sl].view(m, rows, n, 1), gyT[sl].view(m, rows, 1, e), out=g_)
         for a_j, g_j in zip(reversed(a.steps[:m]), reversed(g.steps[:m]), strict=True):
             g_j.add_(carry)  # g_t = C_t dy_t + a_{t+1} g_{t+1}
             carry = a_j.mul_(g_j)  # a_t g_t, carried into step t - 1
         carry = carry.clone()  # a is overwritten by the next block
         if g_B is not None:  # dL/dB_t = g_t . (delta_t u_t)
-            torch.sum(torch.mul(g_, du_, out=tmp_), -1, out=g_B[sl])
+            _dot_channels(g_, duT[sl], out=g_B[sl], buf=tmp_)
         if g_du is not None:
             flat = m * rows
             torch.bmm(BT[sl].view(flat, 1, n), g_.view(flat, n, e), out=g_du[sl].view(flat, 1, e))
@@ -514,7 +524,17 @@ class _Scan(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, lc: int, k: int, reverse: tuple
+        ctx,
+        u: Tensor,
+        delta: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        D: Tensor,
+        lc: int,
+        k: int,
+        reverse: tuple,
+        grad: bool,
     ) -> Tensor:
         dtype = _compute_dtype(u, delta, A, B, C, D)
         u_, d_ = u.to(dtype), delta.to(dtype)
@@ -525,7 +545,7 @@ class _Scan(torch.autograd.Function):
         if lc == 0:
             length, groups, bsz, e = deltaT.shape
             k = max(1, min(k, length))
-            if any(ctx.needs_input_grad[:6]):  # 1/k of the states: saves a recompute in backward
+            if grad:  # 1/k of the states: saves a recompute in backward
                 bounds = deltaT.new_empty(-(-length // k), groups * bsz, A.shape[-1], e)
             yT = _sequential(*args, BT, CT, k, bounds)
         else:
@@ -541,7 +561,7 @@ class _Scan(torch.autograd.Function):
         dtype = _compute_dtype(u, delta, A, B, C, D)
         need_u, need_delta, need_A, need_B, need_C, need_D = ctx.needs_input_grad[:6]
         u_, d_, gy_ = u.to(dtype), delta.to(dtype), gy.to(dtype)
-        grads: list[Tensor | None] = [None] * 9
+        grads: list[Tensor | None] = [None] * 10
         if need_D:
             grads[5] = (gy_ * u_).sum((1, 2)).to(D.dtype)
         need = (need_u or need_delta, need_delta, need_A, need_B, need_C)
