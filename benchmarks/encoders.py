@@ -8,9 +8,13 @@ Sections:
   2. Scaling with the number of tokens (128, 256, ... up to --max-tokens; batch 1, 8 frequency bands,
      so tokens = 8 x time patches + the class token): forward time without grad and one training
      step (forward + backward of a sum of the embedding), peak memory, achieved FLOP/s as a fraction
-     of the matmul FLOP/s, and the ratios AST / Mamba. A size is skipped for an arch/mode once a
-     smaller one took longer than --skip-after seconds (or failed, e.g. out of memory).
-  3. Optional: mambapy's parallel scan vs our scan (only if ``mambapy`` is importable).
+     of the matmul FLOP/s, and the ratios AST / Mamba. Training rows also show Mamba with
+     ``recompute=False`` ("keep": autograd keeps every activation of the conv/projection front,
+     instead of recomputing it in backward) - the time/memory trade of the default. If ``mambapy``
+     is importable, the same Mamba with mambapy's ``pscan`` swapped in for our scan (keeping
+     activations, so compared with "keep" when training). A size is skipped for an arch/mode once
+     a smaller one took longer than --skip-after seconds (or failed, e.g. out of memory).
+  3. Optional: mambapy's parallel scan vs our scan alone (only if ``mambapy`` is importable).
   4. Clips per second and real-time factor (compute time / audio duration, lower is better) for
      embedding 1 s, 10 s and 60 s clips with presets (forward, no grad).
 
@@ -127,6 +131,8 @@ def measure(spec: dict) -> dict:
     if spec.get("scan") == "mambapy":
         import earmark.encoders.mamba as mamba_module
 
+        if spec["config"].get("recompute", True):  # the fused branch would bypass the swap
+            raise ValueError("the pscan swap needs recompute=False")
         mamba_module.selective_scan = pscan_selective_scan
     cfg = EncoderConfig(**spec["config"])
     torch.manual_seed(0)
@@ -178,8 +184,13 @@ def token_scaling(args: argparse.Namespace, peak: float) -> None:
         "mamba": dataclasses.replace(base, arch="mamba", scan_impl=args.scan_impl),
         "ast": dataclasses.replace(base, arch="ast"),
     }
+    # training only: the same Mamba keeping every activation (recompute=False) instead of recomputing
+    # the conv/projection front in backward (the default, as mamba-ssm's fused kernel does)
+    cfgs["keep"] = dataclasses.replace(cfgs["mamba"], recompute=False)
     if has_mambapy():
-        cfgs["pscan"] = cfgs["mamba"]  # the same encoder, its scan replaced by mambapy's pscan
+        # the same encoder, its scan replaced by mambapy's pscan (the swap reaches only the plain
+        # autograd path, so it keeps activations too; compared with "keep" when training)
+        cfgs["pscan"] = cfgs["keep"]
     params = {k: sum(p.numel() for p in build_encoder(c).parameters()) / 1e6 for k, c in cfgs.items()}
     print(
         f"\n== token scaling: width {args.width}, depth {args.depth}, batch 1; "
@@ -194,7 +205,7 @@ def token_scaling(args: argparse.Namespace, peak: float) -> None:
     stopped: set[tuple[str, str]] = set()
     header = (
         f"{'tokens':>7} {'mode':<6}| {'mamba s':>8} {'MiB':>7} {'%mm':>5} | {'ast s':>8} {'MiB':>7} {'%mm':>5} "
-        f"| {'ast/mamba time':>14} {'mem':>6}"
+        f"| {'ast/mamba time':>14} {'mem':>6} | {'keep s':>8} {'MiB':>7}"
         + (f" | {'pscan s':>8} {'MiB':>7} {'pscan/own':>9}" if "pscan" in cfgs else "")
     )
     print(header)
@@ -203,6 +214,8 @@ def token_scaling(args: argparse.Namespace, peak: float) -> None:
         for mode in ("infer", "train"):
             row: dict[str, dict | None] = {}
             for arch, cfg in cfgs.items():
+                if arch == "keep" and mode == "infer":  # recompute changes nothing without grad
+                    continue
                 if (arch, mode) in stopped:
                     row[arch] = None
                     continue
@@ -233,12 +246,16 @@ def token_scaling(args: argparse.Namespace, peak: float) -> None:
             ratio = f"{a['seconds'] / m['seconds']:14.2f}" if m and a else f"{'-':>14}"
             mem = f"{a['peak_mib'] / m['peak_mib']:6.2f}" if m and a and m["peak_mib"] > 0 else f"{'-':>6}"
             line = f"{tokens + 1:>7} {mode:<6}| {cells(m)} | {cells(a)} | {ratio} {mem}"
+            k = row.get("keep")
+            line += f" | {k['seconds']:8.3f} {k['peak_mib']:7.1f}" if k else f" | {'-':>8} {'':>7}"
             if "pscan" in cfgs:
-                p = row["pscan"]
-                vs = f"{p['seconds'] / m['seconds']:9.2f}" if m and p else f"{'-':>9}"
+                p, own = row["pscan"], (m if mode == "infer" else k)
+                vs = f"{p['seconds'] / own['seconds']:9.2f}" if own and p else f"{'-':>9}"
                 line += f" | {p['seconds']:8.3f} {p['peak_mib']:7.1f} {vs}" if p else f" | {'skipped':>8} {'':>7} {vs}"
             print(line, flush=True)
-        if all((arch, mode) in stopped for arch in cfgs for mode in ("infer", "train")):
+        if all(
+            (arch, mode) in stopped for arch in cfgs for mode in ("infer", "train") if (arch, mode) != ("keep", "infer")
+        ):
             print(f"   (stopping: every measurement at {tokens + 1} tokens took > {args.skip_after:.0f} s or failed)")
             break
     if stopped:
@@ -259,8 +276,14 @@ def mambapy_scan(args: argparse.Namespace) -> None:
     print(header)
     print("-" * len(header))
     e2 = 2 * args.width
-    shapes = [(1, 8, 257, 384, 16), (1, 1, 256, e2, 16), (1, 1, 1024, e2, 16), (1, 1, 4096, e2, 16),
-              (2, 1, 256, e2, 16), (2, 1, 4096, e2, 16)]
+    shapes = [
+        (1, 8, 257, 384, 16),
+        (1, 1, 256, e2, 16),
+        (1, 1, 1024, e2, 16),
+        (1, 1, 4096, e2, 16),
+        (2, 1, 256, e2, 16),
+        (2, 1, 4096, e2, 16),
+    ]
     for groups, bsz, length, e, s in shapes:
         g = torch.Generator().manual_seed(0)
         u = torch.randn(groups, bsz, length, e, generator=g)
@@ -278,6 +301,7 @@ def mambapy_scan(args: argparse.Namespace) -> None:
             times = []
             for fn in (ref, own):
                 if mode == "forward":
+
                     def run(fn=fn, inputs=inputs) -> None:
                         with torch.no_grad():
                             fn(*inputs)
@@ -286,10 +310,13 @@ def mambapy_scan(args: argparse.Namespace) -> None:
 
                     def run(fn=fn, leaves=leaves) -> None:
                         fn(*leaves).sum().backward()
+
                 times.append(best_s(run, args.repeats, args.time_cap)[0])
             shape = f"({groups}, {bsz}, {length}, {e}, {s})"
-            print(f"{shape:<25} {mode:<9}| {times[0] * 1e3:9.1f} {times[1] * 1e3:9.1f} {times[0] / times[1]:9.2f}",
-                  flush=True)
+            print(
+                f"{shape:<25} {mode:<9}| {times[0] * 1e3:9.1f} {times[1] * 1e3:9.1f} {times[0] / times[1]:9.2f}",
+                flush=True,
+            )
 
 
 def clip_throughput(args: argparse.Namespace) -> None:

@@ -8,6 +8,9 @@ float32 reference itself is then ~1e-4 away from float64.
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +24,7 @@ from earmark.encoders.scan import (
     selective_scan_chunked,
     selective_scan_reference,
     selective_scan_sequential,
+    uses_own_scan,
 )
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -158,7 +162,7 @@ def test_no_grad_and_low_precision_inputs() -> None:
 
 
 def test_dispatch_and_validation() -> None:
-    assert set(SCAN_IMPLS) == {"auto", "sequential", "chunked", "reference"}
+    assert set(SCAN_IMPLS) == {"auto", "sequential", "chunked", "reference", "cuda"}
     assert choose_impl(2, 32, 4, 1000) == "chunked"  # tiny steps: per-op overhead dominates
     assert choose_impl(2, 32, 4, 8) == "sequential"  # too short for chunks to pay off
     assert choose_impl(2, 384, 16, 4097) == "sequential"
@@ -212,3 +216,65 @@ def test_grouped_gradcheck_float64(impl: str, kw: dict) -> None:
     inputs = make_grouped(2, 2, 5, 3, 2, torch.float64)
     run = lambda *xs: _run(impl, dict(kw, reverse=(True, False)), *xs)  # noqa: E731
     assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-8)
+
+
+def _install_fake_mamba_ssm(monkeypatch: pytest.MonkeyPatch, calls: list) -> None:
+    """A stand-in for mamba-ssm's ``selective_scan_fn`` with its documented layout and semantics
+    (u, delta (b, E, L); A (E, N); B, C (b, N, L); D (E,); out (b, E, L)), computed on the CPU, so
+    the adapter's layout conversions and direction handling are checked without a GPU."""
+
+    def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+        b, e, length = u.shape
+        assert delta.shape == u.shape and A.shape[0] == e and B.shape == C.shape == (b, A.shape[1], length)
+        assert A.dtype == torch.float32 and delta.dtype == B.dtype == u.dtype
+        calls.append(tuple(u.shape))
+        dA = torch.exp(delta.double()[..., None] * A.double()[:, None, :])  # (b, E, L, N)
+        dBu = (delta * u).double()[..., None] * B.double().transpose(1, 2)[:, None]
+        x = u.new_zeros(b, e, A.shape[1], dtype=torch.float64)
+        ys = []
+        for i in range(length):
+            x = dA[:, :, i] * x + dBu[:, :, i]
+            ys.append((x * C.double()[:, None, :, i]).sum(-1))
+        y = torch.stack(ys, -1)
+        return (y if D is None else y + u.double() * D.double()[:, None]).to(u.dtype)
+
+    module = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
+    module.selective_scan_fn = selective_scan_fn
+    monkeypatch.setitem(sys.modules, "mamba_ssm", types.ModuleType("mamba_ssm"))
+    monkeypatch.setitem(sys.modules, "mamba_ssm.ops", types.ModuleType("mamba_ssm.ops"))
+    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", module)
+
+
+def test_mamba_ssm_adapter_layout_and_directions(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list = []
+    _install_fake_mamba_ssm(monkeypatch, calls)
+    inputs = make_grouped(2, 3, 11, 5, 4, torch.float32)
+    reverse = (False, True)
+    y_ref = selective_scan_reference(*inputs, reverse=reverse)
+    gy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(3))
+    g_ref = torch.autograd.grad(y_ref, inputs, gy)
+    fresh = [t.detach().clone().requires_grad_() for t in inputs]
+    y = selective_scan(*fresh, impl="cuda", reverse=reverse)
+    assert calls == [(3, 5, 11), (3, 5, 11)]  # one kernel call per group, in the kernel's layout
+    assert_close(y, y_ref, TOL[torch.float32], "mamba-ssm adapter y")
+    for name, g, gr in zip(["u", "delta", "A", "B", "C", "D"], torch.autograd.grad(y, fresh, gy), g_ref, strict=True):
+        assert_close(g, gr, TOL[torch.float32], f"mamba-ssm adapter d{name}")
+    ungrouped = [t[1].detach() for t in inputs]
+    assert_close(selective_scan(*ungrouped, impl="cuda", reverse=True), y_ref[1], TOL[torch.float32], "ungrouped")
+
+
+def test_auto_uses_the_kernel_only_for_cuda_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list = []
+    _install_fake_mamba_ssm(monkeypatch, calls)
+    u, delta, A, B, C, D = (t.detach() for t in make_inputs(2, 9, 4, 3, torch.float32))
+    assert uses_own_scan(u, "auto") and not uses_own_scan(u, "cuda") and not uses_own_scan(u, "reference")
+    selective_scan(u, delta, A, B, C, D)
+    assert calls == []  # CPU tensors: our own scan, even with mamba-ssm importable
+
+
+def test_cuda_impl_without_mamba_ssm_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "mamba_ssm", None)  # import fails
+    u, delta, A, B, C, D = (t.detach() for t in make_inputs(1, 4, 3, 2, torch.float32))
+    with pytest.raises(RuntimeError, match="mamba-ssm"):
+        selective_scan(u, delta, A, B, C, D, impl="cuda")
+    assert uses_own_scan(u, "auto")

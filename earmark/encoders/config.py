@@ -33,8 +33,9 @@ class EncoderConfig:
     max_frames: int = 1024  # position embeddings cover this many frames; longer inputs interpolate
     pool: str = "cls"  # "cls" (class token in the middle) or "mean" (mean of patch tokens)
     bidirectional: bool = True  # v2 bidirectional Mamba: a backward branch over the flipped sequence
-    scan_impl: str = "auto"  # selective scan: auto | sequential | chunked | reference
+    scan_impl: str = "auto"  # selective scan: auto | sequential | chunked | reference | cuda
     scan_chunk: int = 0  # chunk length of the chunked scan; 0 -> ~sqrt(sequence length)
+    recompute: bool = True  # training: recompute conv/projections in backward instead of keeping them
 
     def __post_init__(self) -> None:
         if self.pool not in ("cls", "mean"):

@@ -18,11 +18,15 @@ Implementations (``impl``):
   (G x batch, N, E) slices; decays, inputs and outputs are computed a block of steps at a time in
   block-sized buffers that stay in cache.
 * ``chunked`` - :func:`selective_scan_chunked`, a two-level chunked scan (below).
-* ``auto`` (default) - sequential, unless one step's state has < 2048 elements and the sequence
-  is >= 16 steps: then per-op overhead dominates and the chunked scan's fewer, larger ops win
-  (e.g. the ``fast`` preset at batch 1).
+* ``cuda`` - :func:`selective_scan_mamba_ssm`, mamba-ssm's fused CUDA kernel (optional; never
+  required: only when that package is installed and the tensors are on a CUDA device).
+* ``auto`` (default) - ``cuda`` where it can run; else sequential, unless one step's state has
+  < 2048 elements and the sequence is >= 16 steps: then per-op overhead dominates and the chunked
+  scan's fewer, larger ops win (e.g. the ``fast`` preset at batch 1).
 
-Both fast paths share a hand-written backward (:class:`_Scan`). The chunked scan saves only the
+Both fast paths share a hand-written backward (:class:`_Scan`); :func:`scan_forward` and
+:func:`scan_backward` expose its two halves to callers that fuse the scan into a larger autograd
+function (the Mamba mixer's branch that recomputes conv and projections in backward). The chunked scan saves only the
 inputs and recomputes all states; the sequential scan also keeps the state entering each block
 (1/k of the states), and its backward walks the blocks from the end, recomputing one block's
 states at a time and running the adjoint recurrence ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}``
@@ -60,11 +64,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-SCAN_IMPLS = ("auto", "sequential", "chunked", "reference")
+SCAN_IMPLS = ("auto", "sequential", "chunked", "reference", "cuda")
 
 Reverse = bool | Sequence[bool]
 
@@ -108,7 +113,8 @@ def selective_scan_chunked(
     reverse: Reverse = False,
 ) -> Tensor:
     """Two-level chunked scan with a recomputing analytic backward; ``chunk=0`` picks ~sqrt(L)."""
-    return _apply(u, delta, A, B, C, D, chunk_length(u.shape[-2], chunk), 0, reverse)
+    _check_shapes(u, delta, A, B, C, D)
+    return _apply(u, delta, A, B, C, D, plan_scan(u, A, "chunked", chunk=chunk, reverse=reverse))
 
 
 def selective_scan_sequential(
@@ -126,8 +132,8 @@ def selective_scan_sequential(
 
     ``block``: time steps whose decays/inputs/outputs are computed together (0: :func:`block_steps`).
     """
-    k = block if block > 0 else block_steps(_rows(u), A.shape[-2], A.shape[-1])
-    return _apply(u, delta, A, B, C, D, 0, k, reverse)
+    _check_shapes(u, delta, A, B, C, D)
+    return _apply(u, delta, A, B, C, D, plan_scan(u, A, "sequential", block=block, reverse=reverse))
 
 
 def block_steps(rows: int, channels: int, state: int, budget: int = 1 << 19) -> int:
@@ -164,7 +170,9 @@ def selective_scan(
     u, delta, B, C and of the result, without the copies.
     """
     if impl == "auto":
-        impl = choose_impl(_rows(u), A.shape[-2], A.shape[-1], u.shape[-2])
+        impl = "cuda" if _wants_kernel(u) else choose_impl(_rows(u), A.shape[-2], A.shape[-1], u.shape[-2])
+    if impl == "cuda":
+        return selective_scan_mamba_ssm(u, delta, A, B, C, D, reverse=reverse)
     if impl == "chunked":
         return selective_scan_chunked(u, delta, A, B, C, D, chunk=chunk, reverse=reverse)
     if impl == "sequential":
@@ -173,6 +181,58 @@ def selective_scan(
         _check_shapes(u, delta, A, B, C, D)
         return selective_scan_reference(u, delta, A, B, C, D, reverse=reverse)
     raise ValueError(f"unknown selective scan impl {impl!r}; known: {', '.join(SCAN_IMPLS)}")
+
+
+def uses_own_scan(u: Tensor, impl: str) -> bool:
+    """Whether :func:`selective_scan` with ``impl`` runs one of this module's fast scans (the ones
+    :func:`scan_forward` / :func:`scan_backward` expose)."""
+    return impl in ("sequential", "chunked") or (impl == "auto" and not _wants_kernel(u))
+
+
+def selective_scan_mamba_ssm(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, *, reverse: Reverse = False
+) -> Tensor:
+    """The scan through mamba-ssm's fused CUDA kernel (``selective_scan_fn``, with its own
+    recomputing backward), for CUDA tensors when that package is installed; ``auto`` picks it then.
+    Same arguments and result as :func:`selective_scan`: this converts to the kernel's layout
+    ((batch, E, L) and (batch, N, L)), flips reversed groups and runs the groups one by one."""
+    kernel = _mamba_ssm_kernel()
+    if kernel is None:
+        raise RuntimeError(
+            "selective scan impl 'cuda' needs the mamba-ssm package (pip install mamba-ssm) and CUDA tensors; "
+            "impl='auto' uses it only when both are there"
+        )
+    _check_shapes(u, delta, A, B, C, D)
+    if u.ndim == 4:
+        flags = _reverse_flags(reverse, u.shape[0])
+        ds = D.unbind(0) if D is not None else (None,) * u.shape[0]
+        parts = zip(u, delta, A, B, C, ds, flags, strict=True)
+        return torch.stack([selective_scan_mamba_ssm(*p[:6], reverse=p[6]) for p in parts])
+    if reverse:
+        return selective_scan_mamba_ssm(u.flip(1), delta.flip(1), A, B.flip(1), C.flip(1), D).flip(1)
+    dt = u.dtype  # the kernel wants delta and a time-varying B, C in the input's dtype; A, D in float32
+    y = kernel(
+        u.transpose(1, 2),
+        delta.to(dt).transpose(1, 2),
+        A.float(),
+        B.to(dt).transpose(1, 2),
+        C.to(dt).transpose(1, 2),
+        None if D is None else D.float(),
+    )
+    return y.transpose(1, 2).to(u.dtype)
+
+
+def _mamba_ssm_kernel():
+    """mamba-ssm's ``selective_scan_fn``, or None when the package is not installed."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except ImportError:
+        return None
+    return selective_scan_fn
+
+
+def _wants_kernel(u: Tensor) -> bool:
+    return u.is_cuda and _mamba_ssm_kernel() is not None
 
 
 def chunk_length(length: int, chunk: int = 0) -> int:
@@ -225,17 +285,42 @@ def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         raise ValueError(f"D must be {(*lead, e)}; got {tuple(D.shape)}")
 
 
-def _apply(
-    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, lc: int, k: int, reverse
-) -> Tensor:
-    """Check shapes, add the group axis if absent, run :class:`_Scan`, drop the axis again."""
-    _check_shapes(u, delta, A, B, C, D)
+@dataclass(frozen=True)
+class ScanPlan:
+    """How a grouped fast scan runs: ``chunk > 0`` chunked with that chunk length, ``chunk == 0``
+    sequential in blocks of ``block`` steps; ``reverse`` one flag per group."""
+
+    chunk: int
+    block: int
+    reverse: tuple[bool, ...]
+
+
+def plan_scan(
+    u: Tensor, A: Tensor, impl: str = "auto", *, chunk: int = 0, block: int = 0, reverse: Reverse = False
+) -> ScanPlan:
+    """The :class:`ScanPlan` for grouped (or ungrouped) inputs and a fast ``impl`` (auto, sequential
+    or chunked); ``chunk`` / ``block`` 0 pick :func:`chunk_length` / :func:`block_steps`."""
+    groups = u.shape[0] if u.ndim == 4 else 1
+    flags = _reverse_flags(reverse, groups)
+    length, e, n = u.shape[-2], A.shape[-2], A.shape[-1]
+    if impl == "auto":
+        impl = choose_impl(_rows(u), e, n, length)
+    if impl == "chunked":
+        return ScanPlan(chunk_length(length, chunk), 0, flags)
+    if impl == "sequential":
+        k = block if block > 0 else block_steps(_rows(u), e, n)
+        return ScanPlan(0, max(1, min(k, length)), flags)
+    raise ValueError(f"no fast selective scan impl {impl!r}; known: auto, sequential, chunked")
+
+
+def _apply(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, plan: ScanPlan) -> Tensor:
+    """Add the group axis if absent, run :class:`_Scan`, drop the axis again (shapes checked)."""
     # inside forward, ctx.needs_input_grad is True even under no_grad: decide here
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D))
     if u.ndim == 4:
-        return _Scan.apply(u, delta, A, B, C, _skip(u, A, D), lc, k, _reverse_flags(reverse, u.shape[0]), grad)
+        return _Scan.apply(u, delta, A, B, C, _skip(u, A, D), plan, grad)
     grouped = (t[None] for t in (u, delta, A, B, C, _skip(u, A, D)))
-    return _Scan.apply(*grouped, lc, k, _reverse_flags(reverse, 1), grad)[0]
+    return _Scan.apply(*grouped, plan, grad)[0]
 
 
 def _time_major(t: Tensor, dtype: torch.dtype, reverse: tuple[bool, ...]) -> Tensor:
@@ -514,79 +599,95 @@ def _sequential_grads(
     )
 
 
+def scan_forward(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, plan: ScanPlan, keep_states: bool
+) -> tuple[Tensor, Tensor | None]:
+    """The forward half of the fast scans, for callers that fuse the scan into a larger autograd
+    function: grouped inputs (see :class:`_Scan`), no autograd. Returns (y in the compute dtype,
+    the block-start states for :func:`scan_backward` - sequential with ``keep_states`` only)."""
+    dtype = _compute_dtype(u, delta, A, B, C, D)
+    u_, d_ = u.to(dtype), delta.to(dtype)
+    deltaT = _time_major(d_, dtype, plan.reverse)
+    args = (deltaT, deltaT * _time_major(u_, dtype, plan.reverse), _base2(A, dtype))
+    BT, CT = _time_major(B, dtype, plan.reverse), _time_major(C, dtype, plan.reverse)
+    bounds = None
+    if plan.chunk == 0:
+        length, groups, bsz, e = deltaT.shape
+        if keep_states:  # 1/k of the states: saves a recompute in backward
+            bounds = deltaT.new_empty(-(-length // plan.block), groups * bsz, A.shape[-1], e)
+        yT = _sequential(*args, BT, CT, plan.block, bounds)
+    else:
+        yT = _chunked(*args, BT, CT, plan.chunk)
+    return torch.addcmul(_group_major(yT, plan.reverse), D.to(dtype)[:, None, None], u_), bounds
+
+
+def scan_backward(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor,
+    gy: Tensor,
+    plan: ScanPlan,
+    states: Tensor | None,
+    needs: Sequence[bool],
+) -> list[Tensor | None]:
+    """The backward half: dL/d(u, delta, A, B, C, D) (None where ``needs`` is False), from the
+    inputs, dL/dy and the states :func:`scan_forward` kept (recomputed from the inputs either way)."""
+    rev = plan.reverse
+    dtype = _compute_dtype(u, delta, A, B, C, D)
+    need_u, need_delta, need_A, need_B, need_C, need_D = needs
+    u_, d_, gy_ = u.to(dtype), delta.to(dtype), gy.to(dtype)
+    grads: list[Tensor | None] = [None] * 6
+    if need_D:
+        grads[5] = (gy_ * u_).sum((1, 2)).to(D.dtype)
+    need = (need_u or need_delta, need_delta, need_A, need_B, need_C)
+    if not any(need):
+        return grads
+    deltaT = _time_major(d_, dtype, rev)
+    args = (deltaT, deltaT * _time_major(u_, dtype, rev), _base2(A, dtype))
+    BT, CT, gyT = (_time_major(t, dtype, rev) for t in (B, C, gy_))
+    if plan.chunk == 0:
+        g_du, g_dl, g_AT, g_B, g_C = _sequential_grads(*args, BT, CT, gyT, plan.block, states, need)
+    else:
+        g_du, g_dl, g_AT, g_B, g_C = _chunked_grads(*args, BT, CT, gyT, plan.chunk, need)
+    if g_du is not None:
+        g_du = _group_major(g_du, rev)
+    if need_u:
+        grads[0] = torch.addcmul(gy_ * D.to(dtype)[:, None, None], g_du, d_).to(u.dtype)
+    if need_delta:
+        grads[1] = torch.addcmul(_group_major(g_dl, rev), g_du, u_).to(delta.dtype)
+    if need_A:
+        grads[2] = g_AT.transpose(1, 2).to(A.dtype)
+    if need_B:
+        grads[3] = _group_major(g_B, rev).to(B.dtype)
+    if need_C:
+        grads[4] = _group_major(g_C, rev).to(C.dtype)
+    return grads
+
+
 class _Scan(torch.autograd.Function):
-    """Saves only the inputs; backward recomputes the states.
+    """Saves only the inputs (and, sequential with grad, the block-start states); backward
+    recomputes the states.
 
     Inputs are grouped: u, delta (G, batch, L, E), A (G, E, N), B, C (G, batch, L, N), D (G, E).
-    ``lc > 0``: chunked with chunk length ``lc``; ``lc == 0``: sequential in blocks of ``k`` steps.
-    ``reverse``: per group, scan from the last step to the first.
     """
 
     @staticmethod
     def forward(
-        ctx,
-        u: Tensor,
-        delta: Tensor,
-        A: Tensor,
-        B: Tensor,
-        C: Tensor,
-        D: Tensor,
-        lc: int,
-        k: int,
-        reverse: tuple,
-        grad: bool,
+        ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, plan: ScanPlan, grad: bool
     ) -> Tensor:
-        dtype = _compute_dtype(u, delta, A, B, C, D)
-        u_, d_ = u.to(dtype), delta.to(dtype)
-        deltaT = _time_major(d_, dtype, reverse)
-        args = (deltaT, deltaT * _time_major(u_, dtype, reverse), _base2(A, dtype))
-        BT, CT = _time_major(B, dtype, reverse), _time_major(C, dtype, reverse)
-        bounds = None
-        if lc == 0:
-            length, groups, bsz, e = deltaT.shape
-            k = max(1, min(k, length))
-            if grad:  # 1/k of the states: saves a recompute in backward
-                bounds = deltaT.new_empty(-(-length // k), groups * bsz, A.shape[-1], e)
-            yT = _sequential(*args, BT, CT, k, bounds)
-        else:
-            yT = _chunked(*args, BT, CT, lc)
-        ctx.save_for_backward(u, delta, A, B, C, D, bounds)
-        ctx.lc, ctx.k, ctx.reverse = lc, k, reverse
-        return torch.addcmul(_group_major(yT, reverse), D.to(dtype)[:, None, None], u_).to(u.dtype)
+        y, states = scan_forward(u, delta, A, B, C, D, plan, keep_states=grad)
+        ctx.save_for_backward(u, delta, A, B, C, D, states)
+        ctx.plan = plan
+        return y.to(u.dtype)
 
     @staticmethod
     def backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
-        u, delta, A, B, C, D, bounds = ctx.saved_tensors
-        rev = ctx.reverse
-        dtype = _compute_dtype(u, delta, A, B, C, D)
-        need_u, need_delta, need_A, need_B, need_C, need_D = ctx.needs_input_grad[:6]
-        u_, d_, gy_ = u.to(dtype), delta.to(dtype), gy.to(dtype)
-        grads: list[Tensor | None] = [None] * 10
-        if need_D:
-            grads[5] = (gy_ * u_).sum((1, 2)).to(D.dtype)
-        need = (need_u or need_delta, need_delta, need_A, need_B, need_C)
-        if not any(need):
-            return tuple(grads)
-        deltaT = _time_major(d_, dtype, rev)
-        args = (deltaT, deltaT * _time_major(u_, dtype, rev), _base2(A, dtype))
-        BT, CT, gyT = (_time_major(t, dtype, rev) for t in (B, C, gy_))
-        if ctx.lc == 0:
-            g_du, g_dl, g_AT, g_B, g_C = _sequential_grads(*args, BT, CT, gyT, ctx.k, bounds, need)
-        else:
-            g_du, g_dl, g_AT, g_B, g_C = _chunked_grads(*args, BT, CT, gyT, ctx.lc, need)
-        if g_du is not None:
-            g_du = _group_major(g_du, rev)
-        if need_u:
-            grads[0] = torch.addcmul(gy_ * D.to(dtype)[:, None, None], g_du, d_).to(u.dtype)
-        if need_delta:
-            grads[1] = torch.addcmul(_group_major(g_dl, rev), g_du, u_).to(delta.dtype)
-        if need_A:
-            grads[2] = g_AT.transpose(1, 2).to(A.dtype)
-        if need_B:
-            grads[3] = _group_major(g_B, rev).to(B.dtype)
-        if need_C:
-            grads[4] = _group_major(g_C, rev).to(C.dtype)
-        return tuple(grads)
+        u, delta, A, B, C, D, states = ctx.saved_tensors
+        grads = scan_backward(u, delta, A, B, C, D, gy, ctx.plan, states, ctx.needs_input_grad[:6])
+        return (*grads, None, None)
 
 
 def _base2(A: Tensor, dtype: torch.dtype) -> Tensor:
