@@ -18,7 +18,8 @@ Sections:
   4. Clips per second and real-time factor (compute time / audio duration, lower is better) for
      embedding 1 s, 10 s and 60 s clips with presets (forward, no grad).
 
-Method. Time: minimum over repeats after a warm-up, repeats stop once --time-cap seconds are spent.
+Method. Time: minimum over repeats after a warm-up, repeats stop once --time-cap seconds are spent
+(and with --processes N, the minimum over N fresh processes for measurements under 20 s).
 Peak memory: each (arch, tokens, mode) runs in a fresh subprocess; ``resource.getrusage`` maxrss
 (the process's peak resident set) is read after building the model and input and again after the
 runs, and the delta is reported: the extra peak RSS of activations, attention buffers, autograd
@@ -175,6 +176,24 @@ def run_child(spec: dict, timeout: float) -> dict | None:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def best_of_processes(spec: dict, args: argparse.Namespace) -> dict | None:
+    """``run_child`` in up to --processes fresh processes: the fastest time and the smallest peak.
+    On this shared machine a whole process is now and then ~2x slow (runs cluster in time), so one
+    process per measurement can be an outlier. A measurement over 20 s runs once."""
+    best: dict | None = None
+    for _ in range(max(1, args.processes)):
+        r = run_child(spec, timeout=args.skip_after * 4 + 60)
+        if r is None:
+            return best
+        if best is None:
+            best = r
+        else:
+            best = dict(min(best, r, key=lambda x: x["seconds"]), peak_mib=min(best["peak_mib"], r["peak_mib"]))
+        if r["seconds"] > 20:
+            break
+    return best
+
+
 # ----------------------------------------------------------------------------- sections (parent)
 
 
@@ -228,7 +247,7 @@ def token_scaling(args: argparse.Namespace, peak: float) -> None:
                     "repeats": args.repeats,
                     "time_cap": args.time_cap,
                 }
-                r = run_child(spec, timeout=args.skip_after * 4 + 60)
+                r = best_of_processes(spec, args)
                 if r is None or r["seconds"] > args.skip_after:
                     stopped.add((arch, mode))
                 if r is not None:
@@ -359,6 +378,7 @@ def main() -> None:
     p.add_argument("--time-cap", type=float, default=20.0, help="stop repeating one measurement after this many s")
     p.add_argument("--skip-after", type=float, default=20.0, help="skip larger sizes once one run takes longer")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--processes", type=int, default=1, help="token scaling: best of this many fresh processes")
     p.add_argument("--quick", action="store_true", help="width 64, depth 4, up to 2k tokens, fast presets")
     args = p.parse_args()
     if args.quick:
