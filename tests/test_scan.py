@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from earmark.encoders.scan import (
     SCAN_IMPLS,
+    _mamba_ssm_kernel,
     block_steps,
     choose_impl,
     chunk_length,
@@ -216,6 +217,14 @@ def test_grouped_gradcheck_float64(impl: str, kw: dict) -> None:
     inputs = make_grouped(2, 2, 5, 3, 2, torch.float64)
     run = lambda *xs: _run(impl, dict(kw, reverse=(True, False)), *xs)  # noqa: E731
     assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-8)
+
+
+@pytest.fixture(autouse=True)
+def _forget_kernel_lookup():
+    """The mamba-ssm lookup is cached; tests below change what is importable."""
+    _mamba_ssm_kernel.cache_clear()
+    yield
+    _mamba_ssm_kernel.cache_clear()
 
 
 def _install_fake_mamba_ssm(monkeypatch: pytest.MonkeyPatch, calls: list) -> None:

@@ -24,14 +24,14 @@ Implementations (``impl``):
   < 2048 elements and the sequence is >= 16 steps: then per-op overhead dominates and the chunked
   scan's fewer, larger ops win (e.g. the ``fast`` preset at batch 1).
 
-Both fast paths share a hand-written backward (:class:`_Scan`); :func:`scan_forward` and
-:func:`scan_backward` expose its two halves to callers that fuse the scan into a larger autograd
-function (the Mamba mixer's branch that recomputes conv and projections in backward). The chunked scan saves only the
+Both fast paths share a hand-written backward (:class:`_Scan`). The chunked scan saves only the
 inputs and recomputes all states; the sequential scan also keeps the state entering each block
 (1/k of the states), and its backward walks the blocks from the end, recomputing one block's
 states at a time and running the adjoint recurrence ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}``
-through it - no (L, batch, N, E) tensor is ever allocated. ``reverse=True`` scans from the last
-step to the first without flipping any state-sized tensor.
+through it - no (L, batch, N, E) tensor is ever allocated. :func:`scan_forward` and
+:func:`scan_backward` expose the two halves to callers that fuse the scan into a larger autograd
+function (the Mamba mixer's branch that recomputes conv and projections in backward).
+``reverse=True`` scans from the last step to the first without flipping any state-sized tensor.
 
 CPU facts this is built on (2-core AVX-512 machine, torch 2.13): ``torch.exp`` costs ~1 ns per
 float32 element, ``torch.exp2`` ~0.1 ns, so decays are ``exp2(delta * A / ln 2)``; one PyTorch op
@@ -39,6 +39,10 @@ costs ~2-3 us however small, so a step of a batch-1 scan (12k elements) is dispa
 a view costs ~1 us, so the per-step views are made once per call. Measured at batch 1, L 4096,
 E 384, N 16, both directions: 50-95 ms forward, 260-290 ms forward + backward, varying between
 runs on a shared machine (``benchmarks/encoders.py`` compares with mambapy's parallel scan).
+Tried and not used: the two directions on two Python threads (PyTorch ops release the GIL) - up
+to 2x faster for the scan alone at large steps, but slower inside the encoder (a GIL hand-off per
+step and two OpenMP teams on two cores); a ``torch.compile``'d block of 16 steps - 1.4-1.7x faster
+than this loop, after 8-20 s of C++ compilation per shape and with a compiler needed at run time.
 
 Why the chunked scan is not the textbook closed form ``h_t = exp(S_t) (h_0 + sum_s exp(-S_s) x_s)``
 with ``S = cumsum(delta * A)``: on a CPU in eager PyTorch that form costs about twice the memory
@@ -62,6 +66,7 @@ inputs are upcast; the output has ``u``'s dtype).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -222,8 +227,10 @@ def selective_scan_mamba_ssm(
     return y.transpose(1, 2).to(u.dtype)
 
 
+@functools.cache
 def _mamba_ssm_kernel():
-    """mamba-ssm's ``selective_scan_fn``, or None when the package is not installed."""
+    """mamba-ssm's ``selective_scan_fn``, or None when the package is not installed (looked up
+    once: a failed import searches the whole path again every time)."""
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     except ImportError:
