@@ -248,3 +248,21 @@ def test_recompute_keeps_less_for_backward() -> None:
     x = fbank(2, 160)
     kept = {r: _saved_bytes(small(recompute=r, d_state=16), x) for r in (True, False)}
     assert kept[True] < 0.6 * kept[False], kept
+
+
+def test_recomputing_branch_under_autocast() -> None:
+    """Mixed precision (bfloat16 autocast on the CPU): the fused branch's output and gradients agree
+    with plain autograd's to bfloat16 precision. (The front casts explicitly, so this holds with or
+    without the forward's autocast state restored in backward; the branch restores it anyway.)"""
+    x = fbank(2, 37)
+    runs = {}
+    for recompute in (True, False):
+        model = small(seed=6, recompute=recompute)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            runs[recompute] = _training_grads(model, x)
+    (out_f, grads_f, gx_f), (out_p, grads_p, gx_p) = runs[True], runs[False]
+    assert torch.allclose(out_f, out_p, atol=1e-6)
+    assert torch.allclose(gx_f, gx_p, rtol=1e-3, atol=1e-6)
+    for name in grads_p:
+        scale = grads_p[name].abs().max().clamp(min=1e-6)
+        assert (grads_f[name] - grads_p[name]).abs().max() <= 1e-2 * scale, name

@@ -131,6 +131,8 @@ class _RecomputedBranch(torch.autograd.Function):
         y, states = scan_forward(u, delta, A, B, C, D, plan, keep_states=True)
         ctx.save_for_backward(x, *params, states)
         ctx.branch, ctx.plan = branch, plan
+        device = x.device.type  # the recompute must see the forward's autocast state
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         return y.to(x.dtype)
 
     @staticmethod
@@ -138,7 +140,8 @@ class _RecomputedBranch(torch.autograd.Function):
         x, *params, states = ctx.saved_tensors
         needs = ctx.needs_input_grad[2:]
         leaves = [t.detach().requires_grad_(need) for t, need in zip((x, *params), needs, strict=True)]
-        with torch.enable_grad():
+        device, dtype, enabled = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             outs = _front(ctx.branch, leaves[0], leaves[1:])
         g_outs = scan_backward(*(t.detach() for t in outs), gy, ctx.plan, states, [t.requires_grad for t in outs])
         pairs = [(o, g) for o, g in zip(outs, g_outs, strict=True) if g is not None]
