@@ -104,18 +104,16 @@ def pscan_selective_scan(u, delta, A, B, C, D=None, *, reverse=False, **_ignored
     (grouped inputs - both directions of a block - run as one pscan per group, as mambapy would)."""
     from mambapy.pscan import pscan  # type: ignore[import-not-found]
 
-    if u.ndim == 4:
-        flags = [reverse] * u.shape[0] if isinstance(reverse, bool) else list(reverse)
-        skips = D.unbind(0) if D is not None else [None] * u.shape[0]
-        parts = zip(u, delta, A, B, C, skips, flags, strict=True)
-        return torch.stack([pscan_selective_scan(*p[:6], reverse=p[6]) for p in parts])
-    if reverse:
-        return pscan_selective_scan(u.flip(1), delta.flip(1), A, B.flip(1), C.flip(1), D).flip(1)
-    da = torch.exp(delta.unsqueeze(-1) * A)  # (B, L, E, N)
-    bx = (delta * u).unsqueeze(-1) * B.unsqueeze(2)
-    hs = pscan(da, bx)
-    y = (hs @ C.unsqueeze(-1)).squeeze(3)
-    return y + D * u if D is not None else y
+    from earmark.encoders.scan import per_group
+
+    def one(u, delta, A, B, C, D):
+        da = torch.exp(delta.unsqueeze(-1) * A)  # (B, L, E, N)
+        bx = (delta * u).unsqueeze(-1) * B.unsqueeze(2)
+        hs = pscan(da, bx)
+        y = (hs @ C.unsqueeze(-1)).squeeze(3)
+        return y + D * u if D is not None else y
+
+    return per_group(one, u, delta, A, B, C, D, reverse)
 
 
 def has_mambapy() -> bool:

@@ -83,14 +83,8 @@ def selective_scan_reference(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, *, reverse: Reverse = False
 ) -> Tensor:
     """Sequential loop over time; the oracle the fast scan is tested against."""
-    if u.ndim == 4:  # grouped: one plain scan per group
-        flags = _reverse_flags(reverse, u.shape[0])
-        ds = D.unbind(0) if D is not None else (None,) * u.shape[0]
-        parts = zip(u, delta, A, B, C, ds, flags, strict=True)
-        return torch.stack([selective_scan_reference(*p[:6], reverse=p[6]) for p in parts])
-    if reverse:
-        y = selective_scan_reference(u.flip(1), delta.flip(1), A, B.flip(1), C.flip(1), D)
-        return y.flip(1)
+    if u.ndim == 4 or reverse:
+        return per_group(selective_scan_reference, u, delta, A, B, C, D, reverse)
     dtype = _compute_dtype(u, delta, A, B, C)
     u32, d32, A32, B32, C32 = (t.to(dtype) for t in (u, delta, A, B, C))
     decay = torch.exp(d32[..., None] * A32)  # (batch, L, E, N)
@@ -104,6 +98,19 @@ def selective_scan_reference(
     if D is not None:
         y = y + D.to(dtype) * u32
     return y.to(u.dtype)
+
+
+def per_group(scan, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, reverse: Reverse):
+    """Run ``scan(u, delta, A, B, C, D)``, written for one ungrouped forward scan, on grouped and/or
+    reversed inputs: one call per group, reversed ones on time-flipped inputs (output flipped back)."""
+    if u.ndim == 4:
+        flags = _reverse_flags(reverse, u.shape[0])
+        ds = D.unbind(0) if D is not None else (None,) * u.shape[0]
+        parts = zip(u, delta, A, B, C, ds, flags, strict=True)
+        return torch.stack([per_group(scan, *p) for p in parts])
+    if reverse:
+        return scan(u.flip(1), delta.flip(1), A, B.flip(1), C.flip(1), D).flip(1)
+    return scan(u, delta, A, B, C, D)
 
 
 def selective_scan_chunked(
@@ -208,23 +215,20 @@ def selective_scan_mamba_ssm(
             "impl='auto' uses it only when both are there"
         )
     _check_shapes(u, delta, A, B, C, D)
-    if u.ndim == 4:
-        flags = _reverse_flags(reverse, u.shape[0])
-        ds = D.unbind(0) if D is not None else (None,) * u.shape[0]
-        parts = zip(u, delta, A, B, C, ds, flags, strict=True)
-        return torch.stack([selective_scan_mamba_ssm(*p[:6], reverse=p[6]) for p in parts])
-    if reverse:
-        return selective_scan_mamba_ssm(u.flip(1), delta.flip(1), A, B.flip(1), C.flip(1), D).flip(1)
-    dt = u.dtype  # the kernel wants delta and a time-varying B, C in the input's dtype; A, D in float32
-    y = kernel(
-        u.transpose(1, 2),
-        delta.to(dt).transpose(1, 2),
-        A.float(),
-        B.to(dt).transpose(1, 2),
-        C.to(dt).transpose(1, 2),
-        None if D is None else D.float(),
-    )
-    return y.transpose(1, 2).to(u.dtype)
+
+    def one(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None) -> Tensor:
+        dt = u.dtype  # the kernel wants delta and a time-varying B, C in the input's dtype; A, D in float32
+        y = kernel(
+            u.transpose(1, 2),
+            delta.to(dt).transpose(1, 2),
+            A.float(),
+            B.to(dt).transpose(1, 2),
+            C.to(dt).transpose(1, 2),
+            None if D is None else D.float(),
+        )
+        return y.transpose(1, 2).to(u.dtype)
+
+    return per_group(one, u, delta, A, B, C, D, reverse)
 
 
 @functools.cache
@@ -363,6 +367,15 @@ def _decay(deltaT: Tensor, A2: Tensor, out: Tensor) -> Tensor:
     return out.exp2_()
 
 
+def _step_terms(deltaT: Tensor, duT: Tensor, A2: Tensor, BT: Tensor, a: Tensor, x: Tensor) -> None:
+    """For ``m`` steps (deltaT (m, G, batch, E)): decays a <- exp2(delta_t A2) and inputs
+    x <- B_t (delta_t u_t), both (m, G * batch, N, E): h_t = a_t h_{t-1} + x_t."""
+    m, groups, bsz, e = deltaT.shape
+    rows, n = groups * bsz, A2.shape[1]
+    _decay(deltaT, A2, a)
+    torch.mul(BT.view(m, rows, n, 1), duT.view(m, rows, 1, e), out=x)
+
+
 def _states(deltaT: Tensor, duT: Tensor, A2: Tensor, BT: Tensor, lc: int) -> tuple[Tensor, Tensor]:
     """All hidden states h (Lp, R, N, E), R = G * batch, and the per-step decays, time-major.
 
@@ -373,10 +386,9 @@ def _states(deltaT: Tensor, duT: Tensor, A2: Tensor, BT: Tensor, lc: int) -> tup
     nc = -(-length // lc)
     lp = nc * lc
     a = deltaT.new_empty(lp, rows, n, e)
-    _decay(deltaT, A2, a[:length])
-    a[length:].fill_(1.0)
     h = deltaT.new_empty(lp, rows, n, e)
-    torch.mul(BT.view(length, rows, n, 1), duT.view(length, rows, 1, e), out=h[:length])
+    _step_terms(deltaT, duT, A2, BT, a[:length], h[:length])
+    a[length:].fill_(1.0)
     h[length:].zero_()
     av = a.view(nc, lc, rows, n, e)
     hv = h.view(nc, lc, rows, n, e)
@@ -497,17 +509,17 @@ def _chunked_grads(
 
 
 def _sequential(
-    deltaT: Tensor, duT: Tensor, A2: Tensor, BT: Tensor, CT: Tensor | None, k: int, bounds: Tensor | None = None
-) -> Tensor | None:
+    deltaT: Tensor, duT: Tensor, A2: Tensor, BT: Tensor, CT: Tensor, k: int, bounds: Tensor | None = None
+) -> Tensor:
     """One step at a time; decays, inputs and outputs are computed ``k`` steps at a time into small
-    reused buffers that stay in cache. Returns y (L, G, batch, E) (None without ``CT``); with
-    ``bounds`` given, also writes the state entering each block (zeros for the first) into it."""
+    reused buffers that stay in cache. Returns y (L, G, batch, E); with ``bounds`` given, also
+    writes the state entering each block (zeros for the first) into it."""
     length, groups, bsz, e = deltaT.shape
     rows, n = groups * bsz, A2.shape[1]
     k = max(1, min(k, length))
     a = _Block(deltaT, k, rows, n, e)
     hb = (_Block(deltaT, k, rows, n, e), _Block(deltaT, k, rows, n, e))  # ping-pong: prev stays valid
-    y = deltaT.new_empty(length, rows, e) if CT is not None else None
+    y = deltaT.new_empty(length, rows, e)
     prev: Tensor | None = None  # the state before the current step
     for i, t0 in enumerate(range(0, length, k)):
         m = min(k, length - t0)
@@ -515,13 +527,11 @@ def _sequential(
         if bounds is not None:
             bounds[i].zero_() if prev is None else bounds[i].copy_(prev)
         h = hb[i % 2]
-        _decay(deltaT[sl], A2, a.full[:m])
-        torch.mul(BT[sl].view(m, rows, n, 1), duT[sl].view(m, rows, 1, e), out=h.full[:m])
+        _step_terms(deltaT[sl], duT[sl], A2, BT[sl], a.full[:m], h.full[:m])
         _recur(a.steps[:m], h.steps[:m], prev)
         prev = h.steps[m - 1]
-        if y is not None:
-            _readout(CT[sl], h.full[:m], out=y[sl])
-    return None if y is None else y.view(length, groups, bsz, e)
+        _readout(CT[sl], h.full[:m], out=y[sl])
+    return y.view(length, groups, bsz, e)
 
 
 class _Block:
@@ -570,9 +580,7 @@ def _sequential_grads(
         m = min(k, length - t0)
         sl = slice(t0, t0 + m)
         a_, g_, h_, tmp_ = a.full[:m], g.full[:m], h.full[:m], tmp.full[:m]
-        du_ = duT[sl].view(m, rows, 1, e)
-        _decay(deltaT[sl], A2, a_)
-        torch.mul(BT[sl].view(m, rows, n, 1), du_, out=h_)
+        _step_terms(deltaT[sl], duT[sl], A2, BT[sl], a_, h_)
         _recur(a.steps[:m], h.steps[:m], bounds[i] if i else None)  # this block's states, recomputed
         if g_C is not None:  # dL/dC_t = h_t . dy_t
             _dot_channels(h_, gyT[sl], out=g_C[sl], buf=tmp_)
@@ -613,18 +621,16 @@ def scan_forward(
     function: grouped inputs (see :class:`_Scan`), no autograd. Returns (y in the compute dtype,
     the block-start states for :func:`scan_backward` - sequential with ``keep_states`` only)."""
     dtype = _compute_dtype(u, delta, A, B, C, D)
-    u_, d_ = u.to(dtype), delta.to(dtype)
-    deltaT = _time_major(d_, dtype, plan.reverse)
-    args = (deltaT, deltaT * _time_major(u_, dtype, plan.reverse), _base2(A, dtype))
-    BT, CT = _time_major(B, dtype, plan.reverse), _time_major(C, dtype, plan.reverse)
+    u_ = u.to(dtype)
+    deltaT, duT, A2, BT, CT = _working_inputs(u, delta, A, B, C, dtype, plan.reverse)
     bounds = None
     if plan.chunk == 0:
         length, groups, bsz, e = deltaT.shape
         if keep_states:  # 1/k of the states: saves a recompute in backward
             bounds = deltaT.new_empty(-(-length // plan.block), groups * bsz, A.shape[-1], e)
-        yT = _sequential(*args, BT, CT, plan.block, bounds)
+        yT = _sequential(deltaT, duT, A2, BT, CT, plan.block, bounds)
     else:
-        yT = _chunked(*args, BT, CT, plan.chunk)
+        yT = _chunked(deltaT, duT, A2, BT, CT, plan.chunk)
     return torch.addcmul(_group_major(yT, plan.reverse), D.to(dtype)[:, None, None], u_), bounds
 
 
@@ -652,13 +658,11 @@ def scan_backward(
     need = (need_u or need_delta, need_delta, need_A, need_B, need_C)
     if not any(need):
         return grads
-    deltaT = _time_major(d_, dtype, rev)
-    args = (deltaT, deltaT * _time_major(u_, dtype, rev), _base2(A, dtype))
-    BT, CT, gyT = (_time_major(t, dtype, rev) for t in (B, C, gy_))
+    args = (*_working_inputs(u, delta, A, B, C, dtype, rev), _time_major(gy_, dtype, rev))
     if plan.chunk == 0:
-        g_du, g_dl, g_AT, g_B, g_C = _sequential_grads(*args, BT, CT, gyT, plan.block, states, need)
+        g_du, g_dl, g_AT, g_B, g_C = _sequential_grads(*args, plan.block, states, need)
     else:
-        g_du, g_dl, g_AT, g_B, g_C = _chunked_grads(*args, BT, CT, gyT, plan.chunk, need)
+        g_du, g_dl, g_AT, g_B, g_C = _chunked_grads(*args, plan.chunk, need)
     if g_du is not None:
         g_du = _group_major(g_du, rev)
     if need_u:
@@ -695,6 +699,16 @@ class _Scan(torch.autograd.Function):
         u, delta, A, B, C, D, states = ctx.saved_tensors
         grads = scan_backward(u, delta, A, B, C, D, gy, ctx.plan, states, ctx.needs_input_grad[:6])
         return (*grads, None, None)
+
+
+def _working_inputs(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, dtype: torch.dtype, reverse: tuple[bool, ...]
+) -> tuple[Tensor, ...]:
+    """What both halves of the fast scans work on, in ``dtype``: (delta, delta * u, A2, B, C),
+    time-major (see :func:`_time_major`), A2 in base 2 (see :func:`_base2`)."""
+    deltaT = _time_major(delta, dtype, reverse)
+    duT = deltaT * _time_major(u, dtype, reverse)
+    return deltaT, duT, _base2(A, dtype), _time_major(B, dtype, reverse), _time_major(C, dtype, reverse)
 
 
 def _base2(A: Tensor, dtype: torch.dtype) -> Tensor:
