@@ -158,9 +158,9 @@ class MambaMixer(nn.Module):
     (y_f + y_b_reversed) / 2 * g with g = silu(z). Both directions run as one grouped computation
     (stacked x_proj / dt_proj matmuls, one scan over both): half the per-step overhead of two scans.
     With ``config.recompute`` (the default) a training forward keeps only the branch's input and
-    recomputes conv and projections in backward (:class:`_RecomputedBranch`): half the bytes kept
-    for backward; a training step's peak memory 0.54-0.70x (benchmarks/encoders.py, 1k-16k
-    tokens), its time +8-19% (back-to-back runs, 257-4k tokens).
+    recomputes conv and projections in backward (:class:`_RecomputedBranch`): 0.42-0.50x the bytes
+    kept for backward and 0.93-1.17x the time of a training step (benchmarks/recompute.py, 257-4k
+    tokens), 0.54-0.70x its peak memory (benchmarks/encoders.py, 1k-16k tokens).
     """
 
     def __init__(self, config: EncoderConfig) -> None:
