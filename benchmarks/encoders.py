@@ -2,6 +2,7 @@
 
     python benchmarks/encoders.py [--width 192 --depth 24] [--max-tokens 16384] [--threads 1]
     python benchmarks/encoders.py --quick          # small model, up to 2k tokens, fast presets only
+    python benchmarks/encoders.py --sections breakdown,scan --processes 2   # some sections only
 
 Sections:
   1. float32 matmul FLOP/s of this machine (the roofline the encoders are compared with).
@@ -14,12 +15,17 @@ Sections:
      is importable, the same Mamba with mambapy's ``pscan`` swapped in for our scan (keeping
      activations, so compared with "keep" when training). A size is skipped for an arch/mode once
      a smaller one took longer than --skip-after seconds (or failed, e.g. out of memory).
-  3. Optional: mambapy's parallel scan vs our scan alone (only if ``mambapy`` is importable).
-  4. Clips per second and real-time factor (compute time / audio duration, lower is better) for
+  3. Where the Mamba encoder's time goes at the sizes the targets name (257 and 4097 tokens, 32
+     one-second clips): the encoder with its scan swapped for a free stand-in, the scan's share,
+     the matmul floor, and what each target (vs the AST's time and memory, 100x real time) would
+     ask of the scan.
+  4. Optional: mambapy's parallel scan vs our scan alone (only if ``mambapy`` is importable).
+  5. Clips per second and real-time factor (compute time / audio duration, lower is better) for
      embedding 1 s, 10 s and 60 s clips with presets (forward, no grad).
 
 Method. Time: minimum over repeats after a warm-up, repeats stop once --time-cap seconds are spent
-(and with --processes N, the minimum over N fresh processes for measurements under 20 s).
+(and with --processes N, the minimum over N fresh processes for measurements under 20 s; the
+scan-alone section is run whole in each process, the minimum taken per cell).
 Peak memory: each (arch, tokens, mode) runs in a fresh subprocess; ``resource.getrusage`` maxrss
 (the process's peak resident set) is read after building the model and input and again after the
 runs, and the delta is reported: the extra peak RSS of activations, attention buffers, autograd
@@ -51,6 +57,7 @@ from earmark.encoders import EncoderConfig, build_encoder, resolve_config
 from earmark.runtime import keep_freed_memory
 
 HERE = __file__
+SECTIONS = ("scaling", "breakdown", "scan", "clips")
 
 
 def best_s(fn: Callable[[], object], repeats: int, time_cap: float) -> tuple[float, int]:
@@ -80,15 +87,16 @@ def matmul_flops(n: int, time_cap: float) -> float:
     return 2 * n**3 / s
 
 
-def forward_flops(cfg: EncoderConfig, tokens: int, batch: int = 1) -> float:
-    """Analytic forward FLOPs (see the module docstring) for ``tokens`` tokens incl. the class token."""
+def forward_flops(cfg: EncoderConfig, tokens: int, batch: int = 1, scan: bool = True) -> float:
+    """Analytic forward FLOPs (see the module docstring) for ``tokens`` tokens incl. the class token;
+    ``scan=False`` leaves out the scan's elementwise FLOPs (what is left is matmuls and convs)."""
     d, n = cfg.embed_dim, tokens
     flops = 2 * (n - 1) * cfg.patch**2 * d  # patch embedding
     if cfg.arch == "ast":
         per_layer = 2 * n * d * (3 * d + d + 2 * 4 * d) + 2 * 2 * n * n * d  # qkv, proj, mlp; QK^T, AV
     else:
         e, r, s, dirs = cfg.inner_dim, cfg.rank, cfg.d_state, 2 if cfg.bidirectional else 1
-        per_dir = 2 * n * e * (r + 2 * s) + 2 * n * r * e + 2 * n * e * cfg.d_conv + 9 * n * e * s
+        per_dir = 2 * n * e * (r + 2 * s) + 2 * n * r * e + 2 * n * e * cfg.d_conv + (9 * n * e * s if scan else 0)
         per_layer = 2 * n * d * 2 * e + 2 * n * e * d + dirs * per_dir
     return batch * (flops + cfg.depth * per_layer)
 
@@ -116,6 +124,14 @@ def pscan_selective_scan(u, delta, A, B, C, D=None, *, reverse=False, **_ignored
     return per_group(one, u, delta, A, B, C, D, reverse)
 
 
+def free_scan(u, delta, A, B, C, D=None, **_ignored):
+    """A stand-in for the selective scan that costs almost nothing: O(batch x L x E) elementwise
+    work instead of O(batch x L x E x N), every input still in the autograd graph. The encoder
+    with it shows what everything but the scan costs (its output is meaningless)."""
+    y = u + delta + (B + C).sum(-1, keepdim=True) + A.sum(-1)[..., None, None, :]
+    return y if D is None else y + D[..., None, None, :]
+
+
 def has_mambapy() -> bool:
     return importlib.util.find_spec("mambapy") is not None
 
@@ -133,10 +149,17 @@ def measure(spec: dict) -> dict:
         if spec["config"].get("recompute", True):  # the fused branch would bypass the swap
             raise ValueError("the pscan swap needs recompute=False")
         mamba_module.selective_scan = pscan_selective_scan
+    if spec.get("scan") == "none":
+        import earmark.encoders.mamba as mamba_module
+
+        if spec["config"].get("recompute", True):
+            raise ValueError("the free-scan stand-in needs recompute=False")
+        mamba_module.selective_scan = free_scan
     cfg = EncoderConfig(**spec["config"])
     torch.manual_seed(0)
     model = build_encoder(cfg)
-    x = torch.randn(1, cfg.n_mels, grid_frames(spec["tokens"], cfg))
+    frames = spec.get("frames") or grid_frames(spec["tokens"], cfg)
+    x = torch.randn(spec.get("batch", 1), cfg.n_mels, frames)
     if spec["mode"] == "train":
         model.train()
 
@@ -158,11 +181,12 @@ def measure(spec: dict) -> dict:
     return {"seconds": seconds, "runs": runs, "peak_mib": (after - before) / 1024}
 
 
-def run_child(spec: dict, timeout: float) -> dict | None:
-    """``measure`` in a subprocess; None when it fails (out of memory, timeout)."""
+def run_child(spec: dict, timeout: float, flag: str = "--_measure"):
+    """``measure`` (or, with flag ``--_scan``, ``scan_times``) in a subprocess; None when it fails
+    (out of memory, timeout)."""
     try:
         out = subprocess.run(
-            [sys.executable, HERE, "--_measure", json.dumps(spec)],
+            [sys.executable, HERE, flag, json.dumps(spec)],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -280,28 +304,113 @@ def token_scaling(args: argparse.Namespace, peak: float) -> None:
         print(f"   skipped after > {args.skip_after:.0f} s (or a failure): {which}")
 
 
-def mambapy_scan(args: argparse.Namespace) -> None:
-    """The scan alone, forward and forward + backward: ours vs mambapy's pscan. G = 2 is a
-    bidirectional block's pair (the second reversed): one grouped call of ours, two pscans."""
-    print("\n== selective scan alone: own vs mambapy pscan (incl. exp(dA), B x, C . h and D u)")
-    if not has_mambapy():
-        print("   mambapy is not installed: skipped (pip install -e '.[bench]' to compare its parallel scan)")
-        return
+def time_breakdown(args: argparse.Namespace, peak: float) -> None:
+    """Where the Mamba encoder's time goes at the sizes the targets name, and what each target asks
+    of the scan. The encoder is timed with its scan swapped for :func:`free_scan` ("no scan"), so
+    keep - no scan is the scan's share in context (both keep activations when training: the swap
+    reaches only the plain autograd path). "mm floor" is the encoder's matmul and conv FLOPs at this
+    machine's matmul FLOP/s: no implementation of this design, scan or not, runs faster."""
+    base = EncoderConfig(embed_dim=args.width, depth=args.depth, max_frames=1024)
+    feats = FeatureConfig()
+    one_s = feats.num_frames(feats.sample_rate)
+    bands = base.n_mels // base.patch
+    cases = [  # label, size, modes, target name, the time target given the AST's time
+        ("257 tokens", {"tokens": 256}, ("infer", "train"), "<= 1.5 x ast", lambda ast: 1.5 * ast),
+        ("4097 tokens", {"tokens": 4096}, ("infer", "train"), "<= ast / 5", lambda ast: ast / 5),
+        # 100x real time: 32 one-second clips in 0.32 s
+        ("1 s clips x 32", {"tokens": 0, "batch": 32, "frames": one_s}, ("infer",), ">= 100x RT", lambda _: 0.32),
+    ]
+    memory_target = "4097 tokens"  # peak memory <= the AST's / 10
+    cfgs = {
+        "ast": dataclasses.replace(base, arch="ast"),
+        "mamba": dataclasses.replace(base, arch="mamba", scan_impl=args.scan_impl),
+    }
+    cfgs["keep"] = dataclasses.replace(cfgs["mamba"], recompute=False)
+    print(
+        "\n== where the Mamba encoder's time goes: its scan swapped for a free stand-in (O(L x E) work, "
+        "not O(L x E x N))\n   scan = keep - no scan; mm floor = matmul + conv FLOPs / matmul FLOP/s; "
+        "time s, peak MiB; each target for the Mamba encoder and what it asks"
+    )
+    header = (
+        f"{'case':<15} {'mode':<6}| {'ast s':>7} {'mamba s':>8} {'keep s':>7} {'no scan':>8} {'scan':>7} "
+        f"{'mm floor':>8} | {'ast MiB':>8} {'mamba':>7} {'keep':>7} {'no scan':>8} | target"
+    )
+    print(header)
+    print("-" * (len(header) + 40))
+    for label, size, modes, target_name, target_of in cases:
+        batch = size.get("batch", 1)
+        frames = size.get("frames") or grid_frames(size["tokens"], base)
+        tokens = bands * -(-frames // base.patch) + 1
+        for mode in modes:
+            row = {}
+            for name, cfg in (*cfgs.items(), ("none", cfgs["keep"])):
+                if name == "keep" and mode == "infer":  # recompute changes nothing without grad
+                    continue
+                spec = {
+                    "scan": "none" if name == "none" else "own",
+                    "config": cfg.to_dict(),
+                    "mode": mode,
+                    "threads": torch.get_num_threads(),
+                    "repeats": args.repeats,
+                    "time_cap": args.time_cap,
+                    **size,
+                }
+                row[name] = best_of_processes(spec, args)
+            if any(v is None for v in row.values()):
+                failed = ", ".join(k for k, v in row.items() if v is None)
+                print(f"{label:<15} {mode:<6}| a measurement failed: {failed}")
+                continue
+            ast, mamba, none = row["ast"], row["mamba"], row["none"]
+            keep = row.get("keep", mamba)
+            scan = keep["seconds"] - none["seconds"]
+            floor = forward_flops(cfgs["mamba"], tokens, batch, scan=False) * (3 if mode == "train" else 1) / peak
+            target = target_of(ast["seconds"])
+            verdict = _verdict(mamba["seconds"], none["seconds"], scan, target, floor, "takes")
+            if label == memory_target:
+                mem_target = ast["peak_mib"] / 10
+                scan_mib = keep["peak_mib"] - none["peak_mib"]
+                mem = _verdict(mamba["peak_mib"], none["peak_mib"], scan_mib, mem_target, 0.0, "peaks at")
+                verdict += f"; memory <= ast / 10 = {mem_target:.0f} MiB: {mem}"
+            keep_s, keep_mib = (f"{keep['seconds']:7.3f}", f"{keep['peak_mib']:7.1f}") if "keep" in row else ("-", "-")
+            print(
+                f"{label:<15} {mode:<6}| {ast['seconds']:7.3f} {mamba['seconds']:8.3f} {keep_s:>7} "
+                f"{none['seconds']:8.3f} {scan:7.3f} {floor:8.3f} | {ast['peak_mib']:8.1f} {mamba['peak_mib']:7.1f} "
+                f"{keep_mib:>7} {none['peak_mib']:8.1f} | {target_name} = {target:.3f} s: {verdict}",
+                flush=True,
+            )
+
+
+def _verdict(full: float, rest: float, scan: float, target: float, floor: float, verb: str) -> str:
+    """What meeting ``target`` (an upper bound on cost) asks, from the full cost, the cost without
+    the scan (``rest``), the scan's share and a hard ``floor`` for the rest."""
+    if full <= target:
+        return "met"
+    if floor >= target:
+        return f"out of reach: the matmul floor alone is {floor / target:.1f}x the target"
+    if rest >= target:
+        return f"out of reach of any scan: the rest alone {verb} {rest / target:.1f}x the target"
+    return f"the scan would need to be {scan / (target - rest):.1f}x cheaper"
+
+
+SCAN_SHAPES = [  # (G, batch, L, E / width, N): E is 2 x --width; G = 2 is a bidirectional pair
+    (1, 8, 257, 2, 16),
+    (1, 1, 256, 2, 16),
+    (1, 1, 1024, 2, 16),
+    (1, 1, 4096, 2, 16),
+    (2, 1, 256, 2, 16),
+    (2, 1, 4096, 2, 16),
+]
+
+
+def scan_times(spec: dict) -> list[list[float]]:
+    """Run in a fresh process: [pscan s, own s] for each of SCAN_SHAPES x (forward, fwd+bwd)."""
     from earmark.encoders.scan import selective_scan
 
-    header = f"{'shape (G, B, L, E, N)':<25} {'mode':<9}| {'pscan ms':>9} {'own ms':>9} {'pscan/own':>9}"
-    print(header)
-    print("-" * len(header))
-    e2 = 2 * args.width
-    shapes = [
-        (1, 8, 257, 384, 16),
-        (1, 1, 256, e2, 16),
-        (1, 1, 1024, e2, 16),
-        (1, 1, 4096, e2, 16),
-        (2, 1, 256, e2, 16),
-        (2, 1, 4096, e2, 16),
-    ]
-    for groups, bsz, length, e, s in shapes:
+    torch.set_num_threads(spec["threads"])
+    keep_freed_memory()
+    out = []
+    for groups, bsz, length, mult, s in SCAN_SHAPES:
+        e = mult * spec["width"]
         g = torch.Generator().manual_seed(0)
         u = torch.randn(groups, bsz, length, e, generator=g)
         delta = torch.nn.functional.softplus(torch.randn(groups, bsz, length, e, generator=g) - 3)
@@ -312,7 +421,7 @@ def mambapy_scan(args: argparse.Namespace) -> None:
         inputs = (u, delta, a, b, c, d)
         if groups == 1:
             inputs, reverse = tuple(t[0] for t in inputs), False
-        own = lambda *t, r=reverse: selective_scan(*t, impl=args.scan_impl, reverse=r)  # noqa: E731
+        own = lambda *t, r=reverse: selective_scan(*t, impl=spec["scan_impl"], reverse=r)  # noqa: E731
         ref = lambda *t, r=reverse: pscan_selective_scan(*t, reverse=r)  # noqa: E731
         for mode in ("forward", "fwd+bwd"):
             times = []
@@ -328,12 +437,45 @@ def mambapy_scan(args: argparse.Namespace) -> None:
                     def run(fn=fn, leaves=leaves) -> None:
                         fn(*leaves).sum().backward()
 
-                times.append(best_s(run, args.repeats, args.time_cap)[0])
-            shape = f"({groups}, {bsz}, {length}, {e}, {s})"
-            print(
-                f"{shape:<25} {mode:<9}| {times[0] * 1e3:9.1f} {times[1] * 1e3:9.1f} {times[0] / times[1]:9.2f}",
-                flush=True,
-            )
+                times.append(best_s(run, spec["repeats"], spec["time_cap"])[0])
+            out.append(times)
+    return out
+
+
+def mambapy_scan(args: argparse.Namespace) -> None:
+    """The scan alone, forward and forward + backward: ours vs mambapy's pscan, each time the
+    minimum over --processes fresh processes. G = 2 is a bidirectional block's pair (the second
+    reversed): one grouped call of ours, two pscans."""
+    print("\n== selective scan alone: own vs mambapy pscan (incl. exp(dA), B x, C . h and D u)")
+    if not has_mambapy():
+        print("   mambapy is not installed: skipped (pip install -e '.[bench]' to compare its parallel scan)")
+        return
+    spec = {
+        "width": args.width,
+        "scan_impl": args.scan_impl,
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "time_cap": args.time_cap,
+    }
+    best: list[list[float]] | None = None
+    for _ in range(max(1, args.processes)):
+        r = run_child(spec, timeout=3600, flag="--_scan")
+        if r is None:
+            print("   the scan measurement failed")
+            return
+        if best is None:
+            best = r
+        else:  # per cell, the faster process
+            best = [[min(x, y) for x, y in zip(p, q, strict=True)] for p, q in zip(best, r, strict=True)]
+    header = f"{'shape (G, B, L, E, N)':<25} {'mode':<9}| {'pscan ms':>9} {'own ms':>9} {'pscan/own':>9}"
+    print(header)
+    print("-" * len(header))
+    cells = iter(best)
+    for groups, bsz, length, mult, s in SCAN_SHAPES:
+        for mode in ("forward", "fwd+bwd"):
+            ref, own = next(cells)
+            shape = f"({groups}, {bsz}, {length}, {mult * args.width}, {s})"
+            print(f"{shape:<25} {mode:<9}| {ref * 1e3:9.1f} {own * 1e3:9.1f} {ref / own:9.2f}", flush=True)
 
 
 def clip_throughput(args: argparse.Namespace) -> None:
@@ -361,8 +503,9 @@ def clip_throughput(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--_measure":
-        print(json.dumps(measure(json.loads(sys.argv[2]))))
+    if len(sys.argv) == 3 and sys.argv[1] in ("--_measure", "--_scan"):
+        child = measure if sys.argv[1] == "--_measure" else scan_times
+        print(json.dumps(child(json.loads(sys.argv[2]))))
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--width", type=int, default=192)
@@ -376,7 +519,8 @@ def main() -> None:
     p.add_argument("--time-cap", type=float, default=20.0, help="stop repeating one measurement after this many s")
     p.add_argument("--skip-after", type=float, default=20.0, help="skip larger sizes once one run takes longer")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--processes", type=int, default=1, help="token scaling: best of this many fresh processes")
+    p.add_argument("--processes", type=int, default=1, help="timings: best of this many fresh processes")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="which sections to run, in this order")
     p.add_argument("--quick", action="store_true", help="width 64, depth 4, up to 2k tokens, fast presets")
     args = p.parse_args()
     if args.quick:
@@ -390,9 +534,17 @@ def main() -> None:
     peak = matmul_flops(n, args.time_cap)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     print(f"== float32 matmul {n}x{n}: {peak / 1e9:.1f} GFLOP/s (the %mm reference)")
-    token_scaling(args, peak)
-    mambapy_scan(args)
-    clip_throughput(args)
+    for name in args.sections.split(","):
+        if name not in SECTIONS:
+            p.error(f"unknown section {name!r}; known: {', '.join(SECTIONS)}")
+        if name == "scaling":
+            token_scaling(args, peak)
+        elif name == "breakdown":
+            time_breakdown(args, peak)
+        elif name == "scan":
+            mambapy_scan(args)
+        elif name == "clips":
+            clip_throughput(args)
 
 
 if __name__ == "__main__":
