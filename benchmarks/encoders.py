@@ -309,7 +309,9 @@ def time_breakdown(args: argparse.Namespace, peak: float) -> None:
     of the scan. The encoder is timed with its scan swapped for :func:`free_scan` ("no scan"), so
     keep - no scan is the scan's share in context (both keep activations when training: the swap
     reaches only the plain autograd path). "mm floor" is the encoder's matmul and conv FLOPs at this
-    machine's matmul FLOP/s: no implementation of this design, scan or not, runs faster."""
+    machine's matmul FLOP/s: no implementation of this design, scan or not, runs faster. Training
+    memory without the scan is measured keeping activations too, so it overstates what a recomputing
+    step needs (benchmarks/recompute.py counts those bytes)."""
     base = EncoderConfig(embed_dim=args.width, depth=args.depth, max_frames=1024)
     feats = FeatureConfig()
     one_s = feats.num_frames(feats.sample_rate)
