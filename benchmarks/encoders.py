@@ -57,7 +57,6 @@ from earmark.encoders import EncoderConfig, build_encoder, resolve_config
 from earmark.runtime import keep_freed_memory
 
 HERE = __file__
-SECTIONS = ("scaling", "breakdown", "scan", "clips")
 
 
 def best_s(fn: Callable[[], object], repeats: int, time_cap: float) -> tuple[float, int]:
@@ -132,6 +131,10 @@ def free_scan(u, delta, A, B, C, D=None, **_ignored):
     return y if D is None else y + D[..., None, None, :]
 
 
+# spec["scan"] -> what replaces the encoder's selective_scan in a measurement ("own": nothing)
+SCAN_SWAPS = {"mambapy": pscan_selective_scan, "none": free_scan}
+
+
 def has_mambapy() -> bool:
     return importlib.util.find_spec("mambapy") is not None
 
@@ -143,18 +146,13 @@ def measure(spec: dict) -> dict:
     """Run in a fresh process: time + peak RSS delta of one (config, tokens, mode)."""
     torch.set_num_threads(spec["threads"])
     keep_freed_memory()  # as the earmark CLI runs (see earmark/runtime.py), for every arch alike
-    if spec.get("scan") == "mambapy":
+    swap = SCAN_SWAPS.get(spec.get("scan", "own"))
+    if swap is not None:
         import earmark.encoders.mamba as mamba_module
 
         if spec["config"].get("recompute", True):  # the fused branch would bypass the swap
-            raise ValueError("the pscan swap needs recompute=False")
-        mamba_module.selective_scan = pscan_selective_scan
-    if spec.get("scan") == "none":
-        import earmark.encoders.mamba as mamba_module
-
-        if spec["config"].get("recompute", True):
-            raise ValueError("the free-scan stand-in needs recompute=False")
-        mamba_module.selective_scan = free_scan
+            raise ValueError(f"the {spec['scan']} scan swap needs recompute=False")
+        mamba_module.selective_scan = swap
     cfg = EncoderConfig(**spec["config"])
     torch.manual_seed(0)
     model = build_encoder(cfg)
@@ -219,15 +217,34 @@ def best_of_processes(spec: dict, args: argparse.Namespace) -> dict | None:
 # ----------------------------------------------------------------------------- sections (parent)
 
 
-def token_scaling(args: argparse.Namespace, peak: float) -> None:
+def compared_configs(args: argparse.Namespace) -> dict[str, EncoderConfig]:
+    """The encoders every section compares at --width / --depth: the Mamba (own scan), the AST, and
+    the same Mamba keeping every activation (recompute=False) instead of recomputing the
+    conv/projection front in backward (the default, as mamba-ssm's fused kernel does)."""
     base = EncoderConfig(embed_dim=args.width, depth=args.depth, max_frames=1024)
-    cfgs = {
-        "mamba": dataclasses.replace(base, arch="mamba", scan_impl=args.scan_impl),
+    mamba = dataclasses.replace(base, arch="mamba", scan_impl=args.scan_impl)
+    return {
+        "mamba": mamba,
         "ast": dataclasses.replace(base, arch="ast"),
+        "keep": dataclasses.replace(mamba, recompute=False),
     }
-    # training only: the same Mamba keeping every activation (recompute=False) instead of recomputing
-    # the conv/projection front in backward (the default, as mamba-ssm's fused kernel does)
-    cfgs["keep"] = dataclasses.replace(cfgs["mamba"], recompute=False)
+
+
+def measure_spec(args: argparse.Namespace, cfg: EncoderConfig, mode: str, scan: str = "own", **size) -> dict:
+    """What :func:`measure` runs: ``size`` is tokens (batch 1) or batch and frames."""
+    return {
+        "scan": scan,
+        "config": cfg.to_dict(),
+        "mode": mode,
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "time_cap": args.time_cap,
+        **size,
+    }
+
+
+def token_scaling(args: argparse.Namespace, peak: float) -> None:
+    cfgs = compared_configs(args)  # "keep": training rows only
     if has_mambapy():
         # the same encoder, its scan replaced by mambapy's pscan (the swap reaches only the plain
         # autograd path, so it keeps activations too; compared with "keep" when training)
@@ -260,15 +277,7 @@ def token_scaling(args: argparse.Namespace, peak: float) -> None:
                 if (arch, mode) in stopped:
                     row[arch] = None
                     continue
-                spec = {
-                    "scan": "mambapy" if arch == "pscan" else "own",
-                    "config": cfg.to_dict(),
-                    "tokens": tokens,
-                    "mode": mode,
-                    "threads": torch.get_num_threads(),
-                    "repeats": args.repeats,
-                    "time_cap": args.time_cap,
-                }
+                spec = measure_spec(args, cfg, mode, "mambapy" if arch == "pscan" else "own", tokens=tokens)
                 r = best_of_processes(spec, args)
                 if r is None or r["seconds"] > args.skip_after:
                     stopped.add((arch, mode))
@@ -312,7 +321,8 @@ def time_breakdown(args: argparse.Namespace, peak: float) -> None:
     machine's matmul FLOP/s: no implementation of this design, scan or not, runs faster. Training
     memory without the scan is measured keeping activations too, so it overstates what a recomputing
     step needs (benchmarks/recompute.py counts those bytes)."""
-    base = EncoderConfig(embed_dim=args.width, depth=args.depth, max_frames=1024)
+    cfgs = compared_configs(args)
+    base = cfgs["mamba"]
     feats = FeatureConfig()
     one_s = feats.num_frames(feats.sample_rate)
     bands = base.n_mels // base.patch
@@ -323,11 +333,6 @@ def time_breakdown(args: argparse.Namespace, peak: float) -> None:
         ("1 s clips x 32", {"tokens": 0, "batch": 32, "frames": one_s}, ("infer",), ">= 100x RT", lambda _: 0.32),
     ]
     memory_target = "4097 tokens"  # peak memory <= the AST's / 10
-    cfgs = {
-        "ast": dataclasses.replace(base, arch="ast"),
-        "mamba": dataclasses.replace(base, arch="mamba", scan_impl=args.scan_impl),
-    }
-    cfgs["keep"] = dataclasses.replace(cfgs["mamba"], recompute=False)
     print(
         "\n== where the Mamba encoder's time goes: its scan swapped for a free stand-in (O(L x E) work, "
         "not O(L x E x N))\n   scan = keep - no scan; mm floor = matmul + conv FLOPs / matmul FLOP/s; "
@@ -348,15 +353,7 @@ def time_breakdown(args: argparse.Namespace, peak: float) -> None:
             for name, cfg in (*cfgs.items(), ("none", cfgs["keep"])):
                 if name == "keep" and mode == "infer":  # recompute changes nothing without grad
                     continue
-                spec = {
-                    "scan": "none" if name == "none" else "own",
-                    "config": cfg.to_dict(),
-                    "mode": mode,
-                    "threads": torch.get_num_threads(),
-                    "repeats": args.repeats,
-                    "time_cap": args.time_cap,
-                    **size,
-                }
+                spec = measure_spec(args, cfg, mode, "none" if name == "none" else "own", **size)
                 row[name] = best_of_processes(spec, args)
             if any(v is None for v in row.values()):
                 failed = ", ".join(k for k, v in row.items() if v is None)
@@ -365,7 +362,7 @@ def time_breakdown(args: argparse.Namespace, peak: float) -> None:
             ast, mamba, none = row["ast"], row["mamba"], row["none"]
             keep = row.get("keep", mamba)
             scan = keep["seconds"] - none["seconds"]
-            floor = forward_flops(cfgs["mamba"], tokens, batch, scan=False) * (3 if mode == "train" else 1) / peak
+            floor = forward_flops(base, tokens, batch, scan=False) * (3 if mode == "train" else 1) / peak
             target = target_of(ast["seconds"])
             verdict = _verdict(mamba["seconds"], none["seconds"], scan, target, floor, "takes")
             if label == memory_target:
@@ -444,7 +441,7 @@ def scan_times(spec: dict) -> list[list[float]]:
     return out
 
 
-def mambapy_scan(args: argparse.Namespace) -> None:
+def mambapy_scan(args: argparse.Namespace, peak: float) -> None:
     """The scan alone, forward and forward + backward: ours vs mambapy's pscan, each time the
     minimum over --processes fresh processes. G = 2 is a bidirectional block's pair (the second
     reversed): one grouped call of ours, two pscans."""
@@ -480,7 +477,7 @@ def mambapy_scan(args: argparse.Namespace) -> None:
             print(f"{shape:<25} {mode:<9}| {ref * 1e3:9.1f} {own * 1e3:9.1f} {ref / own:9.2f}", flush=True)
 
 
-def clip_throughput(args: argparse.Namespace) -> None:
+def clip_throughput(args: argparse.Namespace, peak: float) -> None:
     feats = FeatureConfig()
     print("\n== embedding throughput (forward, no grad); RTF = compute time / audio time")
     header = f"{'preset':<10} {'params':>7} {'batch':>5} | " + " | ".join(
@@ -504,6 +501,10 @@ def clip_throughput(args: argparse.Namespace) -> None:
             print(f"{name:<10} {n_params:6.2f}M {batch:>5} | " + " | ".join(cells), flush=True)
 
 
+# --sections: name -> section(args, matmul FLOP/s), run in the order given
+SECTIONS = {"scaling": token_scaling, "breakdown": time_breakdown, "scan": mambapy_scan, "clips": clip_throughput}
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] in ("--_measure", "--_scan"):
         child = measure if sys.argv[1] == "--_measure" else scan_times
@@ -525,6 +526,10 @@ def main() -> None:
     p.add_argument("--sections", default=",".join(SECTIONS), help="which sections to run, in this order")
     p.add_argument("--quick", action="store_true", help="width 64, depth 4, up to 2k tokens, fast presets")
     args = p.parse_args()
+    sections = args.sections.split(",")
+    unknown = [name for name in sections if name not in SECTIONS]
+    if unknown:
+        p.error(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
     if args.quick:
         args.width, args.depth, args.max_tokens = 64, 4, 2048
         args.presets, args.clip_batch, args.repeats, args.time_cap, args.skip_after = "fast,ast-fast", "2", 2, 3.0, 5.0
@@ -536,17 +541,8 @@ def main() -> None:
     peak = matmul_flops(n, args.time_cap)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     print(f"== float32 matmul {n}x{n}: {peak / 1e9:.1f} GFLOP/s (the %mm reference)")
-    for name in args.sections.split(","):
-        if name not in SECTIONS:
-            p.error(f"unknown section {name!r}; known: {', '.join(SECTIONS)}")
-        if name == "scaling":
-            token_scaling(args, peak)
-        elif name == "breakdown":
-            time_breakdown(args, peak)
-        elif name == "scan":
-            mambapy_scan(args)
-        elif name == "clips":
-            clip_throughput(args)
+    for name in sections:
+        SECTIONS[name](args, peak)
 
 
 if __name__ == "__main__":
