@@ -514,33 +514,68 @@ def _sequential(
     """One step at a time; decays, inputs and outputs are computed ``k`` steps at a time into small
     reused buffers that stay in cache. Returns y (L, G, batch, E); with ``bounds`` given, also
     writes the state entering each block (zeros for the first) into it."""
-    length, groups, bsz, e = deltaT.shape
-    rows, n = groups * bsz, A2.shape[1]
-    k = max(1, min(k, length))
-    a = _Block(deltaT, k, rows, n, e)
-    hb = (_Block(deltaT, k, rows, n, e), _Block(deltaT, k, rows, n, e))  # ping-pong: prev stays valid
-    y = deltaT.new_empty(length, rows, e)
+    seq = _Sequence(deltaT, duT, A2, BT, CT)
+    k = max(1, min(k, seq.length))
+    a = _Block(seq, k)
+    hb = (_Block(seq, k), _Block(seq, k))  # ping-pong: prev stays valid
+    y = deltaT.new_empty(seq.length, seq.rows, seq.e)
+    y_flat = y.view(-1, 1, seq.e)
     prev: Tensor | None = None  # the state before the current step
-    for i, t0 in enumerate(range(0, length, k)):
-        m = min(k, length - t0)
-        sl = slice(t0, t0 + m)
+    for i, t0 in enumerate(range(0, seq.length, k)):
+        t1 = min(t0 + k, seq.length)
         if bounds is not None:
             bounds[i].zero_() if prev is None else bounds[i].copy_(prev)
         h = hb[i % 2]
-        _step_terms(deltaT[sl], duT[sl], A2, BT[sl], a.full[:m], h.full[:m])
-        _recur(a.steps[:m], h.steps[:m], prev)
-        prev = h.steps[m - 1]
-        _readout(CT[sl], h.full[:m], out=y[sl])
-    return y.view(length, groups, bsz, e)
+        seq.terms(t0, t1, a, h)
+        _recur(a.steps[: t1 - t0], h.steps[: t1 - t0], prev)
+        prev = h.steps[t1 - t0 - 1]
+        seq.readout(t0, t1, h, y_flat)
+    return y.view(seq.length, *deltaT.shape[1:])
+
+
+class _Sequence:
+    """The working inputs of a sequential scan, viewed once for the block loops: a block then only
+    slices them (at batch 1 a block's Python-level calls cost as much as its arithmetic)."""
+
+    def __init__(self, deltaT: Tensor, duT: Tensor, A2: Tensor, BT: Tensor, CT: Tensor) -> None:
+        self.length, self.groups, self.bsz, self.e = deltaT.shape
+        self.rows, self.n = self.groups * self.bsz, A2.shape[1]
+        self.delta = deltaT[:, :, :, None, :]  # (L, G, batch, 1, E) x A2 (G, 1, N, E)
+        self.A2 = A2[:, None]
+        self.B = BT.view(self.length, self.rows, self.n, 1)  # x (L, R, 1, E) delta u
+        self.du = duT.view(self.length, self.rows, 1, self.e)
+        self.C_flat = CT.reshape(-1, 1, self.n)  # (L R, 1, N) for the batched readout
+
+    def terms(self, t0: int, t1: int, a: _Block, x: _Block) -> None:
+        """Steps t0..t1-1: decays a <- exp2(delta_t A2), inputs x <- B_t (delta_t u_t)."""
+        torch.mul(self.delta[t0:t1], self.A2, out=a.split(t1 - t0)).exp2_()
+        torch.mul(self.B[t0:t1], self.du[t0:t1], out=x.first(t1 - t0))
+
+    def readout(self, t0: int, t1: int, h: _Block, y_flat: Tensor) -> None:
+        """y_t = C_t . h_t for steps t0..t1-1 into y_flat (L R, 1, E)."""
+        rows = slice(t0 * self.rows, t1 * self.rows)
+        torch.bmm(self.C_flat[rows], h.flat[: (t1 - t0) * self.rows], out=y_flat[rows])
 
 
 class _Block:
-    """A (k, rows, N, E) buffer plus its k per-step views, made once per scan: creating a view costs
-    about as much as the step's arithmetic at batch 1, so the step loops only reuse them."""
+    """A (k, rows, N, E) buffer plus its views (per step, flat, split by group), made once per
+    scan: creating a view costs about as much as a step's arithmetic at batch 1, so the loops only
+    reuse them."""
 
-    def __init__(self, like: Tensor, k: int, rows: int, n: int, e: int) -> None:
-        self.full = like.new_empty(k, rows, n, e)
+    def __init__(self, seq: _Sequence, k: int) -> None:
+        self.k = k
+        self.full = seq.delta.new_empty(k, seq.rows, seq.n, seq.e)
         self.steps = self.full.unbind(0)
+        self.flat = self.full.view(k * seq.rows, seq.n, seq.e)
+        self._split = self.full.view(k, seq.groups, seq.bsz, seq.n, seq.e)
+
+    def first(self, m: int) -> Tensor:
+        """The first m steps (k, rows, N, E)[:m] - the whole buffer without a new view when m = k."""
+        return self.full if m == self.k else self.full[:m]
+
+    def split(self, m: int) -> Tensor:
+        """The first m steps viewed (m, G, batch, N, E)."""
+        return self._split if m == self.k else self._split[:m]
 
 
 def _recur(a: Sequence[Tensor], h: Sequence[Tensor], prev: Tensor | None) -> None:
@@ -569,7 +604,8 @@ def _sequential_grads(
     need_du, need_delta, need_A, need_B, need_C = need
     length, groups, bsz, e = deltaT.shape
     rows, n = groups * bsz, A2.shape[1]
-    a, g, h, tmp = (_Block(deltaT, k, rows, n, e) for _ in range(4))
+    seq = _Sequence(deltaT, duT, A2, BT, CT)
+    a, g, h, tmp = (_Block(seq, k) for _ in range(4))
     carry = deltaT.new_zeros(rows, n, e)  # a_{t+1} g_{t+1}: the adjoint flowing into step t
     g_du = deltaT.new_empty(length, rows, 1, e) if need_du else None
     g_dl = deltaT.new_empty(length, groups, bsz, e) if need_delta else None
@@ -580,7 +616,7 @@ def _sequential_grads(
         m = min(k, length - t0)
         sl = slice(t0, t0 + m)
         a_, g_, h_, tmp_ = a.full[:m], g.full[:m], h.full[:m], tmp.full[:m]
-        _step_terms(deltaT[sl], duT[sl], A2, BT[sl], a_, h_)
+        seq.terms(t0, t0 + m, a, h)
         _recur(a.steps[:m], h.steps[:m], bounds[i] if i else None)  # this block's states, recomputed
         if g_C is not None:  # dL/dC_t = h_t . dy_t
             _dot_channels(h_, gyT[sl], out=g_C[sl], buf=tmp_)
