@@ -253,6 +253,21 @@ def test_recomputing_branch_equals_plain_autograd(bidirectional: bool, scan_impl
             assert grads_f[name].abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_inference_path_equals_the_grad_path(bidirectional: bool) -> None:
+    """Without grad the mixer works in place (silu, gate, the scan's output); the result must be
+    the one the autograd path gives, and the input must be left untouched."""
+    model = small(seed=3, bidirectional=bidirectional, d_state=8)
+    x = fbank(2, 37)
+    kept = x.clone()
+    with torch.no_grad():
+        fast = model(x)
+    slow = model(x)
+    assert slow.requires_grad
+    assert torch.allclose(fast, slow.detach(), atol=1e-6)
+    assert torch.equal(x, kept)
+
+
 def _saved_bytes(model: MambaEncoder, x: torch.Tensor) -> int:
     """Bytes of the distinct storages autograd keeps for backward after a training forward."""
     storages: dict[int, int] = {}

@@ -657,7 +657,6 @@ def scan_forward(
     function: grouped inputs (see :class:`_Scan`), no autograd. Returns (y in the compute dtype,
     the block-start states for :func:`scan_backward` - sequential with ``keep_states`` only)."""
     dtype = _compute_dtype(u, delta, A, B, C, D)
-    u_ = u.to(dtype)
     deltaT, duT, A2, BT, CT = _working_inputs(u, delta, A, B, C, dtype, plan.reverse)
     bounds = None
     if plan.chunk == 0:
@@ -667,7 +666,18 @@ def scan_forward(
         yT = _sequential(deltaT, duT, A2, BT, CT, plan.block, bounds)
     else:
         yT = _chunked(deltaT, duT, A2, BT, CT, plan.chunk)
-    return torch.addcmul(_group_major(yT, plan.reverse), D.to(dtype)[:, None, None], u_), bounds
+    del deltaT, duT  # two (L, G, batch, E) tensors fewer at the output's peak
+    return _output(yT, D.to(dtype), u.to(dtype), plan.reverse), bounds
+
+
+def _output(yT: Tensor, D: Tensor, u: Tensor, reverse: tuple[bool, ...]) -> Tensor:
+    """y + D u, group-major (G, batch, L, E), from the scan's time-major yT (L, G, batch, E): one
+    pass per group straight into the result (a reversed group's time axis flipped back first)."""
+    y = torch.empty_like(u)
+    for g, rev in enumerate(reverse):
+        src = yT[:, g].transpose(0, 1)
+        torch.addcmul(src.flip(1) if rev else src, D[g], u[g], out=y[g])
+    return y
 
 
 def scan_backward(
@@ -743,7 +753,7 @@ def _working_inputs(
     """What both halves of the fast scans work on, in ``dtype``: (delta, delta * u, A2, B, C),
     time-major (see :func:`_time_major`), A2 in base 2 (see :func:`_base2`)."""
     deltaT = _time_major(delta, dtype, reverse)
-    duT = deltaT * _time_major(u, dtype, reverse)
+    duT = _time_major(u, dtype, reverse).mul_(deltaT)
     return deltaT, duT, _base2(A, dtype), _time_major(B, dtype, reverse), _time_major(C, dtype, reverse)
 
 
