@@ -205,7 +205,7 @@ class MambaMixer(nn.Module):
     With ``config.recompute`` (the default) a training forward keeps only the branch's input and
     recomputes conv and projections in backward (:class:`_RecomputedBranch`): 0.42-0.50x the bytes
     kept for backward and 0.93-1.17x the time of a training step (benchmarks/recompute.py, 257-4k
-    tokens), 0.54-0.70x its peak memory (benchmarks/encoders.py, 1k-16k tokens).
+    tokens), 0.58-0.77x its peak memory (benchmarks/encoders.py, 1k-16k tokens).
     """
 
     def __init__(self, config: EncoderConfig) -> None:
