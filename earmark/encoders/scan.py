@@ -360,22 +360,6 @@ def _group_major(t: Tensor, reverse: tuple[bool, ...]) -> Tensor:
 # exp2(delta A2) - torch.exp2 is ~10x faster than torch.exp on this machine's CPU (AVX-512).
 
 
-def _decay(deltaT: Tensor, A2: Tensor, out: Tensor) -> Tensor:
-    """out (m, G * batch, N, E) <- exp2(delta_t A2): the per-step decays of ``m`` steps."""
-    m, groups, bsz, e = deltaT.shape
-    torch.mul(deltaT[:, :, :, None, :], A2[:, None], out=out.view(m, groups, bsz, A2.shape[1], e))
-    return out.exp2_()
-
-
-def _step_terms(deltaT: Tensor, duT: Tensor, A2: Tensor, BT: Tensor, a: Tensor, x: Tensor) -> None:
-    """For ``m`` steps (deltaT (m, G, batch, E)): decays a <- exp2(delta_t A2) and inputs
-    x <- B_t (delta_t u_t), both (m, G * batch, N, E): h_t = a_t h_{t-1} + x_t."""
-    m, groups, bsz, e = deltaT.shape
-    rows, n = groups * bsz, A2.shape[1]
-    _decay(deltaT, A2, a)
-    torch.mul(BT.view(m, rows, n, 1), duT.view(m, rows, 1, e), out=x)
-
-
 def _states(deltaT: Tensor, duT: Tensor, A2: Tensor, BT: Tensor, lc: int) -> tuple[Tensor, Tensor]:
     """All hidden states h (Lp, R, N, E), R = G * batch, and the per-step decays, time-major.
 
@@ -387,7 +371,8 @@ def _states(deltaT: Tensor, duT: Tensor, A2: Tensor, BT: Tensor, lc: int) -> tup
     lp = nc * lc
     a = deltaT.new_empty(lp, rows, n, e)
     h = deltaT.new_empty(lp, rows, n, e)
-    _step_terms(deltaT, duT, A2, BT, a[:length], h[:length])
+    seq = _Sequence(deltaT, duT, A2, BT)
+    seq.terms_into(0, length, a[:length].view(length, groups, bsz, n, e), h[:length])
     a[length:].fill_(1.0)
     h[length:].zero_()
     av = a.view(nc, lc, rows, n, e)
@@ -534,22 +519,27 @@ def _sequential(
 
 
 class _Sequence:
-    """The working inputs of a sequential scan, viewed once for the block loops: a block then only
-    slices them (at batch 1 a block's Python-level calls cost as much as its arithmetic)."""
+    """The working inputs of a scan, viewed once for the block loops: a block then only slices
+    them (at batch 1 a block's Python-level calls cost as much as its arithmetic)."""
 
-    def __init__(self, deltaT: Tensor, duT: Tensor, A2: Tensor, BT: Tensor, CT: Tensor) -> None:
+    def __init__(self, deltaT: Tensor, duT: Tensor, A2: Tensor, BT: Tensor, CT: Tensor | None = None) -> None:
         self.length, self.groups, self.bsz, self.e = deltaT.shape
         self.rows, self.n = self.groups * self.bsz, A2.shape[1]
         self.delta = deltaT[:, :, :, None, :]  # (L, G, batch, 1, E) x A2 (G, 1, N, E)
         self.A2 = A2[:, None]
         self.B = BT.view(self.length, self.rows, self.n, 1)  # x (L, R, 1, E) delta u
         self.du = duT.view(self.length, self.rows, 1, self.e)
-        self.C_flat = CT.reshape(-1, 1, self.n)  # (L R, 1, N) for the batched readout
+        self.C_flat = None if CT is None else CT.reshape(-1, 1, self.n)  # (L R, 1, N) for the readout
 
     def terms(self, t0: int, t1: int, a: _Block, x: _Block) -> None:
-        """Steps t0..t1-1: decays a <- exp2(delta_t A2), inputs x <- B_t (delta_t u_t)."""
-        torch.mul(self.delta[t0:t1], self.A2, out=a.split(t1 - t0)).exp2_()
-        torch.mul(self.B[t0:t1], self.du[t0:t1], out=x.first(t1 - t0))
+        """Steps t0..t1-1 into the first t1 - t0 steps of block buffers (see :meth:`terms_into`)."""
+        self.terms_into(t0, t1, a.split(t1 - t0), x.first(t1 - t0))
+
+    def terms_into(self, t0: int, t1: int, a: Tensor, x: Tensor) -> None:
+        """Steps t0..t1-1: decays a <- exp2(delta_t A2), a viewed (m, G, batch, N, E), and inputs
+        x <- B_t (delta_t u_t), (m, G * batch, N, E): h_t = a_t h_{t-1} + x_t."""
+        torch.mul(self.delta[t0:t1], self.A2, out=a).exp2_()
+        torch.mul(self.B[t0:t1], self.du[t0:t1], out=x)
 
     def readout(self, t0: int, t1: int, h: _Block, y_flat: Tensor) -> None:
         """y_t = C_t . h_t for steps t0..t1-1 into y_flat (L R, 1, E)."""
