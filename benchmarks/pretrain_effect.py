@@ -13,9 +13,12 @@ import time
 import torch
 
 from earmark.audio import AudioConfig
+from earmark.encoders.config import resolve_config as encoder_config
 from earmark.encoders.embedder import AudioEmbedder
-from earmark.pipeline import RunConfig, encoder_config, load_features, resolve_dataset, run
+from earmark.experiments import RunConfig, run
+from earmark.experiments.prepare import resolve_dataset
 from earmark.scenarios import ClassIncremental
+from earmark.training.base import load_features
 from earmark.training.pretrain import PretrainConfig, pretrain
 from earmark.training.supervised import TrainConfig
 

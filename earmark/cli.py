@@ -109,7 +109,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def _run_config(args: argparse.Namespace, defaults: dict | None = None):
     import yaml
 
-    from earmark.pipeline import run_config_from_dict
+    from earmark.experiments import run_config_from_dict
 
     given = vars(args).copy()
     for key in ("func", "command", "trials", "grid", "metric"):  # not run options
@@ -125,7 +125,7 @@ def _run_config(args: argparse.Namespace, defaults: dict | None = None):
             raise ValueError(f"{path}: expected a mapping of run options")
         values.update(loaded)
     if params_path is not None:
-        from earmark.tune import load_params, merge_learner_params
+        from earmark.experiments.tune import load_params, merge_learner_params
 
         values["learner_params"] = merge_learner_params(values.get("learner_params"), load_params(params_path))
     epochs = given.pop("epochs", None)
@@ -135,13 +135,11 @@ def _run_config(args: argparse.Namespace, defaults: dict | None = None):
     values.update(given)
     if epochs is not None:
         values["train"] = {**(values.get("train") or {}), "epochs": epochs}
-    if "seed" in values:
-        values["train"] = {**(values.get("train") or {}), "seed": values["seed"]}
     return run_config_from_dict(values)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from earmark.pipeline import run
+    from earmark.experiments import run
 
     config = _run_config(args)
     run(config)
@@ -150,7 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from earmark.compare import compare
+    from earmark.experiments.compare import compare
 
     config = _run_config(args, COMPARE_DEFAULTS)
     compare(config, trials=args.trials)
@@ -159,7 +157,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from earmark.tune import load_grid, tune
+    from earmark.experiments.tune import load_grid, tune
 
     config = _run_config(args, TUNE_DEFAULTS)
     grid = load_grid(args.grid) if args.grid else None
@@ -189,8 +187,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     import torch
 
     from earmark.audio import AudioConfig
+    from earmark.encoders.config import resolve_config as encoder_config
     from earmark.encoders.embedder import AudioEmbedder
-    from earmark.pipeline import encoder_config, load_features
+    from earmark.training.base import load_features
     from earmark.training.pretrain import PretrainConfig, pretrain
 
     if args.audio:
@@ -243,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     tun = sub.add_parser("tune", help="grid-search learner options on a tuning scenario; writes params.yaml for "
                                       "`compare --params` (tune on classes disjoint from the evaluation's)")
     _add_run_options(tun)
-    tun.add_argument("--grid", help="YAML file of learner -> {option: [values]} (default: earmark.tune.DEFAULT_GRID)")
+    tun.add_argument("--grid", help="YAML file of learner -> {option: [values]} (default: earmark.experiments.tune.DEFAULT_GRID)")
     tun.add_argument("--trials", type=int, default=3, help="support-set draws per grid point, default 3")
     tun.add_argument("--metric", default="average_incremental_accuracy",
                      help="score to maximize (forgetting / performance_drop: minimize), default "

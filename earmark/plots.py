@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-JOINT = "joint-ridge"  # the joint ridge bound (earmark.pipeline.JOINT), drawn dashed
+JOINT = "joint-ridge"  # the joint ridge bound (see earmark.experiments.run), drawn dashed
 
 
 def plot_sessions(results: dict, path: str | Path) -> Path:

@@ -445,7 +445,7 @@ def test_unsupported_variants_refused_and_layer_scale_folded(tmp_path) -> None:
 
 
 def test_pipeline_starts_base_training_from_a_published_file(tmp_path) -> None:
-    from earmark.pipeline import load_pretrained_encoder
+    from earmark.training.base import load_pretrained_encoder
 
     enc = source(EncoderConfig(embed_dim=32, depth=2, max_frames=64))
     path = write(tmp_path, inverse("aum", enc, True))

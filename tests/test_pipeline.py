@@ -7,7 +7,7 @@ import pytest
 
 from earmark.cli import main
 from earmark.data import RenderConfig
-from earmark.pipeline import RunConfig, run
+from earmark.experiments import RunConfig, run
 from earmark.training.supervised import TrainConfig
 
 
@@ -82,7 +82,7 @@ def test_yaml_config_and_flag_override(tmp_path):
 
 
 def test_compare_trials_share_one_encoder_and_match_run(tiny_run):
-    from earmark.compare import compare
+    from earmark.experiments.compare import compare
 
     single = run(tiny_run)
     tiny_run.learners = ["ncm", "analytic", "lda"]
@@ -101,7 +101,7 @@ def test_compare_trials_share_one_encoder_and_match_run(tiny_run):
 
 
 def test_compare_runs_backbone_learners_under_one_memory_budget(tiny_run):
-    from earmark.compare import compare
+    from earmark.experiments.compare import compare
     from earmark.learners.exemplars import ExemplarMemory
 
     tiny_run.learners = ["ncm", "finetune", "replay"]

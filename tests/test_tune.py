@@ -11,13 +11,12 @@ import pytest
 import torch
 import yaml
 
-from earmark import tune as tune_mod
 from earmark.cli import COMPARE_DEFAULTS, _run_config, build_parser, main
 from earmark.data.dataset import AudioDataset
-from earmark.learners import make_learner
-from earmark.pipeline import RunConfig, evaluate_learner
-from earmark.scenarios import ClassIncremental
-from earmark.tune import (
+from earmark.experiments import RunConfig
+from earmark.experiments import tune as tune_mod
+from earmark.experiments.evaluate import evaluate_learner
+from earmark.experiments.tune import (
     DEFAULT_GRID,
     best_index,
     expand_grid,
@@ -27,6 +26,8 @@ from earmark.tune import (
     merge_learner_params,
     search,
 )
+from earmark.learners import make_learner
+from earmark.scenarios import ClassIncremental
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -151,7 +152,7 @@ def test_tune_writes_params_that_compare_params_loads(fake_prepare, tmp_path, mo
                          COMPARE_DEFAULTS)
     assert config.learner_params == {**RunConfig().learner_params, "lda": {"shrinkage": 1e-4}, "ncm": {}}
     seen = []
-    monkeypatch.setattr("earmark.compare.compare", lambda cfg, trials: seen.append((cfg, trials)))
+    monkeypatch.setattr("earmark.experiments.compare.compare", lambda cfg, trials: seen.append((cfg, trials)))
     assert main(["compare", "--params", str(out / "params.yaml"), "--trials", "1", "--no-progress"]) == 0
     assert seen[0][0].learner_params["lda"] == {"shrinkage": 1e-4} and seen[0][1] == 1
 

@@ -1,6 +1,6 @@
 """Encoder configuration, named presets and the arch -> module registry.
 
-Kept free of model code so checkpoints, the pipeline and the CLI can name and describe an encoder
+Kept free of model code so checkpoints, the harness and the CLI can name and describe an encoder
 without importing (or building) it.
 """
 
@@ -86,8 +86,13 @@ ENCODER_CONFIGS.register("ast-tiny")(EncoderConfig(arch="ast", embed_dim=192, de
 ENCODER_CONFIGS.register("ast-fast")(EncoderConfig(arch="ast", embed_dim=128, depth=3, pool="mean"))
 
 
-def resolve_config(config: EncoderConfig | str) -> EncoderConfig:
-    return ENCODER_CONFIGS.get(config) if isinstance(config, str) else config
+def resolve_config(config: EncoderConfig | str | dict) -> EncoderConfig:
+    """A preset name (see ENCODER_CONFIGS), a dict of EncoderConfig fields, or a config as is."""
+    if isinstance(config, str):
+        return ENCODER_CONFIGS.get(config)
+    if isinstance(config, dict):
+        return EncoderConfig.from_dict(config)
+    return config
 
 
 def build_encoder(config: EncoderConfig | str) -> nn.Module:

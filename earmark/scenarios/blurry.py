@@ -2,7 +2,7 @@
 
 Real streams do not introduce each class once and never again: classes recur across sessions, sessions
 differ in how many classes and items they hold, and some classes still occur in one session only.
-``BlurryIncremental`` builds such a split while keeping the :class:`Session` contract the pipeline and
+``BlurryIncremental`` builds such a split while keeping the :class:`Session` contract the harness and
 metrics rely on, so an :class:`~earmark.metrics.AccuracyMatrix` still groups test items by the session
 that *introduced* (first showed) their class.
 """

@@ -17,18 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from earmark.checkpoint import atomic_write_text
+from earmark.experiments.config import RunConfig
+from earmark.experiments.evaluate import evaluate
+from earmark.experiments.prepare import build_learner, encoder_summary, module_bytes, prepare
+from earmark.experiments.report import jsonable, log, nan_to_none
 from earmark.metrics import format_table
-from earmark.pipeline import (
-    RunConfig,
-    _jsonable,
-    _log,
-    _nan_to_none,
-    build_learner,
-    encoder_summary,
-    evaluate,
-    module_bytes,
-    prepare,
-)
 
 METRICS = {
     "average_incremental_accuracy": "AA",
@@ -70,7 +63,7 @@ def compare(config: RunConfig, trials: int = 3) -> dict:
             "trials": [
                 {"trial": r["trial"], "accuracy_matrix": r["matrix"].to_dict(),
                  "seen_accuracy": r["matrix"].seen_accuracy().tolist(),
-                 "metrics": _nan_to_none(r["matrix"].summary()), "fit_seconds": r["seconds"],
+                 "metrics": nan_to_none(r["matrix"].summary()), "fit_seconds": r["seconds"],
                  "nbytes": r["nbytes"], **r["online"]}
                 for r in runs
             ],
@@ -81,14 +74,14 @@ def compare(config: RunConfig, trials: int = 3) -> dict:
             "nbytes": int(max(r["nbytes"] for r in runs)),
             "seconds_per_session": float(np.mean([np.mean(r["seconds"]) for r in runs])),
         }
-        _log(f"{name}: AA {100 * per_learner[name]['mean']['average_incremental_accuracy'][0]:.1f}", config.progress)
+        log(f"{name}: AA {100 * per_learner[name]['mean']['average_incremental_accuracy'][0]:.1f}", config.progress)
     results = {
-        "config": _jsonable(asdict(config)),
+        "config": jsonable(asdict(config)),
         "trials": trials,
         "memory_budget": config.memory_budget,
         "scenario": scenario.to_dict(),
         "encoder": encoder_summary(prep),
-        "learners": _nan_to_none(per_learner),
+        "learners": nan_to_none(per_learner),
         "seconds": time.perf_counter() - t_start,
     }
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")

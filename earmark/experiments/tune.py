@@ -36,9 +36,12 @@ import torch
 import yaml
 
 from earmark.checkpoint import atomic_write_text
+from earmark.experiments.config import RunConfig
+from earmark.experiments.evaluate import evaluate_learner
+from earmark.experiments.prepare import encoder_summary, prepare
+from earmark.experiments.report import jsonable, log
 from earmark.learners import LEARNERS, make_learner
 from earmark.metrics import format_table
-from earmark.pipeline import RunConfig, _jsonable, _log, encoder_summary, evaluate_learner, prepare
 from earmark.scenarios import ClassIncremental
 
 # A grid is scikit-learn's ParameterGrid format: {option: [values]} (every combination) or a list of
@@ -229,7 +232,7 @@ def search(
     for k, p in enumerate(points):
         rec = {**p, **score_point(name, p["params"], scenario, X, row_of, trials, metric)}
         records.append(rec)
-        _log(f"tune {name} [{k + 1}/{len(points)}] {_fmt_point(p['point'])}: {metric} {rec['score']:.4f}", progress)
+        log(f"tune {name} [{k + 1}/{len(points)}] {_fmt_point(p['point'])}: {metric} {rec['score']:.4f}", progress)
     return {"points": records, "best": best_index([r["score"] for r in records], metric)}
 
 
@@ -266,7 +269,7 @@ def tune(
     prep = prepare(config, embed_train_pool=trials > 1)
     scenario = prep.scenario
     results: dict[str, Any] = {
-        "config": _jsonable(asdict(config)),
+        "config": jsonable(asdict(config)),
         "metric": metric,
         "trials": trials,
         "scenario": {**scenario.to_dict(), "root": str(prep.dataset.root)},

@@ -1,0 +1,203 @@
+"""What every evaluation shares: the dataset, the scenario, the base-session encoder and cached embeddings."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from earmark.audio import AudioConfig
+from earmark.checkpoint import atomic_write_text
+from earmark.data import AudioDataset, default_data_dir, load_dataset, render_default_dataset
+from earmark.data.render import default_dataset_root
+from earmark.encoders.cache import EmbeddingCache, audio_digest, embed_paths, embedder_fingerprint
+from earmark.encoders.config import resolve_config
+from earmark.encoders.embedder import AudioEmbedder
+from earmark.experiments.config import RunConfig
+from earmark.experiments.report import log
+from earmark.learners import IncrementalLearner, make_learner
+from earmark.scenarios import SCENARIOS, ClassIncremental
+from earmark.training.base import load_features, train_embedder
+
+
+def resolve_dataset(config: RunConfig) -> AudioDataset:
+    if config.root is None:
+        root = render_default_dataset(default_dataset_root(config.render), config.render, progress=config.progress)
+        return load_dataset("esc50", root)
+    return load_dataset(config.dataset, config.root)
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def base_embedder(
+    config: RunConfig, dataset: AudioDataset, scenario: ClassIncremental, cache_root: Path
+) -> tuple[AudioEmbedder, dict]:
+    """Train the encoder on the base session's audio only, or reuse an identical earlier training."""
+    base = scenario[0]
+    train = replace(config.train, seed=config.seed)
+    key = _digest(
+        {
+            "encoder": config.encoder,
+            "clip_seconds": config.clip_seconds,
+            "pretrained": audio_digest(config.pretrained) if config.pretrained else None,
+            "train": asdict(train),
+            "files": [audio_digest(dataset.paths[i]) for i in base.train_indices],
+            "labels": scenario.dense_targets(base.train_indices).tolist(),
+        }
+    )
+    ckpt = cache_root / "encoders" / f"{key[:32]}.safetensors"
+    if ckpt.is_file() and not config.retrain:
+        log(f"reusing the base-session encoder trained earlier: {ckpt}", config.progress)
+        return AudioEmbedder.load(ckpt, config.device), {"reused": True, "checkpoint": str(ckpt)}
+    if config.pretrained:
+        log(f"starting from the pretrained encoder {config.pretrained}", config.progress)
+    log(f"training the '{config.encoder}' encoder on {len(base.train_indices)} clips of {len(base.classes)} "
+        "base classes", config.progress)
+    embedder, history, skipped = train_embedder(
+        [dataset.paths[i] for i in base.train_indices], scenario.dense_targets(base.train_indices),
+        encoder=config.encoder, audio=AudioConfig(clip_seconds=config.clip_seconds), train=train,
+        seed=config.seed, pretrained=config.pretrained, device=config.device, on_error=config.on_error,
+        progress=config.progress,
+    )
+    embedder.save(ckpt)
+    embedder.to(config.device)
+    return embedder, {"reused": False, "checkpoint": str(ckpt), "loss": history.loss,
+                      "train_accuracy": history.accuracy, "seconds": history.seconds, "skipped": len(skipped)}
+
+
+@dataclass
+class Prepared:
+    """What every evaluation shares: the scenario, the frozen embedder and the cached embeddings.
+
+    Backbone-updating learners read normalized log-mel instead of embeddings: ``logmel()`` decodes it
+    once, on first use, in the row order of ``X`` (float16, to halve the memory it takes).
+    """
+
+    dataset: AudioDataset
+    scenario: ClassIncremental
+    embedder: AudioEmbedder
+    embedder_path: Path
+    training: dict
+    X: torch.Tensor  # (clips embedded, dim)
+    row_of: dict[int, int]  # dataset index -> row of X
+    skipped: list[tuple[str, str]]
+    computed: int
+    timings: dict[str, float]
+    progress: bool = True
+    _logmel: torch.Tensor | None = field(default=None, repr=False)
+
+    def logmel(self) -> torch.Tensor:
+        if self._logmel is None:
+            t = time.perf_counter()
+            order = sorted(self.row_of, key=self.row_of.__getitem__)
+            raw, kept, skipped = load_features(self.embedder, [self.dataset.paths[i] for i in order], self.progress)
+            if skipped or len(kept) != len(order):
+                raise ValueError(f"{len(skipped)} clip(s) that were embedded failed to decode again: {skipped[:3]}")
+            with torch.no_grad():
+                self._logmel = self.embedder.normalizer(raw.to(self.embedder.normalizer.mean.device)).half().cpu()
+            self.timings["logmel"] = time.perf_counter() - t
+        return self._logmel
+
+    def inputs_for(self, learner: IncrementalLearner) -> torch.Tensor:
+        """What ``learner`` reads: embeddings, or log-mel plus a copy of the base encoder to train."""
+        if learner.input_ndim == 3:
+            learner.init_encoder(self.embedder.encoder)
+            return self.logmel()
+        return self.X
+
+    def total_bytes(self, learner: IncrementalLearner) -> int:
+        """The learner's state plus the frozen encoder it reads from (backbone learners hold their own)."""
+        return learner.nbytes() + (0 if learner.input_ndim == 3 else module_bytes(self.embedder.encoder))
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def build_learner(config: RunConfig, name: str, encoder_bytes: int | None = None) -> IncrementalLearner:
+    """A learner with the run's params; a byte budget becomes a replay memory of what the model leaves."""
+    params = dict(config.learner_params.get(name, {}))
+    learner = make_learner(name, **params)
+    if config.memory_budget is not None and getattr(learner, "takes_budget", False):
+        model = learner.nbytes() if encoder_bytes is None else encoder_bytes
+        if config.memory_budget <= model:
+            raise ValueError(f"memory budget {config.memory_budget} B does not even hold {name}'s model ({model} B)")
+        params.update(memory_bytes=config.memory_budget - model, memory_clips=None)
+        learner = make_learner(name, **params)
+    return learner
+
+
+def prepare(config: RunConfig, embed_train_pool: bool = False) -> Prepared:
+    """Dataset, scenario, base-session encoder and embeddings of the scenario's clips.
+
+    ``embed_train_pool`` also embeds every training clip of the scenario's classes, so that other
+    support-set trials (``scenario.with_trial``) find their clips embedded.
+    """
+    timings: dict[str, float] = {}
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    resolve_config(config.encoder)  # fail on a bad name before any work
+
+    t = time.perf_counter()
+    dataset = resolve_dataset(config)
+    timings["dataset"] = time.perf_counter() - t
+    train_idx, test_idx = dataset.split(config.test_fold)
+    if config.train_folds is not None:
+        train_idx = np.flatnonzero(np.isin(dataset.folds, config.train_folds))
+    scenario = SCENARIOS.get(config.scenario)(
+        dataset, train_idx, test_idx, initial=config.initial, increment=config.increment, shots=config.shots,
+        seed=config.seed, num_classes=config.num_classes, class_order=config.class_order,
+        params=config.scenario_params,
+    )
+    log(f"dataset {dataset.name}: {len(dataset)} clips, {dataset.num_classes} classes; scenario: {scenario!r}",
+         config.progress)
+    cache_root = Path(config.cache_dir) if config.cache_dir else default_data_dir() / "cache"
+
+    t = time.perf_counter()
+    embedder, training = base_embedder(config, dataset, scenario, cache_root)
+    timings["base_training"] = time.perf_counter() - t
+    embedder_path = out / "embedder.safetensors"
+    embedder.to("cpu").save(embedder_path)
+    embedder.to(config.device)
+
+    t = time.perf_counter()
+    needed = {int(i) for s in scenario for i in np.concatenate([s.train_indices, s.test_indices])}
+    if embed_train_pool:
+        pool = scenario.train_pool[np.isin(dataset.targets[scenario.train_pool], scenario.class_order)]
+        needed |= {int(i) for i in pool}
+    needed = sorted(needed)
+    cache = EmbeddingCache(cache_root / "embeddings", embedder_fingerprint(embedder))
+    result = embed_paths(
+        embedder, [dataset.paths[i] for i in needed], cache, batch_size=config.batch_size,
+        on_error=config.on_error, progress=config.progress, desc="embedding clips",
+    )
+    if result.skipped:
+        report = out / "skipped.csv"
+        buf = io.StringIO()
+        csv.writer(buf).writerows([("path", "reason"), *result.skipped])
+        atomic_write_text(report, buf.getvalue())
+        log(f"skipped {len(result.skipped)} unreadable file(s); see {report}", config.progress)
+    timings["embedding"] = time.perf_counter() - t
+    log(f"embeddings: {len(needed)} clips, {result.computed} computed, "
+         f"{len(needed) - result.computed} from the cache", config.progress)
+    return Prepared(
+        dataset=dataset, scenario=scenario, embedder=embedder, embedder_path=embedder_path, training=training,
+        X=result.embeddings, row_of={needed[k]: r for r, k in enumerate(result.kept)}, skipped=result.skipped,
+        computed=result.computed, timings=timings, progress=config.progress,
+    )
+
+
+
+def encoder_summary(prep: Prepared) -> dict:
+    enc = prep.embedder.encoder
+    return {"config": enc.config.to_dict(), "checkpoint": str(prep.embedder_path), "digest": prep.embedder.digest,
+            "parameters": sum(p.numel() for p in enc.parameters()), "training": prep.training}

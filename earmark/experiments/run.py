@@ -1,0 +1,80 @@
+"""`earmark run` / `earmark demo`: every learner through the scenario, then results, plot and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import yaml
+
+from earmark.checkpoint import atomic_write_text, save_tensors
+from earmark.experiments.config import RunConfig
+from earmark.experiments.evaluate import evaluate, evaluate_joint
+from earmark.experiments.prepare import build_learner, encoder_summary, module_bytes, prepare
+from earmark.experiments.report import jsonable, nan_to_none, render_report
+from earmark.learners import IncrementalLearner
+from earmark.metrics import AccuracyMatrix
+from earmark.plots import JOINT, plot_sessions
+
+
+def run(config: RunConfig) -> dict:
+    """Run the whole job and write results.json, a plot and the encoder checkpoint under config.out."""
+    t_start = time.perf_counter()
+    out = Path(config.out)
+    prep = prepare(config)
+    timings = prep.timings
+    dataset, scenario, embedder, X, row_of = prep.dataset, prep.scenario, prep.embedder, prep.X, prep.row_of
+
+    matrices: dict[str, AccuracyMatrix] = {}
+    online: dict[str, dict] = {}
+    fit_seconds: dict[str, list[float]] = {}
+    nbytes: dict[str, int] = {}
+    learners: dict[str, IncrementalLearner] = {}
+    for name in config.learners:
+        learner = build_learner(config, name, module_bytes(embedder.encoder))
+        t = time.perf_counter()
+        matrices[name], fit_seconds[name], online[name] = evaluate(
+            config, learner, scenario, prep.inputs_for(learner), row_of)
+        timings[f"learner:{name}"] = time.perf_counter() - t
+        nbytes[name] = prep.total_bytes(learner)
+        learners[name] = learner
+    if config.joint_bound and config.online_batch is None:
+        params = config.learner_params.get("analytic", {})
+        t = time.perf_counter()
+        matrices[JOINT], fit_seconds[JOINT] = evaluate_joint(scenario, X, row_of, params)
+        timings[f"learner:{JOINT}"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+
+    results = {
+        "config": jsonable(asdict(config)),
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "threads": torch.get_num_threads(), "machine": platform.machine()},
+        "dataset": {"name": dataset.name, "root": str(dataset.root), "clips": len(dataset),
+                    "classes": dataset.num_classes},
+        "scenario": scenario.to_dict(),
+        "encoder": encoder_summary(prep),
+        "embeddings": {"clips": len(row_of) + len(prep.skipped), "computed": prep.computed,
+                       "dim": embedder.embed_dim, "skipped": [{"path": p, "reason": r} for p, r in prep.skipped]},
+        "learners": {
+            name: {"accuracy_matrix": m.to_dict(), "matrix": nan_to_none(m.matrix),
+                   "seen_accuracy": m.seen_accuracy().tolist(), "metrics": nan_to_none(m.summary()),
+                   "fit_seconds": fit_seconds[name], "nbytes": nbytes.get(name), **online.get(name, {})}
+            for name, m in matrices.items()
+        },
+        "timings": timings,
+    }
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(results["config"], sort_keys=False))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
+    plot_sessions(results, out / "accuracy.png")
+    for name, learner in learners.items():
+        learner_path = out / f"learner-{name}.safetensors"
+        save_tensors(learner_path, learner.state_dict(),
+                     {"kind": "learner", "name": name, "config": asdict(learner.config)})
+    print(render_report(results))
+    return results
+
+
