@@ -226,6 +226,28 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The HTTP service (needs the `service` extra): classify, learn, forget; a web page at /."""
+    try:
+        from earmark.service import ServiceConfig, read_token, serve
+    except ImportError as exc:
+        raise ValueError(f"the service needs its extra: pip install 'earmark[service]' ({exc})") from None
+    from earmark.model import ModelLockedError
+
+    config = ServiceConfig(
+        model=args.model, host=args.host, port=args.port, read_only=args.read_only,
+        token=None if args.read_only else read_token(args.token_file), device=args.device,
+        max_request_bytes=args.max_request_bytes, max_files=args.max_files, max_clip_seconds=args.max_clip_seconds,
+        learn_queue=args.learn_queue, classify_workers=args.workers, torch_threads=args.torch_threads,
+    )
+    try:
+        serve(config, access_log=not args.no_access_log, log_level=args.log_level)
+    except ModelLockedError as exc:
+        print(f"earmark: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="earmark", description="Class-incremental sound classification.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -276,6 +298,23 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--classes", type=int, default=100)
     render.add_argument("--seed", type=int, default=0)
     render.set_defaults(func=cmd_render)
+    srv = sub.add_parser("serve", help="serve a model over HTTP (classify, learn, forget; web page at /)")
+    srv.add_argument("model", help="a model directory (Model.save)")
+    srv.add_argument("--host", default="127.0.0.1", help="interface to listen on, default 127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--read-only", action="store_true", help="classify and inspect only; no token needed")
+    srv.add_argument("--token-file", help="file holding the bearer token (default: $EARMARK_TOKEN_FILE, "
+                                          "else $EARMARK_TOKEN)")
+    srv.add_argument("--device", default="cpu")
+    srv.add_argument("--max-request-bytes", type=_bytes, default=20 * 2**20, help="upload limit per request")
+    srv.add_argument("--max-files", type=int, default=32, help="audio files per request")
+    srv.add_argument("--max-clip-seconds", type=float, default=30.0, help="longest clip to classify or learn")
+    srv.add_argument("--learn-queue", type=int, default=4, help="learn/forget requests admitted at once")
+    srv.add_argument("--workers", type=int, default=2, help="classify worker threads")
+    srv.add_argument("--torch-threads", type=int, default=1, help="torch threads per worker")
+    srv.add_argument("--no-access-log", action="store_true")
+    srv.add_argument("--log-level", default="info")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 
