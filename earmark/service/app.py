@@ -13,6 +13,7 @@ import hmac
 import logging
 import tempfile
 import threading
+import time
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -150,6 +151,8 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
 
     def load() -> None:
         try:
+            if config.load_delay > 0:
+                time.sleep(config.load_delay)
             api = _model_api()
             model = api.Model.load(path, device=config.device)
             if model.labels:  # first call pays lazy initialisation: do it before saying ready

@@ -40,6 +40,7 @@ class ServiceConfig:
     torch_threads: int = 1  # intra-op threads per worker: 1 avoids spin contention on a shared CPU
     classify_queue: int = 256  # classify requests waiting for a worker; more -> 429
     temp_dir: str | None = None  # where uploads are written (default: the system temp dir)
+    load_delay: float = 0.0  # seconds to wait before loading the model (tests use it to see "not ready")
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_files", "learn_queue", "classify_workers", "classify_batch",

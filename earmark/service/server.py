@@ -11,15 +11,15 @@ from earmark.service.config import ConfigError, ServiceConfig
 
 def serve(config: ServiceConfig, *, access_log: bool = True, log_level: str = "info") -> None:
     """Start the server; returns when it stops. Raises ConfigError / ModelLockedError before binding a port."""
+    config.check()
+    path = Path(config.model)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: model directory not found")
     import uvicorn
 
     from earmark.model import Model
     from earmark.service.app import create_app
 
-    config.check()
-    path = Path(config.model)
-    if not path.is_dir():
-        raise ConfigError(f"{path}: model directory not found")
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     lock = Model.lock(path) if config.mutating else contextlib.nullcontext()
