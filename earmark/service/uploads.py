@@ -76,7 +76,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 def safe_name(filename: str, index: int) -> str:
     """A filesystem-safe name that still reads like the original: ``03-dog_bark.wav``."""
     base = re.split(r"[\\/]", filename)[-1]
-    base = _UNSAFE.sub("_", base).strip("._") or "upload"
+    base = _UNSAFE.sub("_", base).strip(".") or "upload"
     if len(base) > 100:
         stem, dot, ext = base.rpartition(".")
         base = (stem[: 90] + dot + ext[:9]) if dot and len(ext) <= 9 else base[:100]
