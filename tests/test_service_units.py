@@ -82,7 +82,7 @@ class _Model:
     def __init__(self):
         self.calls: list[list[str]] = []
 
-    def predict(self, paths, top_k=5, window=None, hop=None):
+    def predict(self, paths, top_k=5, window=None, hop=None, names=None):
         self.calls.append(list(paths))
         if any("bad" in p for p in paths):
             raise ValueError("bad audio")
@@ -103,9 +103,9 @@ def test_batcher_batches_queued_jobs_and_isolates_a_bad_one():
     try:
         # queue several jobs behind a slow validation so the worker finds them waiting
         gate = threading.Event()
-        jobs = [ClassifyJob([f"f{i}"], 1, None, None, Future(), lambda: None,
+        jobs = [ClassifyJob([f"f{i}"], [f"f{i}"], 1, None, None, Future(), lambda: None,
                             validate=(gate.wait if i == 0 else None)) for i in range(4)]
-        jobs.append(ClassifyJob(["bad"], 1, None, None, Future(), lambda: None))
+        jobs.append(ClassifyJob(["bad"], ["bad"], 1, None, None, Future(), lambda: None))
         for j in jobs:
             clf.submit(j)
         gate.set()
@@ -125,13 +125,13 @@ def test_full_classify_queue_is_429():
     gate = threading.Event()
     try:
         holder.publish(_Model())
-        clf.submit(ClassifyJob(["x"], 1, None, None, Future(), lambda: None, validate=gate.wait))
+        clf.submit(ClassifyJob(["x"], ["x"], 1, None, None, Future(), lambda: None, validate=gate.wait))
         deadline = time.monotonic() + 5
         while not clf.queue.empty() and time.monotonic() < deadline:  # the worker took it and is blocked
             time.sleep(0.01)
-        clf.submit(ClassifyJob(["y"], 1, None, None, Future(), lambda: None))
+        clf.submit(ClassifyJob(["y"], ["y"], 1, None, None, Future(), lambda: None))
         with pytest.raises(ClientError) as err:
-            clf.submit(ClassifyJob(["z"], 1, None, None, Future(), lambda: None))
+            clf.submit(ClassifyJob(["z"], ["z"], 1, None, None, Future(), lambda: None))
         assert err.value.status == 429
     finally:
         gate.set()

@@ -124,18 +124,23 @@ def _top(pred, k: int) -> list[dict]:
     return [{"label": name, "probability": round(float(p), 6)} for name, p in list(pred.top)[:k]]
 
 
-def format_predictions(preds: list, uploads: Uploads, top_k: int, windowed: bool) -> list[dict]:
+def format_predictions(preds: list, top_k: int, windowed: bool) -> list[dict]:
+    """Predictions carry the client's filenames (``names=``); windows of one file come consecutively."""
     if not windowed:
-        return [{"file": uploads.original(p.file), "top": _top(p, top_k)} for p in preds]
-    out: dict[str, dict] = {}
+        return [{"file": p.file, "top": _top(p, top_k)} for p in preds]
+    out: list[dict] = []
+    last = None
     for p in preds:
-        entry = out.setdefault(str(p.file), {"file": uploads.original(p.file), "windows": []})
-        entry["windows"].append({"start": p.start, "end": p.end, "top": _top(p, top_k)})
-    return list(out.values())
+        if not out or p.file != out[-1]["file"] or (last is not None and p.start <= last):
+            out.append({"file": p.file, "windows": []})
+        out[-1]["windows"].append({"start": p.start, "end": p.end, "top": _top(p, top_k)})
+        last = p.start
+    return out
 
 
-def _write_silence(path: Path, seconds: float = 1.0, rate: int = 16000) -> Path:
-    sf.write(str(path), np.zeros(int(seconds * rate), dtype=np.float32), rate)
+def _write_tone(path: Path, seconds: float = 1.0, rate: int = 16000) -> Path:
+    t = np.arange(int(seconds * rate)) / rate
+    sf.write(str(path), (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), rate)
     return path
 
 
@@ -155,9 +160,16 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
                 time.sleep(config.load_delay)
             api = _model_api()
             model = api.Model.load(path, device=config.device)
+            # Model.embed pins the scan implementation by swapping the (shared, frozen) embedder's mixer
+            # configs for the duration of each call; from several threads at once those swaps would
+            # interleave. Pin it once here for the server's lifetime: every later swap is then a no-op.
+            pin = getattr(model.embedder, "batch_invariant", None)
+            if pin is not None:
+                runtime["pinned"] = pin()
+                runtime["pinned"].__enter__()
             if model.labels:  # first call pays lazy initialisation: do it before saying ready
                 with tempfile.TemporaryDirectory(prefix="earmark-warm-", dir=config.temp_dir) as tmp:
-                    model.predict([str(_write_silence(Path(tmp) / "warmup.wav"))], top_k=1)
+                    model.predict([str(_write_tone(Path(tmp) / "warmup.wav"))], top_k=1)
             snap = holder.publish(model)
             log.info("model %s loaded: %d labels, generation %d", path, len(snap.counts), snap.generation)
         except BaseException as exc:  # reported by /health/ready; the process stays up to say so
@@ -305,7 +317,7 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
             longest = config.max_long_file_seconds if window is not None else config.max_clip_seconds
             if window is not None:
                 longest = min(longest, window + hop * (config.max_windows - 1))
-            job = ClassifyJob([str(f.path) for f in uploads.files], top_k, window, hop, Future(), uploads.close,
+            job = ClassifyJob(uploads.paths, uploads.names, top_k, window, hop, Future(), uploads.close,
                               validate=lambda: check_audio(uploads, longest))
             try:
                 runtime["classifier"].submit(job)
@@ -323,7 +335,7 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
                 raise
             raise mapped from None
         return {"generation": snap.generation,
-                "results": format_predictions(preds, uploads, top_k, window is not None)}
+                "results": format_predictions(preds, top_k, window is not None)}
 
     @app.get("/labels", tags=["inspect"], responses={503: ERRORS[503]})
     async def labels():
@@ -356,8 +368,7 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
             except BaseException:
                 uploads.close()
                 raise
-            paths = [str(f.path) for f in uploads.files]
-            report, snap = await write(lambda m: m.learn(paths, name), uploads,
+            report, snap = await write(lambda m: m.learn(uploads.paths, name, names=uploads.names), uploads,
                                        lambda: check_audio(uploads, config.max_clip_seconds))
             return written(snap, report, label=name)
 
@@ -391,9 +402,16 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
             except BaseException:
                 uploads.close()
                 raise
-            paths = [str(f.path) for f in uploads.files]
-            report, snap = await write(lambda m: m.forget(label=name, files=paths), uploads,
-                                       lambda: check_audio(uploads, config.max_clip_seconds))
+
+            def change(m):
+                report = m.forget(files=uploads.paths, names=uploads.names)
+                others = sorted(set(report.get("labels", {})) - {name})
+                if others:  # raised before the save: the changed clone is dropped, nothing is applied
+                    raise ClientError(400, f"some clips were learned as {', '.join(map(repr, others))}, not "
+                                           f"{name!r}; nothing forgotten")
+                return report
+
+            report, snap = await write(change, uploads, lambda: check_audio(uploads, config.max_clip_seconds))
             return written(snap, report, label=name)
 
         return await with_admission(request, run)

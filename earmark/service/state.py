@@ -108,6 +108,7 @@ class ModelHolder:
 @dataclass
 class ClassifyJob:
     paths: list[str]
+    names: list[str]  # the client's filenames, for predictions and error messages
     top_k: int
     window: float | None
     hop: float | None
@@ -192,11 +193,12 @@ class Classifier:
             if len(ok) == 1:
                 job = ok[0]
                 self._finish(job, (snap, snap.model.predict(job.paths, top_k=job.top_k, window=job.window,
-                                                            hop=job.hop)))
+                                                            hop=job.hop, names=job.names)))
                 return
             paths = [p for job in ok for p in job.paths]
+            names = [n for job in ok for n in job.names]
             k = max(job.top_k for job in ok)
-            preds = snap.model.predict(paths, top_k=k)
+            preds = snap.model.predict(paths, top_k=k, names=names)
         except BaseException as exc:
             if len(ok) == 1:
                 self._finish(ok[0], exc=exc)
@@ -204,7 +206,7 @@ class Classifier:
             # one bad file must not fail its neighbours: run each request on its own
             for job in ok:
                 try:
-                    self._finish(job, (snap, snap.model.predict(job.paths, top_k=job.top_k)))
+                    self._finish(job, (snap, snap.model.predict(job.paths, top_k=job.top_k, names=job.names)))
                 except BaseException as exc2:
                     self._finish(job, exc=exc2)
             return

@@ -50,9 +50,17 @@ class Uploads:
     def original(self, path: str | Path) -> str:
         p = Path(path)
         for f in self.files:
-            if f.path == p or f.path.name == p.name:
+            if f.path == p or f.path.name == p.name or f.name == str(path):
                 return f.name
         return p.name
+
+    @property
+    def paths(self) -> list[str]:
+        return [str(f.path) for f in self.files]
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.files]
 
     def clean(self, text: str) -> str:
         """``text`` with every temp path replaced by the client's filename (and no temp dir left in it)."""
