@@ -60,8 +60,9 @@ class Run:
         rng = np.random.default_rng(seed)
         kinds = list(BASE_SOUNDS.values())
         self.classify_clips = [wav_bytes(kinds[i % len(kinds)], clip_seconds, 5000 + i) for i in range(12)]
-        self.learn_clips = {name: [wav_bytes(f, clip_seconds, 7000 + i) for i in range(4)]
-                            for name, f in BENCH_LABELS.items()}
+        # Model.learn refuses a clip it has learned already: every learn sends fresh audio
+        self.clip_seconds = clip_seconds
+        self.learn_seed = 10_000 * (seed + 1)
         self.rng = rng
         self.lock = threading.Lock()
         self.lat: dict[str, list[float]] = {"classify": [], "learn": []}
@@ -98,7 +99,10 @@ class Run:
                 learn = rng.random() < self.learn
                 if learn:
                     name = list(BENCH_LABELS)[int(rng.integers(len(BENCH_LABELS)))]
-                    clip = self.learn_clips[name][int(rng.integers(4))]
+                    with self.lock:
+                        self.learn_seed += 1
+                        clip_seed = self.learn_seed
+                    clip = wav_bytes(BENCH_LABELS[name], self.clip_seconds, clip_seed)
                     t0 = time.perf_counter()
                     try:
                         r = c.post(f"/labels/{name}/examples", files=[("files", ("clip.wav", clip, "audio/wav"))],

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from earmark.service.config import ServiceConfig
 from earmark.service.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
-from earmark.service.state import Classifier, ClassifyJob, ClientError, ModelHolder, Snapshot
+from earmark.service.state import Classifier, ClassifyJob, ClientError, ModelHolder, Snapshot, WriteJob
 from earmark.service.uploads import UploadError, Uploads, receive_uploads
 
 log = logging.getLogger("earmark.service")
@@ -185,6 +185,7 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
         if config.mutating and not locked:
             lock = _model_api().Model.lock(path)
             lock.__enter__()
+        holder.start()
         runtime["classifier"] = Classifier(holder, config.classify_workers, config.classify_batch,
                                            config.classify_queue)
         threading.Thread(target=load, name="earmark-load", daemon=True).start()
@@ -257,16 +258,10 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
     async def receive(request: Request) -> Uploads:
         return await receive_uploads(request, config.max_request_bytes, config.max_files, config.temp_dir)
 
-    async def write(change, uploads: Uploads | None = None, validate=None) -> tuple[dict, Snapshot]:
-        """Admitted already; run a change on the writer thread and wait for it to be saved and published."""
+    async def write(change=None, uploads: Uploads | None = None, validate=None, learn=None) -> tuple[dict, Snapshot]:
+        """Admitted already; queue a write for the writer thread and wait until it is saved and published."""
         cleanup = uploads.close if uploads is not None else (lambda: None)
-
-        def guarded(model):
-            if validate is not None:
-                validate()
-            return change(model)
-
-        fut = holder.submit_write(guarded, cleanup)
+        fut = holder.submit(WriteJob(Future(), cleanup, validate, change, learn))
         try:
             return await asyncio.wrap_future(fut)
         except Exception as exc:
@@ -368,8 +363,8 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
             except BaseException:
                 uploads.close()
                 raise
-            report, snap = await write(lambda m: m.learn(uploads.paths, name, names=uploads.names), uploads,
-                                       lambda: check_audio(uploads, config.max_clip_seconds))
+            report, snap = await write(uploads=uploads, validate=lambda: check_audio(uploads, config.max_clip_seconds),
+                                       learn=(uploads.paths, name, uploads.names))
             return written(snap, report, label=name)
 
         return await with_admission(request, run)

@@ -13,12 +13,13 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("earmark.service")
+MAX_GROUP_CLIPS = 256  # most clips committed by one grouped learn
 
 
 class ClientError(Exception):
@@ -44,17 +45,41 @@ class Snapshot:
         return {"generation": self.generation, "counts": self.counts}
 
 
-class ModelHolder:
-    """Holds the published snapshot, the writer thread and the learn queue's admission count."""
+@dataclass
+class WriteJob:
+    """One learn or forget. A learn is given as (paths, label, names) so queued learns can be committed
+    together; anything else is a ``change(clone) -> report`` run alone."""
 
-    def __init__(self, path: Path, learn_queue: int) -> None:
+    future: Future
+    cleanup: Callable[[], None]
+    validate: Callable[[], None] | None = None
+    change: Callable[[Any], dict] | None = None
+    learn: tuple[list[str], str, list[str]] | None = None
+
+
+class ModelHolder:
+    """Holds the published snapshot, the writer thread and the learn queue's admission count.
+
+    The writer commits queued learns as a group: one clone, one ``learn`` call over all their clips,
+    one save, one swap, then every request of the group is answered. A learn costs mostly the
+    learner's solve and the save, which are paid once per group instead of once per request. If the
+    group's learn fails (one request's clip is bad or a duplicate), each request is applied on its own,
+    relying on ``Model.learn`` changing nothing when it raises.
+    """
+
+    def __init__(self, path: Path, learn_queue: int, max_group: int = 32) -> None:
         self.path = path
         self.snapshot: Snapshot | None = None
         self.load_error: str | None = None
         self.learn_queue = learn_queue
+        self.max_group = max_group
         self.pending = 0  # admitted writes not yet answered (touched on the event loop only)
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="earmark-writer")
-        self._write_lock = threading.Lock()  # belt and braces: one write at a time even if a caller bypasses
+        self._jobs: queue.Queue[WriteJob | None] = queue.Queue()
+        self._carry: list[WriteJob | None] = []  # taken from the queue but not part of the group: next
+        self._writer = threading.Thread(target=self._run, name="earmark-writer")  # not a daemon: saves finish
+
+    def start(self) -> None:
+        self._writer.start()
 
     # -- reading
     @property
@@ -77,32 +102,129 @@ class ModelHolder:
     def release(self) -> None:
         self.pending -= 1
 
-    def submit_write(self, change: Callable[[Any], dict], cleanup: Callable[[], None]) -> Future:
-        """Run ``change(clone)`` on the writer thread, save the clone, publish it; returns the report.
+    def submit(self, job: WriteJob) -> Future:
+        """Queue a write; its future gives (report, snapshot) once the change is saved and published.
 
-        ``cleanup`` (the request's temp files) runs on the writer thread when the job is over, so files
-        are never deleted under a write that outlives its request.
+        ``job.cleanup`` (the request's temp files) runs on the writer thread when the job is over, so
+        files are never deleted under a write that outlives its request.
         """
-
-        def job() -> tuple[dict, Snapshot]:
-            try:
-                with self._write_lock:
-                    base = self.snapshot
-                    if base is None:
-                        raise ClientError(503, "the model is not loaded yet")
-                    new = base.model.clone()
-                    report = change(new)
-                    new.save(self.path)
-                    return report, self.publish(new)
-            finally:
-                cleanup()
-
-        fut = self._writer.submit(job)
-        fut.add_done_callback(lambda f: cleanup() if f.cancelled() else None)  # cancelled before it ran
-        return fut
+        self._jobs.put(job)
+        return job.future
 
     def close(self) -> None:
-        self._writer.shutdown(wait=True)
+        if self._writer.is_alive():
+            self._jobs.put(None)
+            self._writer.join()  # a write in progress finishes and is saved
+
+    # -- the writer thread
+    def _run(self) -> None:
+        while True:
+            job = self._carry.pop() if self._carry else self._jobs.get()
+            if job is None:
+                return
+            group = [job]
+            if job.learn is not None:
+                clips = len(job.learn[0])
+                while len(group) < self.max_group and clips < MAX_GROUP_CLIPS:
+                    try:
+                        nxt = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None or nxt.learn is None:
+                        self._carry.append(nxt)  # keeps the order: it runs next, on its own
+                        break
+                    group.append(nxt)
+                    clips += len(nxt.learn[0])
+            try:
+                self._write([j for j in group if self._start(j)])
+            except BaseException as exc:  # never let the writer die
+                log.exception("write failed")
+                for j in group:
+                    _finish(j.future, exc=exc)
+            finally:
+                for j in group:
+                    _cleanup(j.cleanup)
+
+    @staticmethod
+    def _start(job: WriteJob) -> bool:
+        if not job.future.set_running_or_notify_cancel():
+            return False
+        if job.validate is not None:
+            try:
+                job.validate()
+            except BaseException as exc:
+                _finish(job.future, exc=exc)
+                return False
+        return True
+
+    def _write(self, group: list[WriteJob]) -> None:
+        if not group:
+            return
+        base = self.snapshot
+        if base is None:
+            for j in group:
+                _finish(j.future, exc=ClientError(503, "the model is not loaded yet"))
+            return
+        if group[0].learn is None:  # a forget (or any change): alone
+            new = base.model.clone()
+            try:
+                report = group[0].change(new)
+            except BaseException as exc:
+                _finish(group[0].future, exc=exc)  # the clone is dropped: nothing applied
+                return
+            new.save(self.path)
+            _finish(group[0].future, (report, self.publish(new)))
+            return
+        new = base.model.clone()
+        done: list[tuple[WriteJob, dict]] = []
+        if len(group) > 1:
+            try:
+                new.learn([p for j in group for p in j.learn[0]],
+                          [j.learn[1] for j in group for _ in j.learn[0]],
+                          names=[n for j in group for n in j.learn[2]])
+                known = set(base.counts)
+                done = [(j, _learn_report(j, known)) for j in group]
+            except Exception:
+                new = base.model.clone()  # (it changed nothing; a fresh clone all the same) one by one
+        if not done:
+            known = set(base.counts)
+            for j in group:
+                try:
+                    new.learn(j.learn[0], j.learn[1], names=j.learn[2])
+                except BaseException as exc:
+                    _finish(j.future, exc=exc)
+                    continue
+                done.append((j, _learn_report(j, known)))
+        if not done:
+            return
+        new.save(self.path)
+        snap = self.publish(new)
+        for j, report in done:
+            _finish(j.future, (report, snap))
+
+
+def _learn_report(job: WriteJob, known: set[str]) -> dict:
+    """What ``Model.learn`` reports, for one request of a group (``known`` grows as labels appear)."""
+    paths, label, _ = job.learn
+    new = [] if label in known else [label]
+    known.add(label)
+    return {"learned": len(paths), "labels": {label: len(paths)}, "new": new, "skipped": []}
+
+
+def _finish(future: Future, result=None, exc: BaseException | None = None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+def _cleanup(cleanup: Callable[[], None]) -> None:
+    try:
+        cleanup()
+    except OSError:
+        log.warning("could not remove a request's temp files", exc_info=True)
 
 
 @dataclass
