@@ -380,17 +380,29 @@ class Model:
         for k, path in enumerate(paths):
             name = str(names[k]) if names is not None else str(path)
             try:
-                items = list(iter_windows(path, window, hop, self.embedder.audio_config))
+                out += list(self.predict_stream(path, name, window, hop, top_k))
             except AudioDecodeError as exc:
                 if on_error == "fail":
                     raise AudioDecodeError(name, exc.reason) from None
                 self.skipped.append((name, exc.reason))
-                continue
-            for start in range(0, len(items), 64):
-                chunk = items[start : start + 64]
-                tops = self._top([w for _, w in chunk], top_k)
-                out += [Prediction(name, top, t, t + window) for (t, _), top in zip(chunk, tops, strict=True)]
         return out
+
+    def predict_stream(self, path: str | Path, name: str, window: float, hop: float, top_k: int = 5,
+                         batch_size: int = 64) -> Iterator[Prediction]:
+        """Windows are decoded block by block and classified a batch at a time: memory stays flat."""
+        pending: list[tuple[float, np.ndarray]] = []
+        for item in iter_windows(path, window, hop, self.embedder.audio_config):
+            pending.append(item)
+            if len(pending) == batch_size:
+                yield from self._window_batch(pending, name, window, top_k)
+                pending = []
+        if pending:
+            yield from self._window_batch(pending, name, window, top_k)
+
+    def _window_batch(self, items: list[tuple[float, np.ndarray]], name: str, window: float,
+                      top_k: int) -> list[Prediction]:
+        tops = self._top([w for _, w in items], top_k)
+        return [Prediction(name, top, t, t + window) for (t, _), top in zip(items, tops, strict=True)]
 
     def _top(self, waves: Sequence[np.ndarray], k: int) -> list[list[tuple[str, float]]]:
         proba = self.learner.predict_proba(self.embed(waves)).cpu()
