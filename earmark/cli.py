@@ -469,7 +469,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from earmark.data.base import DatasetLayoutError
     from earmark.runtime import keep_freed_memory
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `learn MODEL --label NAME FILE...`: files after the option are still files
+        if args.command != "learn" or any(x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.files = [*args.files, *extra]
     keep_freed_memory()  # reuse freed tensor memory warm instead of page-faulting it in again
     try:
         return args.func(args)
