@@ -1,6 +1,6 @@
 """Peak memory of window-by-window prediction on long recordings: it must stay flat with file length.
 
-Writes 16 kHz 16-bit recordings of the given lengths (in blocks), runs `predict_windows` on each in a
+Writes 16 kHz 16-bit recordings of the given lengths (in blocks), runs `Model.predict_stream` on each in a
 fresh subprocess with a freshly initialized `fast` embedder and an NCM head (memory, not accuracy,
 is measured), and prints the peak resident memory (ru_maxrss) per length.
 
@@ -22,14 +22,14 @@ CHILD = r"""
 import json, resource, sys, time, torch
 from earmark.encoders.embedder import AudioEmbedder
 from earmark.learners import make_learner
-from earmark.predict import TrainedModel, predict_windows
+from earmark.model import Model
 torch.manual_seed(0)
 emb = AudioEmbedder("fast").eval()
-learner = make_learner("ncm").partial_fit(torch.randn(4, emb.embed_dim), [0, 1, 2, 3])
-model = TrainedModel(emb, learner, {i: f"class{i}" for i in range(4)})
+model = Model(emb, make_learner("ncm").partial_fit(torch.randn(4, emb.embed_dim), [0, 1, 2, 3]))
+model._names = {i: f"class{i}" for i in range(4)}
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter(); n = 0
-for _ in predict_windows(model, sys.argv[1], window=2.0, hop=1.0, batch_size=64):
+for _ in model.predict_stream(sys.argv[1], sys.argv[1], window=2.0, hop=1.0, top_k=1, batch_size=64):
     n += 1
 print(json.dumps({"windows": n, "seconds": time.perf_counter() - t, "rss_before_mib": base / 1024,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

@@ -142,8 +142,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from earmark.experiments import run
 
     config = _run_config(args)
-    run(config)
+    results = run(config)
     print(f"\nresults: {config.out}/results.json, plot: {config.out}/accuracy.png, config: {config.out}/config.yaml")
+    if "model" in results:
+        _print_next_steps(Path(results["model"]))
     return 0
 
 
@@ -169,14 +171,152 @@ def _seconds(value: str) -> float:
     return float(value[:-1]) if value.endswith("s") else float(value)
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from earmark.predict import load_model, predict_windows
+def _folder_clips(folder: str) -> tuple[list[Path], list[str]]:
+    """A folder of class sub-folders: every audio file under ``folder/<label>/`` gets that label."""
+    from earmark.data import load_dataset
 
-    model = load_model(args.model, args.learner, args.device)
-    for path in args.files:
-        for start, name, p in predict_windows(model, path, args.window, args.hop):
-            print(f"{path}\t{start:9.2f}s\t{name}\t{p:.3f}", flush=True)
+    ds = load_dataset("folder", folder)
+    return list(ds.paths), [ds.class_names[int(t)] for t in ds.targets]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from earmark.model import Model, ModelError
+    from earmark.training.supervised import TrainConfig
+
+    out = Path(args.out)
+    if out.exists():
+        raise ModelError(f"{out}: already exists; `earmark learn` adds to a model, or choose another path")
+    if args.folder:
+        paths, labels = _folder_clips(args.folder)
+    else:
+        from earmark.data import load_dataset
+
+        ds = load_dataset(args.dataset, args.root)
+        keep = [i for i in range(len(ds)) if args.test_fold is None or int(ds.folds[i]) != args.test_fold]
+        paths, labels = [ds.paths[i] for i in keep], [ds.class_names[int(ds.targets[i])] for i in keep]
+    params = _learner_params(args.params)
+    model = Model.train(paths, labels, encoder=args.encoder, learner=args.learner, learner_params=params,
+                        clip_seconds=args.clip_seconds, train=TrainConfig(epochs=args.epochs), seed=args.seed,
+                        device=args.device, on_error=args.on_error, progress=not args.no_progress)
+    model.save(out)
+    counts = model.counts()
+    print(f"trained {out}: {len(counts)} labels, {sum(counts.values())} clips, learner {args.learner}")
+    _print_next_steps(out)
     return 0
+
+
+def _learner_params(text: str | None) -> dict:
+    import yaml
+
+    if not text:
+        return {}
+    values = yaml.safe_load(Path(text).read_text()) if Path(text).is_file() else yaml.safe_load(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"--params: expected a mapping of learner options, got {text!r}")
+    return values
+
+
+def _print_next_steps(model: Path) -> None:
+    print(f"""use it:
+  earmark predict {model} CLIP.wav [--top-k 3] [--window 2 --hop 1]
+  earmark learn {model} --label NAME CLIP1.wav CLIP2.wav ...   (or --folder DIR of label sub-folders)
+  earmark forget {model} --label NAME        (or --files CLIP.wav ...)
+  earmark info {model}
+  earmark export {model} --onnx {model}.onnx""")
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    from earmark.model import Model
+
+    if args.folder:
+        paths, labels = _folder_clips(args.folder)
+        if args.files:
+            raise ValueError("give files with --label, or --folder, not both")
+    else:
+        if not args.label or not args.files:
+            raise ValueError("learn needs --label NAME with files, or --folder DIR")
+        paths, labels = list(args.files), args.label
+    with Model.lock(args.model):
+        model = Model.load(args.model, args.device)
+        report = model.learn(paths, labels, on_error=args.on_error)
+        model.save()
+    for item in report["skipped"]:
+        print(f"skipped {item['file']}: {item['reason']}", file=sys.stderr)
+    new = f" (new: {', '.join(report['new'])})" if report["new"] else ""
+    learned = ", ".join(f"{k} +{v}" for k, v in report["labels"].items())
+    print(f"learned {report['learned']} clip(s): {learned}{new}; {args.model} now knows {len(model.labels)} labels")
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from earmark.model import Model
+
+    if bool(args.label) == bool(args.files):
+        raise ValueError("forget needs --label NAME or --files FILE..., not both")
+    with Model.lock(args.model):
+        model = Model.load(args.model, args.device)
+        report = model.forget(label=args.label) if args.label else model.forget(files=args.files)
+        model.save()
+    gone = f"; label(s) removed: {', '.join(report['removed_labels'])}" if report["removed_labels"] else ""
+    print(f"forgot {report['forgot']} clip(s) exactly{gone}; {len(model.labels)} labels left")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    from earmark.model import Model
+
+    info = Model.load(args.model).info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    enc, learner = info["encoder"], info["learner"]
+    print(f"model {args.model} (format {info['format']}, earmark {info['earmark']}, generation {info['generation']})")
+    print(f"encoder: {enc['config'].get('arch', 'mamba')} width {enc['config']['embed_dim']} depth "
+          f"{enc['config']['depth']}, {enc['parameters']:,} parameters, {enc['bytes']:,} bytes")
+    print(f"learner: {learner['name']} {learner['config']}, state {learner['state_bytes']:,} bytes")
+    print(f"forget: {info['forget']}")
+    print(f"journal: {info['clips']} clips, {info['journal_bytes']:,} bytes (hashes only: no audio, no embeddings)")
+    print(f"{len(info['labels'])} labels (clips):")
+    for name, n in info["labels"].items():
+        print(f"  {name}\t{n}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from earmark.model import Model
+
+    report = Model.load(args.model).export_onnx(args.onnx)
+    print(f"wrote {args.onnx} ({report.get('bytes', '?')} bytes; input {report.get('input')}); onnxruntime "
+          f"matches PyTorch within {report.get('max_abs_diff', float('nan')):.2e}; labels in {args.onnx}.labels.json")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+    import json
+
+    from earmark.model import Model
+
+    model = Model.load(args.model, args.device)
+    preds = model.predict(args.files, top_k=args.top_k, window=args.window, hop=args.hop, on_error=args.on_error)
+    rows = [{"file": p.file, "start": p.start, "end": p.end, "label": p.label, "probability": p.top[0][1],
+             "top": " ".join(f"{n}:{v:.3f}" for n, v in p.top)} for p in preds]
+    if args.format == "json":
+        print(json.dumps({"predictions": [p.to_dict() for p in preds],
+                          "skipped": [{"file": f, "reason": r} for f, r in model.skipped]}, indent=2))
+    elif args.format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["file"])
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        for r in rows:
+            when = f"{r['start']:.2f}s\t" if r["start"] is not None else ""
+            print(f"{r['file']}\t{when}{r['label']}\t{r['probability']:.3f}\t{r['top']}", flush=True)
+    for f, reason in model.skipped:
+        print(f"skipped {f}: {reason}", file=sys.stderr)
+    return 1 if model.skipped and not preds else 0
 
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
@@ -287,14 +427,57 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--on-error", choices=["fail", "skip"], default="fail")
     pre.add_argument("--out", default="runs/pretrain/encoder.safetensors", help="checkpoint (resumed if present)")
     pre.set_defaults(func=cmd_pretrain)
-    pred = sub.add_parser("predict", help="label audio files window by window with a trained run")
+    train = sub.add_parser("train", help="base-train a model on a dataset or a folder of label sub-folders")
+    tsrc = train.add_mutually_exclusive_group(required=True)
+    tsrc.add_argument("--folder", help="a folder of label sub-folders of audio files")
+    tsrc.add_argument("--dataset", help="a dataset loader name (with --root), e.g. esc50")
+    train.add_argument("--root", help="dataset folder for --dataset")
+    train.add_argument("--test-fold", type=int, default=None, help="--dataset: leave this fold out")
+    train.add_argument("-o", "--out", required=True, help="the model directory to create")
+    train.add_argument("--encoder", default="fast", help="encoder preset (fast, tiny, small, ast-fast, ...)")
+    train.add_argument("--learner", default="analytic", help="incremental head (ncm, lda, analytic, ranpac, ...)")
+    train.add_argument("--params", help="learner options as YAML text or a YAML file, e.g. '{gamma: 1000}'")
+    train.add_argument("--epochs", type=int, default=20)
+    train.add_argument("--clip-seconds", type=float, default=2.0)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="cpu")
+    train.add_argument("--on-error", choices=["fail", "skip"], default="fail")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(func=cmd_train)
+    learn = sub.add_parser("learn", help="teach a model new labels, or more examples of known ones")
+    learn.add_argument("model")
+    learn.add_argument("files", nargs="*")
+    learn.add_argument("--label", help="the label of the files")
+    learn.add_argument("--folder", help="a folder of label sub-folders instead of --label and files")
+    learn.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                       help="a bad file: fail and learn nothing (default), or skip it and learn the rest")
+    learn.add_argument("--device", default="cpu")
+    learn.set_defaults(func=cmd_learn)
+    pred = sub.add_parser("predict", help="label audio files (or windows of long recordings) with a model")
+    pred.add_argument("model", help="a model directory (earmark train, or MODEL written by demo/run)")
     pred.add_argument("files", nargs="+")
-    pred.add_argument("--model", default="runs/demo", help="a run folder written by demo/run")
-    pred.add_argument("--learner", default="analytic")
-    pred.add_argument("--window", type=_seconds, default=2.0, help="window length, e.g. 2s")
-    pred.add_argument("--hop", type=_seconds, default=1.0, help="hop between windows, e.g. 1s")
+    pred.add_argument("--top-k", type=int, default=3)
+    pred.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    pred.add_argument("--window", type=_seconds, default=None, help="window length for long files, e.g. 2s")
+    pred.add_argument("--hop", type=_seconds, default=None, help="hop between windows, e.g. 1s (default: window)")
+    pred.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                      help="a bad file: stop (default), or skip it, predict the rest and list it")
     pred.add_argument("--device", default="cpu")
     pred.set_defaults(func=cmd_predict)
+    forget = sub.add_parser("forget", help="exactly unlearn a label, or clips that were learned")
+    forget.add_argument("model")
+    forget.add_argument("--label")
+    forget.add_argument("--files", nargs="+")
+    forget.add_argument("--device", default="cpu")
+    forget.set_defaults(func=cmd_forget)
+    info = sub.add_parser("info", help="labels with clip counts, learner, encoder, sizes, what forget can do")
+    info.add_argument("model")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_info)
+    export = sub.add_parser("export", help="encoder and head as ONNX, checked against PyTorch with onnxruntime")
+    export.add_argument("model")
+    export.add_argument("--onnx", required=True, help="output .onnx file")
+    export.set_defaults(func=cmd_export)
     render = sub.add_parser("render", help="render the embedded General MIDI dataset to a folder")
     render.add_argument("out")
     render.add_argument("--classes", type=int, default=100)
@@ -327,7 +510,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from earmark.data.base import DatasetLayoutError
     from earmark.runtime import keep_freed_memory
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `learn MODEL --label NAME FILE...`: files after the option are still files
+        if args.command != "learn" or any(x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.files = [*args.files, *extra]
     keep_freed_memory()  # reuse freed tensor memory warm instead of page-faulting it in again
     try:
         return args.func(args)

@@ -35,7 +35,8 @@ def test_demo_pipeline_end_to_end(tiny_run, capsys):
     assert "Accuracy (%) on all classes seen so far" in out and "forgetting" in out
     saved = json.loads((tmp := __import__("pathlib").Path(tiny_run.out)).joinpath("results.json").read_text())
     assert (tmp / "accuracy.png").stat().st_size > 1000
-    assert (tmp / "embedder.safetensors").is_file() and (tmp / "learner-analytic.safetensors").is_file()
+    assert (tmp / "embedder.safetensors").is_file() and (tmp / "model" / "model.json").is_file()
+    assert saved["model"] == str(tmp / "model")
     assert set(saved["learners"]) == {"ncm", "analytic", "joint-ridge"}
     assert len(saved["scenario"]["session_classes"]) == 3
     assert saved["scenario"]["session_classes"][0] == [0, 1, 2, 3]
@@ -158,14 +159,15 @@ def test_class_order_subset_restricts_the_run(tiny_run):
         build_parser().parse_args(["run", "--class-order", "a-b"])
 
 
-def test_predict_labels_a_recording_window_by_window(tiny_run, tmp_path, capsys):
+def test_run_writes_a_model_that_predicts_windows_of_a_recording(tiny_run, tmp_path, capsys):
     import soundfile as sf
 
-    from earmark.predict import load_model, predict_windows
+    from earmark.model import Model
 
     results = run(tiny_run)
-    model = load_model(tiny_run.out, "analytic")
-    assert set(model.class_names.values()) == set(results["scenario"]["label_map"])
+    model = Model.load(results["model"])
+    assert set(model.labels) == set(results["scenario"]["label_map"])
+    assert model.learner.name == "analytic" and len(model.journal) == sum(model.counts().values())
     # a recording made of two clips of the dataset, back to back
     from earmark.data import load_dataset
 
@@ -173,13 +175,13 @@ def test_predict_labels_a_recording_window_by_window(tiny_run, tmp_path, capsys)
     a, b = (sf.read(ds.paths[i], dtype="float32")[0] for i in (0, len(ds) - 1))
     rec = tmp_path / "recording with spaces.wav"
     sf.write(rec, np.concatenate([a, b]), 16000)
-    rows = list(predict_windows(model, rec, window=1.0, hop=0.5))
-    assert [t for t, _, _ in rows] == [0.0, 0.5, 1.0]
-    assert all(name in model.class_names.values() and 0 < p <= 1 for _, name, p in rows)
+    rows = model.predict([rec], top_k=1, window=1.0, hop=0.5)
+    assert [p.start for p in rows] == [0.0, 0.5, 1.0]
+    assert all(p.label in model.labels and 0 < p.top[0][1] <= 1 for p in rows)
     capsys.readouterr()
-    assert main(["predict", str(rec), "--model", tiny_run.out, "--window", "1s", "--hop", "0.5s"]) == 0
+    assert main(["predict", results["model"], str(rec), "--window", "1s", "--hop", "0.5s"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 3 and lines[0].split("\t")[2] == rows[0][1]
+    assert len(lines) == 3 and lines[0].split("\t")[1:3] == ["0.00s", rows[0].label]
 
 
 def test_bad_file_fails_clearly_then_skip_reports_it(tiny_run, tmp_path):

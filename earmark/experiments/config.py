@@ -44,6 +44,9 @@ class RunConfig:
         default_factory=lambda: {"analytic": {"gamma": 1000.0}, "dsal": {"gamma": 1000.0, "gamma_comp": 1000.0}}
     )
     joint_bound: bool = True
+    # The learner of the model directory written to <out>/model (what `earmark predict/learn/forget` use):
+    # None picks analytic if it ran, else the first learner on embeddings that ran; "" writes no model.
+    model_learner: str | None = None
     seed: int = 0  # one seed for everything: class order, support sets, encoder init and base training
     device: str = "cpu"
     batch_size: int = 64  # for embedding

@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from earmark.checkpoint import atomic_write_text, save_tensors
+from earmark.checkpoint import atomic_write_text
 from earmark.experiments.config import RunConfig
 from earmark.experiments.evaluate import evaluate, evaluate_joint
-from earmark.experiments.prepare import build_learner, encoder_summary, module_bytes, prepare
-from earmark.experiments.report import jsonable, nan_to_none, render_report
-from earmark.learners import IncrementalLearner
+from earmark.experiments.prepare import Prepared, build_learner, encoder_summary, module_bytes, prepare
+from earmark.experiments.report import jsonable, log, nan_to_none, render_report
+from earmark.learners import LEARNERS, IncrementalLearner
 from earmark.metrics import AccuracyMatrix
 from earmark.plots import JOINT, plot_sessions
 
@@ -67,14 +67,47 @@ def run(config: RunConfig) -> dict:
         },
         "timings": timings,
     }
+    model_dir = write_model(config, prep, out / "model")
+    if model_dir is not None:
+        results["model"] = str(model_dir)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(results["config"], sort_keys=False))
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
     plot_sessions(results, out / "accuracy.png")
-    for name, learner in learners.items():
-        learner_path = out / f"learner-{name}.safetensors"
-        save_tensors(learner_path, learner.state_dict(),
-                     {"kind": "learner", "name": name, "config": asdict(learner.config)})
     print(render_report(results))
+    if model_dir is not None:
+        print(f"\nmodel: {model_dir} ({config_model_learner(config)} on the trained encoder, every training clip "
+              "of the scenario learned)")
     return results
+
+
+def config_model_learner(config: RunConfig) -> str | None:
+    """The learner the run's model directory uses (see ``RunConfig.model_learner``)."""
+    if config.model_learner is not None:
+        return config.model_learner or None
+    on_embeddings = [n for n in config.learners if not LEARNERS.get(n).needs_encoder()]
+    return "analytic" if "analytic" in on_embeddings else (on_embeddings[0] if on_embeddings else None)
+
+
+def write_model(config: RunConfig, prep: Prepared, path: Path) -> Path | None:
+    """The product of a run: a Model on the trained encoder that has learned every training clip of the scenario.
+
+    It is learned afresh from the audio (not copied from the evaluated learner), so its journal holds the
+    decoded clips' hashes and the embeddings' digests, and ``earmark forget --files`` works on it.
+    """
+    name = config_model_learner(config)
+    if name is None:
+        return None
+    from earmark.model import Model
+
+    train = [int(i) for s in prep.scenario for i in s.train_indices if int(i) in prep.row_of]
+    model = Model.from_embedder(prep.embedder, name, config.learner_params.get(name, {}), config.device)
+    ds = prep.dataset
+    # Bad files were already failed or skipped by prepare(); "skip" here only drops duplicate clips (the
+    # same decoded audio twice in a dataset), which a model learns once.
+    report = model.learn([ds.paths[i] for i in train], [ds.class_names[int(ds.targets[i])] for i in train],
+                         on_error="skip")
+    if report["skipped"]:
+        log(f"model: {len(report['skipped'])} clip(s) not learned, e.g. {report['skipped'][0]}", config.progress)
+    return model.save(path)
 
 
