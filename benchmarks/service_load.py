@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", help="comma-separated total request rates (open loop); default: closed loop")
     p.add_argument("--max-requests", type=int, default=20000, help="per run")
     p.add_argument("--workers", type=int, default=2, help="server classify workers")
-    p.add_argument("--server-args", default="", help="extra `earmark serve` arguments")
+    p.add_argument("--server-args", default="", help="extra `earmark serve` arguments (--server-args='...')")
+    p.add_argument("--buffer-size", type=int, default=2048,
+                   help="analytic learner's buffer for the built model (2048: the default; the tests use 512)")
     args = p.parse_args(argv)
     seconds = min(args.seconds, MAX_SECONDS)
 
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.model:
             shutil.copytree(args.model, model)
         else:
-            build_model(model)
+            build_model(model, learner_params={"buffer_size": args.buffer_size})
         srv = ServerProcess(model, args=["--no-access-log", "--learn-queue", str(4 * args.clients),
                                          "--workers", str(args.workers), *args.server_args.split()],
                             log_path=work / "server.log")
@@ -206,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             base = {lab["name"]: lab["clips"] for lab in httpx.get(srv.url + "/labels").json()["labels"]}
             print(f"service_load: {args.clients} clients, {seconds:g} s per run, learn {args.learn:.0%}, "
                   f"{args.clip_seconds:g} s clips, server workers {args.workers}, cpus {os.cpu_count()}, "
+                  f"{'given model' if args.model else f'analytic buffer {args.buffer_size}'}, "
                   f"load average {load_average()}")
             rates = [float(r) for r in args.rates.split(",")] if args.rates else [None]
             acked: dict[str, int] = {}

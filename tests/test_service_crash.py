@@ -82,6 +82,8 @@ def test_sigkill_during_learn_stream_loses_nothing_acknowledged(tmp_path):
     with lock:
         acked, more, sent, sent_m = list(acked_new), acked_more, list(sent_new), sent_more
 
+    in_flight = len(sent) - len(acked) + sent_m - more
+    print(f"\nacknowledged {len(acked)} new labels + {more} additions; {in_flight} request(s) in flight at the kill")
     again = ServerProcess(model, log_path=tmp_path / "server2.log").start()  # the lock died with the process
     try:
         after = _labels(again.url)
