@@ -137,3 +137,66 @@ def test_full_classify_queue_is_429():
         gate.set()
         clf.close()
         holder.close()
+
+
+class _Learner:
+    """A model stand-in for the writer: learn raises for a path containing 'bad', like Model.learn (no change)."""
+
+    def __init__(self):
+        self.data: dict[str, int] = {}
+        self.generation = 0
+        self.learn_calls = 0
+        self.saves = 0
+
+    def clone(self):
+        other = _Learner()
+        other.data, other.generation, other.learn_calls, other.saves = dict(self.data), self.generation, \
+            self.learn_calls, self.saves
+        return other
+
+    def learn(self, paths, labels, names=None):
+        self.learn_calls += 1
+        labels = [labels] * len(paths) if isinstance(labels, str) else labels
+        if any("bad" in p for p in paths):
+            raise ValueError("bad clip")
+        for lab in labels:
+            self.data[lab] = self.data.get(lab, 0) + 1
+        return {}
+
+    def save(self, path):
+        self.generation += 1
+        self.saves += 1
+
+    def counts(self):
+        return dict(self.data)
+
+    def info(self):
+        return {}
+
+
+def test_writer_groups_queued_learns_and_isolates_a_bad_one():
+    from earmark.service.state import WriteJob
+
+    holder = ModelHolder(Path("."), 10)
+    holder.publish(_Learner())
+    gate = threading.Event()
+    first = WriteJob(Future(), lambda: None, validate=gate.wait, learn=(["a0"], "a", ["a0"]))
+    rest = [WriteJob(Future(), lambda: None, learn=([f"{x}{i}" for i in range(2)], x, ["n", "n"]))
+            for x in ("b", "bad", "c")]
+    holder.start()
+    try:
+        holder.submit(first)  # holds the writer until the others are queued
+        for j in rest:
+            holder.submit(j)
+        gate.set()
+        report, snap = first.future.result(10)
+        assert report == {"learned": 1, "labels": {"a": 1}, "new": ["a"], "skipped": []}
+        b, c = rest[0].future.result(10), rest[2].future.result(10)
+        with pytest.raises(ValueError):
+            rest[1].future.result(10)
+        assert b[1] is c[1]  # one group: one save, one snapshot for both
+        assert c[1].counts == {"a": 1, "b": 2, "c": 2}  # the bad request changed nothing
+        assert c[1].model.saves <= 2  # "a" alone or in the group, then b+bad+c: never one save per request
+        assert b[0] == {"learned": 2, "labels": {"b": 2}, "new": ["b"], "skipped": []}
+    finally:
+        holder.close()
