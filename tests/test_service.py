@@ -236,6 +236,7 @@ def test_learn_queue_full_is_429(client, server, work):
 def test_model_info_docs_and_page(client):
     info = client.get("/model").json()
     assert info["read_only"] is False and info["limits"]["max_files"] == 8 and "generation" in info
+    assert "path" not in info
     spec = client.get("/openapi.json").json()
     for path in ("/classify", "/labels/{name}/examples", "/labels/{name}", "/labels/{name}/forget", "/labels",
                  "/model", "/health/live", "/health/ready", "/metrics"):

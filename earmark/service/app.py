@@ -345,7 +345,8 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
         limits = {k: getattr(config, k) for k in ("max_request_bytes", "max_files", "max_clip_seconds",
                                                     "max_long_file_seconds", "max_windows", "max_top_k",
                                                     "learn_queue")}
-        return {**snap.info, "generation": snap.generation, "read_only": config.read_only, "limits": limits}
+        info = {k: v for k, v in snap.info.items() if k != "path"}  # no server paths to anonymous clients
+        return {**info, "generation": snap.generation, "read_only": config.read_only, "limits": limits}
 
     # -- writing
     @app.post("/labels/{name}/examples", dependencies=[Depends(authorize)], openapi_extra=UPLOAD_BODY,
