@@ -183,3 +183,37 @@ def test_known_score_uses_the_calibrated_temperature():
     a = known_score(learner, X, "msp", Calibrator(temperature=0.5))
     assert torch.allclose(a, torch.softmax(s / 0.5, 1).max(1).values)
     assert torch.allclose(known_score(learner, X, "msp"), torch.softmax(s, 1).max(1).values)
+
+
+# --------------------------------------------------------------------------- compare reports it
+
+
+def test_compare_reports_open_set_per_session(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    import earmark.experiments.compare as compare_mod
+    from earmark.experiments import RunConfig
+    from tests.test_calibration import _dataset_with_embeddings
+
+    scenario, X, row_of = _dataset_with_embeddings()
+    encoder = SimpleNamespace(encoder=torch.nn.Linear(2, 2))
+    prep = SimpleNamespace(scenario=scenario, X=X, row_of=row_of, embedder=encoder,
+                           inputs_for=lambda learner: X, total_bytes=lambda learner: learner.nbytes())
+    monkeypatch.setattr(compare_mod, "prepare", lambda config, embed_train_pool=False: prep)
+    monkeypatch.setattr(compare_mod, "encoder_summary", lambda prep: {"fake": True})
+    config = RunConfig(out=str(tmp_path / "c"), learners=["ncm", "lda"], learner_params={"lda": {"shrinkage": 0.1}},
+                       progress=False)
+    results = compare_mod.compare(config, trials=2)
+    printed = capsys.readouterr().out
+    assert "AUROC" in printed and "FAR@95" in printed and "ECE cal" in printed
+    saved = json.loads((tmp_path / "c" / "results.json").read_text())
+    for name in ("ncm", "lda"):
+        rows = saved["learners"][name]["open_set_mean"]
+        assert [r["session"] for r in rows] == [0, 1, 2]
+        assert rows[0]["auroc"] is not None and 0 <= rows[0]["far95"] <= 1
+        assert rows[-1]["auroc"] is None and rows[-1]["far95"] is None  # no classes left to come
+        trials = saved["learners"][name]["trials"]
+        assert len(trials) == 2 and len(trials[1]["open_set"]) == 3
+        # the accuracy column is the accuracy matrix's seen accuracy, averaged over trials
+        assert rows[1]["accuracy"] == pytest.approx(np.mean([t["seen_accuracy"][1] for t in trials]))
+    assert results["learners"]["ncm"]["open_set_mean"] == saved["learners"]["ncm"]["open_set_mean"]
