@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     tun = sub.add_parser("tune", help="grid-search learner options on a tuning scenario; writes params.yaml for "
                                       "`compare --params` (tune on classes disjoint from the evaluation's)")
     _add_run_options(tun)
-    tun.add_argument("--grid", help="YAML file of learner -> {option: [values]} (default: earmark.experiments.tune.DEFAULT_GRID)")
+    tun.add_argument("--grid", help="YAML file of learner -> {option: [values]} "
+                                    "(default: earmark.experiments.tune.DEFAULT_GRID)")
     tun.add_argument("--trials", type=int, default=3, help="support-set draws per grid point, default 3")
     tun.add_argument("--metric", default="average_incremental_accuracy",
                      help="score to maximize (forgetting / performance_drop: minimize), default "

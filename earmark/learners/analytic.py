@@ -1,10 +1,11 @@
 """Analytic class-incremental learning (ACIL / G-ACIL): a recursive ridge on a random ReLU buffer.
 
-Split as in Analytic-continual-learning: a frozen random **buffer** expands embeddings,
-a **solver** keeps the recursive ridge state, and the **learner** wraps both behind the
-incremental protocol. The recursive update is weight-invariant: after any sequence of batches
-(any class order, any split, classes recurring in several sessions) the weights equal the
-joint ridge solution on all data seen, which ``joint_ridge`` computes directly.
+Split as in Analytic-continual-learning: a frozen random **buffer** expands embeddings, the ridge's
+**statistics** accumulate (``earmark.learners.statistics``) and are **solved** after each change, and the
+**learner** wraps them behind the incremental protocol. After any sequence of batches (any class
+order, any split, classes recurring in several sessions) the weights equal the joint ridge solution on
+all data seen, which ``joint_ridge`` computes directly. ``RecursiveRidge`` is ACIL's recursive form of
+the same update (DS-AL's streams use it); it cannot forget, since it keeps only the inverse.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from earmark.learners.base import (
     LearnerConfig,
     ResizableBuffersModule,
 )
+from earmark.learners.statistics import RidgeStatistics
 
 
 def joint_ridge(H: Tensor, Y: Tensor, gamma: float) -> Tensor:
@@ -128,14 +130,16 @@ class AnalyticConfig(LearnerConfig):
     embedding itself). Larger M separates classes better but the solver keeps an M x M float64
     matrix (M=2048: 32 MiB, M=8192 as in the ACIL paper: 512 MiB) and each sample costs O(M^2).
     2048 is a CPU-friendly default. ``gamma``: ridge strength (0.1 as in ACIL). ``seed``: seeds W_B.
-    ``block_size``: rows per recursive update; bounds the b x b Cholesky and the b x M temporaries
-    (cost per sample ~ 2 M^2 + 2 b M, so blocks larger than M buy nothing). Results do not depend on it.
+    ``block_size``: rows expanded at a time; bounds the b x M temporaries. Results do not depend on it.
+    ``class_factors``: keep per-class Gram factors (at most ``min(n_c, M)`` x M float64 per class) so a
+    whole class can be forgotten exactly; without them only samples can be.
     """
 
     buffer_size: int = 2048
     gamma: float = 0.1
     seed: int = 0
     block_size: int = 1024
+    class_factors: bool = True
 
     def __post_init__(self) -> None:
         if self.buffer_size < 0:
@@ -148,27 +152,34 @@ class AnalyticConfig(LearnerConfig):
 
 @LEARNERS.register("analytic")
 class AnalyticLearner(IncrementalLearner):
-    """ACIL / G-ACIL: recursive ridge on ReLU(f W_B), equal to the joint ridge on all data seen.
+    """ACIL / G-ACIL: ridge on ReLU(f W_B), equal to the joint ridge on all data seen.
 
-    Targets are one-hot over all classes seen so far. Scores are the ridge outputs ``h W``
-    (computed in float64, returned float32 by ``decision_function``); ``predict_proba`` is their
-    softmax, which is a ranking-preserving normalization, not a calibrated probability: ridge
-    regression to one-hot targets gives scores near [0, 1], so the softmax is rather flat.
+    Targets are one-hot over all classes seen so far. The learner keeps the ridge's sufficient
+    statistics (``G = H'H``, ``Q = H'Y`` and per-class Gram factors, :class:`RidgeStatistics`) and
+    solves ``W = (G + gamma I)^-1 Q`` by Cholesky after each change. That is ACIL's recursive update
+    (:class:`RecursiveRidge`) written as accumulate-then-solve: the same weights after any split or
+    order, and the same arithmetic for learning, exact forgetting (subtract, solve again) and merging.
+    Scores are the ridge outputs ``h W`` (computed in float64, returned float32 by
+    ``decision_function``); ``predict_proba`` is their softmax, a ranking-preserving normalization,
+    not a calibrated probability.
     """
 
     Config = AnalyticConfig
     name = "analytic"
+    can_forget = True
+    can_merge = True
 
     def __init__(self, config: AnalyticConfig | None = None) -> None:
         super().__init__(config)
         self.buffer = RandomReLUBuffer(self.config.buffer_size, self.config.seed)
-        self.solver = RecursiveRidge(self.config.gamma, self.config.block_size)
+        self.stats = RidgeStatistics(class_factors=self.config.class_factors)
+        self.register_buffer("weights", torch.zeros(0, 0, dtype=torch.float64))
 
     @property
     def weights_(self) -> Tensor:
         """Ridge weights ``(D, n_classes)`` in float64, columns in ``classes_`` order (a copy)."""
         self._require_fitted()
-        return self.solver.W.clone()
+        return self.weights.clone()
 
     @torch.no_grad()
     def expand(self, X: ArrayLike) -> Tensor:
@@ -178,30 +189,49 @@ class AnalyticLearner(IncrementalLearner):
 
     def _init_state(self, d: int) -> None:
         self.buffer.build(d)
-        self.solver.reset(self.buffer.out_features(d))
+        self.stats.reset(self.buffer.out_features(d))
 
     def _grow(self, k: int) -> None:
-        self.solver.add_outputs(k)
+        self.stats.grow(k)
+
+    def _blocks(self, X: Tensor, cols: Tensor):
+        for start in range(0, X.shape[0], self.config.block_size):
+            yield self.buffer(X[start : start + self.config.block_size]), cols[start : start + self.config.block_size]
 
     def _update(self, X: Tensor, cols: Tensor) -> None:
-        Y = F.one_hot(cols, self.n_classes_).to(torch.float64)
-        self.solver.update(self.buffer(X), Y)
+        for H, c in self._blocks(X, cols):
+            self.stats.learn(H, c)
+        self._solve()
+
+    def _downdate(self, X: Tensor, cols: Tensor) -> None:
+        for H, c in self._blocks(X, cols):
+            self.stats.unlearn(H, c)
+        self._solve()
+
+    def _remove_class(self, col: int) -> None:
+        self.stats.drop_class(col)
+        self._solve()
+
+    def _solve(self) -> None:
+        self.weights = self.stats.solve(self.config.gamma)
 
     def _scores(self, X: Tensor) -> Tensor:
-        return self.solver(self.buffer(X))
+        return self.buffer(X) @ self.weights
 
     def _check_state(self) -> None:
         super()._check_state()
         c, d, m = self.n_classes_, self.n_features_in_, self.config.buffer_size
         if not self.is_fitted:
-            if self.buffer.projection.numel() or self.solver.R.numel() or self.solver.W.numel():
-                raise ValueError("inconsistent analytic state: solver or buffer state present but no classes")
+            if self.buffer.projection.numel() or self.stats.gram.numel() or self.weights.numel():
+                raise ValueError("inconsistent analytic state: statistics or buffer present but no classes")
             return
         D = self.buffer.out_features(d)
         want_proj = (d, m) if m > 0 else (0, 0)
-        got = {"projection": self.buffer.projection, "R": self.solver.R, "W": self.solver.W}
-        want = {"projection": want_proj, "R": (D, D), "W": (D, c)}
-        bad = [f"{k} {tuple(got[k].shape)} != {want[k]}" for k in got if tuple(got[k].shape) != want[k]]
+        bad = self.stats.check(c, D)
+        if tuple(self.buffer.projection.shape) != want_proj:
+            bad.append(f"projection {tuple(self.buffer.projection.shape)} != {want_proj}")
+        if tuple(self.weights.shape) != (D, c):
+            bad.append(f"weights {tuple(self.weights.shape)} != {(D, c)}")
         if bad:
             raise ValueError(
                 f"analytic state does not match buffer_size={m}, d={d}, {c} classes: {'; '.join(bad)}"

@@ -32,6 +32,10 @@ class NotFittedError(RuntimeError):
     """A learner was asked to predict (or expand) before it saw any data."""
 
 
+class ForgetUnsupportedError(ValueError):
+    """The learner cannot remove what it learned exactly (its state is not a sum over samples)."""
+
+
 @dataclass
 class LearnerConfig:
     """Base for learner configs: plain JSON-friendly fields only, so ``dataclasses.asdict`` round-trips."""
@@ -96,6 +100,15 @@ class IncrementalLearner(ResizableBuffersModule):
     Config: ClassVar[type] = LearnerConfig
     name: ClassVar[str] = ""
     input_ndim: ClassVar[int] = 2  # 2: embeddings (n, d); 3: log-mel (n, n_mels, frames) for backbone learners
+    # Capabilities that callers branch on, declared here rather than probed with getattr:
+    can_forget: ClassVar[bool] = False  # forget_class / forget_samples give exactly the retrained-without state
+    can_merge: ClassVar[bool] = False  # statistics from two learners add up to the learner of the union
+    takes_budget: ClassVar[bool] = False  # a memory budget sizes its exemplar memory (compare --memory-budget)
+
+    @classmethod
+    def needs_encoder(cls) -> bool:
+        """Backbone-updating learners read log-mel and train their own copy of the encoder."""
+        return cls.input_ndim == 3
 
     def __init__(self, config: Any = None) -> None:
         super().__init__()
@@ -106,6 +119,7 @@ class IncrementalLearner(ResizableBuffersModule):
         self.config = cfg
         # Labels in column order; feature width d (0 while unfitted). Both are state, so they round-trip.
         self.register_buffer("class_labels", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("class_counts", torch.zeros(0, dtype=torch.long))  # samples learned per class
         self.register_buffer("feature_dim", torch.zeros((), dtype=torch.long))
         # Runs after this module and its children loaded, also when the learner is nested in another module.
         self.register_load_state_dict_post_hook(_check_after_load)
@@ -144,8 +158,40 @@ class IncrementalLearner(ResizableBuffersModule):
         if not self.is_fitted:
             self.feature_dim.fill_(Xt.shape[1])
             self._init_state(Xt.shape[1])
-        cols = self._register_labels(yt)
-        self._update(Xt, cols.to(self.device))
+        cols = self._register_labels(yt).to(self.device)
+        self._update(Xt, cols)
+        self.class_counts += torch.bincount(cols, minlength=self.n_classes_)
+        return self
+
+    @torch.no_grad()
+    def forget_class(self, label: int) -> IncrementalLearner:
+        """Remove a class and everything learned from it: the state becomes that of never having seen it."""
+        self._require_forget()
+        col = self._columns_of(torch.as_tensor([int(label)]))[0]
+        self._remove_class(int(col))
+        self._drop_column(int(col))
+        return self
+
+    @torch.no_grad()
+    def forget_samples(self, X: ArrayLike, y: ArrayLike) -> IncrementalLearner:
+        """Remove samples learned earlier (the same embeddings, with their labels); emptied classes go too."""
+        self._require_forget()
+        Xt = self._as_features(X)
+        yt = self._as_labels(y, len(Xt))
+        if len(Xt) == 0:
+            return self
+        self._require_fitted()
+        cols = self._columns_of(yt).to(self.device)
+        removed = torch.bincount(cols, minlength=self.n_classes_)
+        if bool((removed > self.class_counts).any()):
+            col = int(torch.nonzero(removed > self.class_counts)[0])
+            raise ValueError(f"cannot forget {int(removed[col])} samples of class {int(self.class_labels[col])}: "
+                             f"only {int(self.class_counts[col])} were learned")
+        self._downdate(Xt, cols)
+        self.class_counts -= removed
+        for col in sorted(torch.nonzero(self.class_counts == 0).flatten().tolist(), reverse=True):
+            self._remove_class(col)
+            self._drop_column(col)
         return self
 
     @torch.no_grad()
@@ -189,6 +235,14 @@ class IncrementalLearner(ResizableBuffersModule):
     def _scores(self, X: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _remove_class(self, col: int) -> None:
+        """Take column ``col``'s statistics out (labels and counts are the base class's job)."""
+        raise NotImplementedError
+
+    def _downdate(self, X: Tensor, cols: Tensor) -> None:
+        """Subtract the contribution of samples ``X`` learned in columns ``cols``."""
+        raise NotImplementedError
+
     def _proba_logits(self, scores: Tensor) -> Tensor:
         """Logits fed to the softmax in ``predict_proba``; the raw scores unless a learner rescales."""
         return scores
@@ -200,12 +254,40 @@ class IncrementalLearner(ResizableBuffersModule):
             raise ValueError(f"class_labels must be 1-D, got shape {tuple(labels.shape)}")
         if labels.numel() and (labels.min() < 0 or labels.unique().numel() != labels.numel()):
             raise ValueError("class_labels must be distinct non-negative integers")
+        if tuple(self.class_counts.shape) != tuple(labels.shape):
+            raise ValueError(
+                f"inconsistent state: class_counts {tuple(self.class_counts.shape)} for {labels.numel()} classes"
+            )
         if (self.n_features_in_ > 0) != self.is_fitted:
             raise ValueError(
                 f"inconsistent state: feature_dim={self.n_features_in_} with {self.n_classes_} classes"
             )
 
     # ----------------------------------------------------------------- validation
+
+    def _require_forget(self) -> None:
+        if not self.can_forget:
+            able = ", ".join(n for n in LEARNERS.names() if LEARNERS.get(n).can_forget)
+            raise ForgetUnsupportedError(
+                f"the {self.name or type(self).__name__} learner cannot forget exactly (its state is not a sum over "
+                f"samples); learners that can: {able}"
+            )
+
+    def _columns_of(self, y: Tensor) -> Tensor:
+        """Column index of each label; every label must be known."""
+        labels = self.class_labels.cpu()
+        unknown = sorted(set(y.tolist()) - set(labels.tolist()))
+        if unknown:
+            raise ValueError(f"label(s) {unknown} were never learned; known: {labels.tolist()}")
+        sorted_labels, order = torch.sort(labels)
+        return order[torch.searchsorted(sorted_labels, y.cpu())]
+
+    def _drop_column(self, col: int) -> None:
+        keep = torch.arange(self.n_classes_, device=self.device) != col
+        self.class_labels = self.class_labels[keep]
+        self.class_counts = self.class_counts[keep]
+        if not self.is_fitted:  # the last class went: back to a fresh, unfitted learner
+            self.load_state_dict(type(self)(self.config).to(self.device).state_dict())
 
     def _require_fitted(self) -> None:
         if not self.is_fitted:
@@ -273,6 +355,7 @@ class IncrementalLearner(ResizableBuffersModule):
         new = uniq[is_new][torch.argsort(first[is_new])]
         if len(new):
             self.class_labels = torch.cat([known, new]).to(self.device)
+            self.class_counts = torch.cat([self.class_counts, self.class_counts.new_zeros(len(new))])
             self._grow(len(new))
         labels = self.class_labels.cpu()
         sorted_labels, order = torch.sort(labels)

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from earmark.learners.analytic import AnalyticConfig, AnalyticLearner, RecursiveRidge
-from earmark.learners.base import LEARNERS, ArrayLike
+from earmark.learners.analytic import AnalyticConfig, RandomReLUBuffer, RecursiveRidge
+from earmark.learners.base import LEARNERS, ArrayLike, IncrementalLearner
 
 _ACTIVATIONS = {
     "tanh": torch.tanh,
@@ -61,11 +61,13 @@ class DSALConfig(AnalyticConfig):
 
 
 @LEARNERS.register("dsal")
-class DSALLearner(AnalyticLearner):
-    """ACIL main stream (``buffer`` + ``solver``, as ``analytic``) plus ``comp_solver`` on the residual.
+class DSALLearner(IncrementalLearner):
+    """ACIL main stream (``buffer`` + recursive ``solver``) plus ``comp_solver`` on the residual.
 
-    ``weights_`` / ``expand`` are the main stream's (inherited), ``comp_weights_`` / ``comp_features``
-    the compensation stream's. Scores: ``expand(X) W_main + C * comp_features(X) W_comp``.
+    ``weights_`` / ``expand`` are the main stream's, ``comp_weights_`` / ``comp_features`` the
+    compensation stream's. Scores: ``expand(X) W_main + C * comp_features(X) W_comp``. The
+    compensation stream is fitted to the main stream's residual *at the time* of each session, so the
+    state is not a sum over samples: DS-AL can neither forget exactly nor merge.
     """
 
     Config = DSALConfig
@@ -73,7 +75,21 @@ class DSALLearner(AnalyticLearner):
 
     def __init__(self, config: DSALConfig | None = None) -> None:
         super().__init__(config)
+        self.buffer = RandomReLUBuffer(self.config.buffer_size, self.config.seed)
+        self.solver = RecursiveRidge(self.config.gamma, self.config.block_size)
         self.comp_solver = RecursiveRidge(self.config.gamma_comp, self.config.block_size)
+
+    @property
+    def weights_(self) -> Tensor:
+        """Main-stream ridge weights ``(D, n_classes)`` in float64 (a copy)."""
+        self._require_fitted()
+        return self.solver.W.clone()
+
+    @torch.no_grad()
+    def expand(self, X: ArrayLike) -> Tensor:
+        """Main-stream features H = ReLU(X W_B) (X itself when ``buffer_size=0``), float64 ``(n, D)``."""
+        self._require_fitted()
+        return self.buffer(self._as_features(X))
 
     @property
     def comp_weights_(self) -> Tensor:
@@ -94,11 +110,12 @@ class DSALLearner(AnalyticLearner):
         return _ACTIVATIONS[self.config.comp_activation](Z)
 
     def _init_state(self, d: int) -> None:
-        super()._init_state(d)
+        self.buffer.build(d)
+        self.solver.reset(self.buffer.out_features(d))
         self.comp_solver.reset(self.buffer.out_features(d))
 
     def _grow(self, k: int) -> None:
-        super()._grow(k)
+        self.solver.add_outputs(k)
         self.comp_solver.add_outputs(k)
 
     def _update(self, X: Tensor, cols: Tensor) -> None:
@@ -119,14 +136,20 @@ class DSALLearner(AnalyticLearner):
 
     def _check_state(self) -> None:
         super()._check_state()
-        R, W = self.comp_solver.R, self.comp_solver.W
+        d, m = self.n_features_in_, self.config.buffer_size
+        streams = {"main": self.solver, "compensation": self.comp_solver}
         if not self.is_fitted:
-            if R.numel() or W.numel():
-                raise ValueError("inconsistent DS-AL state: compensation stream present but no classes")
+            if self.buffer.projection.numel() or any(s.R.numel() or s.W.numel() for s in streams.values()):
+                raise ValueError("inconsistent DS-AL state: solver or buffer state present but no classes")
             return
-        D = self.buffer.out_features(self.n_features_in_)
-        if tuple(R.shape) != (D, D) or tuple(W.shape) != (D, self.n_classes_):
+        D = self.buffer.out_features(d)
+        want_proj = (d, m) if m > 0 else (0, 0)
+        bad = [f"projection {tuple(self.buffer.projection.shape)} != {want_proj}"] if (
+            tuple(self.buffer.projection.shape) != want_proj) else []
+        for name, st in streams.items():
+            if tuple(st.R.shape) != (D, D) or tuple(st.W.shape) != (D, self.n_classes_):
+                bad.append(f"{name} R {tuple(st.R.shape)}, W {tuple(st.W.shape)}")
+        if bad:
             raise ValueError(
-                f"DS-AL compensation state does not match buffer_size={self.config.buffer_size}, "
-                f"d={self.n_features_in_}, {self.n_classes_} classes: R {tuple(R.shape)}, W {tuple(W.shape)}"
+                f"DS-AL state does not match buffer_size={m}, d={d}, {self.n_classes_} classes: {'; '.join(bad)}"
             )

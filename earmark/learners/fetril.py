@@ -98,7 +98,6 @@ class FeTrILLearner(IncrementalLearner):
     def __init__(self, config: FeTrILConfig | None = None) -> None:
         super().__init__(config)
         self.register_buffer("class_sums", torch.zeros(0, 0, dtype=torch.float64))
-        self.register_buffer("class_counts", torch.zeros(0, dtype=torch.long))
         self.register_buffer("weight", torch.zeros(0, 0, dtype=torch.float64))
         self.register_buffer("bias", torch.zeros(0, dtype=torch.float64))
         self.register_buffer("n_sessions", torch.zeros((), dtype=torch.long))
@@ -128,14 +127,12 @@ class FeTrILLearner(IncrementalLearner):
     def _init_state(self, d: int) -> None:
         kw = {"dtype": torch.float64, "device": self.device}
         self.class_sums = torch.zeros(0, d, **kw)
-        self.class_counts = torch.zeros(0, dtype=torch.long, device=self.device)
         self.weight = torch.zeros(0, d, **kw)
         self.bias = torch.zeros(0, **kw)
 
     def _grow(self, k: int) -> None:
         d = self.class_sums.shape[1]
         self.class_sums = torch.cat([self.class_sums, self.class_sums.new_zeros(k, d)])
-        self.class_counts = torch.cat([self.class_counts, self.class_counts.new_zeros(k)])
         self.weight = torch.cat([self.weight, self.weight.new_zeros(k, d)])
         self.bias = torch.cat([self.bias, self.bias.new_zeros(k)])
 
@@ -146,7 +143,6 @@ class FeTrILLearner(IncrementalLearner):
         old = torch.nonzero((self.class_counts > 0) & ~present).squeeze(1)
         pseudo, owner = translate_features(X, cols, self.means_[old])
         self.class_sums.index_add_(0, cols, X)
-        self.class_counts += torch.bincount(cols, minlength=self.n_classes_)
         self._train(torch.cat([X, pseudo]), torch.cat([cols, old[owner]]))
         self.n_sessions += 1
 

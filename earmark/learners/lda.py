@@ -1,8 +1,8 @@
 """Streaming linear discriminant analysis (Deep SLDA; the FSA head): class means and one shared covariance.
 
-The statistics are updated exactly: per-class running means and counts, and the pooled within-class
-scatter merged with Chan et al.'s parallel update, so any split of the data into batches, any class
-order and classes that recur give the batch LDA on all data seen (up to rounding).
+The statistics are sums over samples (per-class sums and counts, the Gram, per-class Gram factors), so
+any split of the data into batches, any class order and classes that recur give the batch LDA on all
+data seen (up to rounding), and a class or a set of samples can be removed exactly.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from earmark.learners.base import LEARNERS, IncrementalLearner, LearnerConfig
+from earmark.learners.statistics import ClassFactors
 
 
 @dataclass
@@ -40,17 +41,23 @@ class StreamingLDALearner(IncrementalLearner):
     ``S`` is the pooled within-class covariance (scatter / number of samples, the maximum-likelihood
     estimate Deep SLDA tracks). Scores are log-likelihoods of a shared-covariance Gaussian up to a
     common constant, so ``predict_proba`` (their softmax) is the posterior under equal class priors.
-    The weights are obtained by a solve (never an explicit inverse) and cached until the next update.
+
+    State is additive (per-class sums and counts, the Gram ``sum x x'``, per-class Gram factors), and
+    the scatter is derived from it: ``S = sum x x' - sum_c s_c s_c' / n_c``. So learning, forgetting a
+    class or some samples, and merging are additions and subtractions of the same sums. The weights
+    are obtained by a solve (never an explicit inverse) and cached until the next change.
     """
 
     Config = LDAConfig
     name = "lda"
+    can_forget = True
+    can_merge = True
 
     def __init__(self, config: LDAConfig | None = None) -> None:
         super().__init__(config)
-        self.register_buffer("class_means", torch.zeros(0, 0, dtype=torch.float64))
-        self.register_buffer("class_counts", torch.zeros(0, dtype=torch.long))
-        self.register_buffer("scatter", torch.zeros(0, 0, dtype=torch.float64))
+        self.register_buffer("class_sums", torch.zeros(0, 0, dtype=torch.float64))
+        self.register_buffer("gram", torch.zeros(0, 0, dtype=torch.float64))
+        self.factors = ClassFactors()
         self._cache: tuple[Tensor, Tensor] | None = None  # (W (d, C), b (C,)); not state
 
     # ----------------------------------------------------------------- fitted attributes
@@ -59,7 +66,14 @@ class StreamingLDALearner(IncrementalLearner):
     def means_(self) -> Tensor:
         """Class means ``(n_classes, d)`` in float64, rows in ``classes_`` order (a copy)."""
         self._require_fitted()
-        return self.class_means.clone()
+        return self.class_sums / self.class_counts.unsqueeze(1).to(torch.float64)
+
+    @property
+    def scatter(self) -> Tensor:
+        """Pooled within-class scatter ``sum_c sum_i (x_i - mu_c)(x_i - mu_c)'`` (d, d)."""
+        counts = self.class_counts.to(torch.float64).unsqueeze(1)
+        S = self.gram - (self.class_sums / counts).T @ self.class_sums
+        return 0.5 * (S + S.T)
 
     @property
     def covariance_(self) -> Tensor:
@@ -80,37 +94,35 @@ class StreamingLDALearner(IncrementalLearner):
     # ----------------------------------------------------------------- hooks
 
     def _init_state(self, d: int) -> None:
-        self.class_means = torch.zeros(0, d, dtype=torch.float64, device=self.device)
-        self.class_counts = torch.zeros(0, dtype=torch.long, device=self.device)
-        self.scatter = torch.zeros(d, d, dtype=torch.float64, device=self.device)
+        self.class_sums = torch.zeros(0, d, dtype=torch.float64, device=self.device)
+        self.gram = torch.zeros(d, d, dtype=torch.float64, device=self.device)
+        self.factors.reset(d)
 
     def _grow(self, k: int) -> None:
-        d = self.class_means.shape[1]
-        self.class_means = torch.cat([self.class_means, self.class_means.new_zeros(k, d)])
-        self.class_counts = torch.cat([self.class_counts, self.class_counts.new_zeros(k)])
+        d = self.class_sums.shape[1]
+        self.class_sums = torch.cat([self.class_sums, self.class_sums.new_zeros(k, d)])
+        self.factors.grow(k)
 
-    def _update(self, X: Tensor, cols: Tensor) -> None:
+    def _add(self, X: Tensor, cols: Tensor, sign: float) -> None:
         self._cache = None
         X = X.to(torch.float64)
-        n_b = torch.bincount(cols, minlength=self.n_classes_)
-        present = torch.nonzero(n_b).squeeze(1)
-        sums = torch.zeros_like(self.class_means).index_add_(0, cols, X)
-        nb = n_b[present].to(torch.float64)
-        batch_means = sums[present] / nb.unsqueeze(1)
-        # The batch's own within-class scatter, around its per-class batch means.
-        row_mean = torch.zeros_like(self.class_means)
-        row_mean[present] = batch_means
-        centred = X - row_mean[cols]
-        scatter_b = centred.T @ centred
-        # Chan's merge: M = M_a + M_b + n_a n_b / (n_a + n_b) * delta delta' per class (0 for new classes).
-        na = self.class_counts[present].to(torch.float64)
-        n = na + nb
-        delta = batch_means - self.class_means[present]
-        correction = (delta * (na * nb / n).unsqueeze(1)).T @ delta
-        S = self.scatter + scatter_b + correction
-        self.scatter = 0.5 * (S + S.T)
-        self.class_means[present] += delta * (nb / n).unsqueeze(1)
-        self.class_counts += n_b
+        self.class_sums.index_add_(0, cols, X, alpha=sign)
+        G = self.gram + sign * (X.T @ X)
+        self.gram = 0.5 * (G + G.T)
+
+    def _update(self, X: Tensor, cols: Tensor) -> None:
+        self._add(X, cols, 1.0)
+        self.factors.add(X.to(torch.float64), cols)
+
+    def _downdate(self, X: Tensor, cols: Tensor) -> None:
+        self._add(X, cols, -1.0)
+        self.factors.remove(X.to(torch.float64), cols)
+
+    def _remove_class(self, col: int) -> None:
+        self._cache = None
+        G = self.gram - self.factors.drop(col)
+        self.gram = 0.5 * (G + G.T)
+        self.class_sums = torch.cat([self.class_sums[:col], self.class_sums[col + 1 :]])
 
     def _scores(self, X: Tensor) -> Tensor:
         W, b = self._weights()
@@ -118,11 +130,11 @@ class StreamingLDALearner(IncrementalLearner):
 
     def _weights(self) -> tuple[Tensor, Tensor]:
         self._require_fitted()
-        if self._cache is None or self._cache[0].device != self.class_means.device:
+        if self._cache is None or self._cache[0].device != self.class_sums.device:
             eps = self.config.shrinkage
             A = (1.0 - eps) * self.covariance_
             A.diagonal().add_(eps)
-            M = self.class_means.T  # (d, C)
+            M = self.means_.T  # (d, C)
             L, info = torch.linalg.cholesky_ex(A)
             # Without shrinkage S may be singular: then the minimum-norm solution (Deep SLDA uses pinv).
             W = torch.cholesky_solve(M, L) if int(info) == 0 else torch.linalg.pinv(A, hermitian=True) @ M
@@ -138,13 +150,13 @@ class StreamingLDALearner(IncrementalLearner):
         super()._check_state()
         c, d = self.n_classes_, self.n_features_in_
         if self.is_fitted:
-            shapes = (tuple(self.class_means.shape), tuple(self.class_counts.shape), tuple(self.scatter.shape))
-            if shapes != ((c, d), (c,), (d, d)):
-                raise ValueError(
-                    f"inconsistent LDA state: class_means, class_counts, scatter shapes {shapes} "
-                    f"for {c} classes of width {d}"
-                )
+            bad = self.factors.check(c, d)
+            shapes = (tuple(self.class_sums.shape), tuple(self.gram.shape))
+            if shapes != ((c, d), (d, d)):
+                bad.append(f"class_sums, gram shapes {shapes}")
+            if bad:
+                raise ValueError(f"inconsistent LDA state for {c} classes of width {d}: {'; '.join(bad)}")
             if bool((self.class_counts <= 0).any()):
                 raise ValueError("inconsistent LDA state: every class needs a positive count")
-        elif self.class_means.numel() or self.class_counts.numel() or self.scatter.numel():
+        elif self.class_sums.numel() or self.gram.numel() or self.factors.rows.numel():
             raise ValueError("inconsistent LDA state: statistics present but no classes")

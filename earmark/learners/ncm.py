@@ -36,11 +36,12 @@ class NCMLearner(IncrementalLearner):
 
     Config = NCMConfig
     name = "ncm"
+    can_forget = True
+    can_merge = True
 
     def __init__(self, config: NCMConfig | None = None) -> None:
         super().__init__(config)
         self.register_buffer("class_sums", torch.zeros(0, 0, dtype=torch.float64))
-        self.register_buffer("class_counts", torch.zeros(0, dtype=torch.long))
 
     @property
     def means_(self) -> Tensor:
@@ -50,16 +51,19 @@ class NCMLearner(IncrementalLearner):
 
     def _init_state(self, d: int) -> None:
         self.class_sums = torch.zeros(0, d, dtype=torch.float64, device=self.device)
-        self.class_counts = torch.zeros(0, dtype=torch.long, device=self.device)
 
     def _grow(self, k: int) -> None:
         d = self.class_sums.shape[1]
         self.class_sums = torch.cat([self.class_sums, self.class_sums.new_zeros(k, d)])
-        self.class_counts = torch.cat([self.class_counts, self.class_counts.new_zeros(k)])
 
     def _update(self, X: Tensor, cols: Tensor) -> None:
         self.class_sums.index_add_(0, cols, X.to(torch.float64))
-        self.class_counts += torch.bincount(cols, minlength=self.n_classes_)
+
+    def _downdate(self, X: Tensor, cols: Tensor) -> None:
+        self.class_sums.index_add_(0, cols, X.to(torch.float64), alpha=-1.0)
+
+    def _remove_class(self, col: int) -> None:
+        self.class_sums = torch.cat([self.class_sums[:col], self.class_sums[col + 1 :]])
 
     def _scores(self, X: Tensor) -> Tensor:
         x = F.normalize(X.to(torch.float64), dim=1)
@@ -72,12 +76,11 @@ class NCMLearner(IncrementalLearner):
         super()._check_state()
         c, d = self.n_classes_, self.n_features_in_
         if self.is_fitted:
-            if self.class_sums.shape != (c, d) or self.class_counts.shape != (c,):
+            if self.class_sums.shape != (c, d):
                 raise ValueError(
-                    f"inconsistent NCM state: class_sums {tuple(self.class_sums.shape)}, class_counts "
-                    f"{tuple(self.class_counts.shape)} for {c} classes of width {d}"
+                    f"inconsistent NCM state: class_sums {tuple(self.class_sums.shape)} for {c} classes of width {d}"
                 )
             if bool((self.class_counts <= 0).any()):
                 raise ValueError("inconsistent NCM state: every class needs a positive count")
-        elif self.class_sums.numel() or self.class_counts.numel():
+        elif self.class_sums.numel():
             raise ValueError("inconsistent NCM state: class statistics present but no classes")

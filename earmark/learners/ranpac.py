@@ -19,6 +19,7 @@ from torch import Tensor
 
 from earmark.learners.analytic import RandomReLUBuffer
 from earmark.learners.base import LEARNERS, ArrayLike, IncrementalLearner, LearnerConfig
+from earmark.learners.statistics import RidgeStatistics
 
 
 def ridge_solve(G: Tensor, Q: Tensor, lam: float) -> Tensor:
@@ -65,6 +66,7 @@ class RanPACConfig(LearnerConfig):
     val_fraction: float = 0.2
     fallback_ridge: float = 1.0
     search_min_per_class: int = 10
+    class_factors: bool = True  # per-class Gram factors, so a whole class can be forgotten
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -99,12 +101,13 @@ class RanPACLearner(IncrementalLearner):
 
     Config = RanPACConfig
     name = "ranpac"
+    can_forget = True  # exact with a pinned lambda; with the search on, forgetting keeps the lambda chosen
+    can_merge = True
 
     def __init__(self, config: RanPACConfig | None = None) -> None:
         super().__init__(config)
         self.buffer = RandomReLUBuffer(self.config.projection_size, self.config.seed)
-        self.register_buffer("gram", torch.zeros(0, 0, dtype=torch.float64))
-        self.register_buffer("targets", torch.zeros(0, 0, dtype=torch.float64))
+        self.stats = RidgeStatistics(class_factors=self.config.class_factors)
         self.register_buffer("weights", torch.zeros(0, 0, dtype=torch.float64))
         self.register_buffer("ridges", torch.zeros(0, dtype=torch.float64))
 
@@ -114,13 +117,13 @@ class RanPACLearner(IncrementalLearner):
     def gram_(self) -> Tensor:
         """``G = H'H`` over all data seen, float64 ``(D, D)`` (a copy)."""
         self._require_fitted()
-        return self.gram.clone()
+        return self.stats.gram.clone()
 
     @property
     def targets_(self) -> Tensor:
         """``Q = H'Y`` over all data seen, float64 ``(D, n_classes)`` (a copy)."""
         self._require_fitted()
-        return self.targets.clone()
+        return self.stats.targets.clone()
 
     @property
     def weights_(self) -> Tensor:
@@ -173,15 +176,13 @@ class RanPACLearner(IncrementalLearner):
         self.buffer.build(d)
         D = self.buffer.out_features(d)
         kw = {"dtype": torch.float64, "device": self.device}
-        self.gram = torch.zeros(D, D, **kw)
-        self.targets = torch.zeros(D, 0, **kw)
+        self.stats.reset(D)
         self.weights = torch.zeros(D, 0, **kw)
         self.ridges = torch.zeros(0, **kw)
 
     def _grow(self, k: int) -> None:
-        D = self.gram.shape[0]
-        self.targets = torch.cat([self.targets, self.targets.new_zeros(D, k)], dim=1)
-        self.weights = torch.cat([self.weights, self.weights.new_zeros(D, k)], dim=1)
+        self.stats.grow(k)
+        self.weights = torch.cat([self.weights, self.weights.new_zeros(self.weights.shape[0], k)], dim=1)
 
     def _update(self, X: Tensor, cols: Tensor) -> None:
         H = self.buffer(X)
@@ -191,14 +192,21 @@ class RanPACLearner(IncrementalLearner):
             lam = self.config.ridge_grid[0]
         elif len(val) and self.searches(cols):
             Hf, Yf = H[fit], Y[fit]
-            lam = self.select_ridge(self.gram + Hf.T @ Hf, self.targets + Hf.T @ Yf, H[val], Y[val])
+            lam = self.select_ridge(self.stats.gram + Hf.T @ Hf, self.stats.targets + Hf.T @ Yf, H[val], Y[val])
         else:
             lam = float(self.ridges[-1]) if len(self.ridges) else self.config.fallback_ridge
-        G = self.gram + H.T @ H
-        self.gram = 0.5 * (G + G.T)
-        self.targets += H.T @ Y
-        self.weights = ridge_solve(self.gram, self.targets, lam)
+        self.stats.learn(H, cols)
         self.ridges = torch.cat([self.ridges, self.ridges.new_tensor([lam])])
+        self.weights = self.stats.solve(lam)
+
+    def _downdate(self, X: Tensor, cols: Tensor) -> None:
+        """Samples out, solved again with the last chosen lambda (exact for a pinned lambda)."""
+        self.stats.unlearn(self.buffer(X), cols)
+        self.weights = self.stats.solve(float(self.ridges[-1]))
+
+    def _remove_class(self, col: int) -> None:
+        self.stats.drop_class(col)
+        self.weights = self.stats.solve(float(self.ridges[-1]))
 
     def _scores(self, X: Tensor) -> Tensor:
         return self.buffer(X) @ self.weights
@@ -208,8 +216,8 @@ class RanPACLearner(IncrementalLearner):
         c, d, m = self.n_classes_, self.n_features_in_, self.config.projection_size
         tensors = {
             "projection": self.buffer.projection,
-            "gram": self.gram,
-            "targets": self.targets,
+            "gram": self.stats.gram,
+            "targets": self.stats.targets,
             "weights": self.weights,
             "ridges": self.ridges,
         }
@@ -226,6 +234,7 @@ class RanPACLearner(IncrementalLearner):
             "ridges": (len(self.ridges),),
         }
         bad = [f"{k} {tuple(t.shape)} != {want[k]}" for k, t in tensors.items() if tuple(t.shape) != want[k]]
+        bad += self.stats.factors.check(c, D) if self.stats.factors is not None else []
         if bad or not len(self.ridges):
             bad = bad or ["no ridge lambda recorded"]
             raise ValueError(f"RanPAC state does not match projection_size={m}, d={d}, {c} classes: {'; '.join(bad)}")

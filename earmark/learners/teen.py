@@ -63,6 +63,7 @@ class TEENLearner(NCMLearner):
 
     Config = TEENConfig
     name = "teen"
+    can_merge = False  # which classes are "base" depends on which learner saw data first
 
     def __init__(self, config: TEENConfig | None = None) -> None:
         super().__init__(config)
@@ -88,6 +89,11 @@ class TEENLearner(NCMLearner):
         if self.n_base_classes_ == 0:
             self.n_base.fill_(self.n_classes_)
         super()._update(X, cols)
+
+    def _remove_class(self, col: int) -> None:
+        super()._remove_class(col)
+        if col < self.n_base_classes_:
+            self.n_base -= 1
 
     def _scores(self, X: Tensor) -> Tensor:
         x = F.normalize(X.to(torch.float64), dim=1)
