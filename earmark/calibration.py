@@ -380,7 +380,14 @@ class HeldOutCalibration:
         self.steps = 0
 
     @torch.no_grad()
-    def update(self, X: ArrayLike, y: ArrayLike) -> OpenSetCalibration:
+    def update(
+        self, X: ArrayLike, y: ArrayLike, held_out: tuple[ArrayLike, ArrayLike] | None = None
+    ) -> OpenSetCalibration:
+        """Learn a session: the shadow fits ``X, y`` minus the held-out share, which joins the pool; refit.
+
+        ``held_out``: extra validation clips ``(X_val, y_val)`` of classes known by now that neither learner
+        trains on (e.g. a validation fold kept out of the encoder's training too); they join the pool.
+        """
         Xt = torch.as_tensor(np.asarray(X)) if not isinstance(X, Tensor) else X.detach()
         yt = torch.as_tensor(np.asarray(y)).reshape(-1).long() if not isinstance(y, Tensor) else y.detach().long()
         fit, held = stratified_holdout(yt.cpu().numpy(), self.holdout, self.seed, self.steps)
@@ -391,7 +398,12 @@ class HeldOutCalibration:
             Xh = Xt[held].to(device="cpu", dtype=torch.float32)
             self.pool_X = Xh if self.pool_X.numel() == 0 else torch.cat([self.pool_X, Xh])
             self.pool_y = torch.cat([self.pool_y, yt[held].cpu()])
-            self._cap_pool()
+        if held_out is not None:
+            Xv = torch.as_tensor(np.asarray(held_out[0]), dtype=torch.float32)
+            yv = torch.as_tensor(np.asarray(held_out[1])).reshape(-1).long()
+            self.pool_X = Xv if self.pool_X.numel() == 0 else torch.cat([self.pool_X, Xv])
+            self.pool_y = torch.cat([self.pool_y, yv])
+        self._cap_pool()
         self.refit()
         return self.calibration
 

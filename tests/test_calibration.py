@@ -216,3 +216,41 @@ def test_evaluate_open_set_mahalanobis_only_for_lda():
     assert "auroc_mahalanobis" not in rows[0]
     _, _, rows = evaluate_open_set(make_learner("lda", shrinkage=0.1), sc, X, row_of, extra_scores=("mahalanobis",))
     assert rows[0]["auroc_mahalanobis"] is not None
+
+
+def test_ece_sampling_floor():
+    # a perfectly calibrated predictor: its measured ECE on n rows is about the floor, and the floor shrinks ~ 1/sqrt(n)
+    from earmark.metrics.calibration import ece_sampling_floor
+
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.2, 1.0, 400)
+    proba = np.stack([conf, 1 - conf], 1)
+    floor = ece_sampling_floor(proba)
+    measured = [expected_calibration_error(proba, (rng.random(400) >= conf).astype(int)) for _ in range(200)]
+    assert abs(np.mean(measured) - floor) < 0.005
+    big = np.repeat(proba, 16, axis=0)
+    assert ece_sampling_floor(big) == pytest.approx(floor / 4, rel=0.25)
+    assert math.isnan(ece_sampling_floor(np.zeros((0, 2))))
+
+
+def test_validation_clips_join_the_pool_but_are_not_learned():
+    X, y, _ = blobs([0, 1, 2], 20, d=6, seed=4, spread=2.0)
+    Xv, yv, _ = blobs([0, 1, 2], 5, d=6, seed=5, spread=2.0)
+    plain = HeldOutCalibration(make_learner("lda", shrinkage=0.1))
+    plain.update(X, y)
+    cal = HeldOutCalibration(make_learner("lda", shrinkage=0.1))
+    cal.update(X, y, held_out=(Xv, yv))
+    assert len(cal.pool_y) == len(plain.pool_y) + 15
+    assert torch.equal(cal.shadow.means_, plain.shadow.means_)  # the shadow did not learn them
+    assert cal.calibration.calibrator.n_samples == plain.calibration.calibrator.n_samples + 15
+
+
+def test_evaluate_open_set_takes_validation_clips_by_session():
+    sc, X, row_of = _dataset_with_embeddings()
+    # stand-in validation clips: the last session's test items of session-0 classes (test figures are unaffected:
+    # they are still tested, only added to the calibration pool as well)
+    test0 = sc[0].test_indices
+    _, _, plain = evaluate_open_set(make_learner("ncm"), sc, X, row_of)
+    _, _, rows = evaluate_open_set(make_learner("ncm"), sc, X, row_of, validation_indices=test0)
+    assert rows[0]["temperature"] != plain[0]["temperature"]
+    assert rows[0]["accuracy"] == plain[0]["accuracy"] and rows[0]["ece_floor"] >= 0

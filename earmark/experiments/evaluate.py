@@ -79,7 +79,7 @@ def evaluate_joint(
 def evaluate_open_set(
     learner: IncrementalLearner, scenario: ClassIncremental, X: torch.Tensor, row_of: dict[int, int], *,
     holdout: float = 0.2, seed: int = 0, score: str = "msp", target_frr: float = 0.05,
-    extra_scores: tuple[str, ...] = (),
+    extra_scores: tuple[str, ...] = (), validation_indices: np.ndarray | None = None,
 ) -> tuple[AccuracyMatrix, list[float], list[dict]]:
     """``evaluate_learner`` (the same fits, the same matrix) plus calibration and unknown detection per session.
 
@@ -91,9 +91,14 @@ def evaluate_open_set(
     of each of ``extra_scores``), and the false rejections / acceptances at the stored threshold.
     None where there is nothing to measure (no future classes in the last session).
     ``seconds`` times the learner's own ``partial_fit`` only, as ``evaluate_learner``.
+
+    ``validation_indices``: dataset indices of validation clips that no learner trains on; each joins the
+    calibration pool in the session that introduces its class. Why: the base-session encoder is trained
+    on the base session's training clips, so a held-out share of those is held out from the learner
+    but not from the encoder, and its embeddings are cleaner than test ones (too small a temperature).
     """
     from earmark.calibration import HeldOutCalibration, known_score
-    from earmark.metrics.calibration import expected_calibration_error, negative_log_likelihood
+    from earmark.metrics.calibration import ece_sampling_floor, expected_calibration_error, negative_log_likelihood
     from earmark.metrics.openset import auroc, far_at_tar, rejection_rates
 
     cal = HeldOutCalibration(learner, holdout=holdout, seed=seed, score=score, target_frr=target_frr)
@@ -108,7 +113,13 @@ def evaluate_open_set(
         t0 = time.perf_counter()
         learner.partial_fit(Xtr, ytr)
         seconds.append(time.perf_counter() - t0)
-        calibration = cal.update(Xtr, ytr)
+        extra = None
+        if validation_indices is not None and len(validation_indices):
+            val = embedded(np.asarray(validation_indices), row_of)
+            val = val[np.isin(scenario.dense_targets(val), session.classes)] if len(val) else val
+            if len(val):
+                extra = (X[[row_of[i] for i in val]], scenario.dense_targets(val))
+        calibration = cal.update(Xtr, ytr, held_out=extra)
         Xte, yte = X[[row_of[i] for i in test]], scenario.dense_targets(test)
         scores = learner.decision_function(Xte)
         pred = learner.classes_[scores.argmax(1)].cpu().numpy()
@@ -125,6 +136,7 @@ def evaluate_open_set(
             "temperature": calibration.calibrator.temperature,
             "ece_raw": expected_calibration_error(raw, cols),
             "ece_calibrated": expected_calibration_error(calibrated, cols),
+            "ece_floor": ece_sampling_floor(calibrated),
             "nll_raw": negative_log_likelihood(raw, cols),
             "nll_calibrated": negative_log_likelihood(calibrated, cols),
             "threshold": calibration.detector.to_dict()["threshold"],

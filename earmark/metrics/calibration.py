@@ -56,6 +56,29 @@ def expected_calibration_error(proba: object, y: object, n_bins: int = ECE_BINS)
     return float((bins["count"][full] * gap).sum() / n)
 
 
+def ece_sampling_floor(proba: object, n_bins: int = ECE_BINS, draws: int = 200, seed: int = 0) -> float:
+    """The ECE a perfectly calibrated model with these top-1 confidences would still show on this many rows.
+
+    Each draw replaces every row's hit by a Bernoulli(top-1 confidence) outcome and measures the ECE;
+    the mean over ``draws`` is the sampling noise floor of the metric for this test-set size (with
+    a few hundred rows spread over 15 bins it is several points). NaN if there are no rows.
+    """
+    p = np.asarray(proba, dtype=np.float64)
+    if p.ndim != 2 or len(p) == 0 or p.shape[1] == 0:
+        return float("nan")
+    conf = p.max(axis=1)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]
+    idx = np.searchsorted(edges, conf, side="left")
+    conf_sum = np.bincount(idx, weights=conf, minlength=n_bins)
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(draws):
+        hit = (rng.random(len(conf)) < conf).astype(np.float64)
+        hits = np.bincount(idx, weights=hit, minlength=n_bins)
+        out.append(np.abs(hits - conf_sum).sum() / len(conf))  # sum_b n_b |acc_b - conf_b| / n
+    return float(np.mean(out))
+
+
 def negative_log_likelihood(proba: object, y: object) -> float:
     """Mean ``-log p(true class)``, with p clamped at ``NLL_FLOOR``; NaN if n = 0."""
     p, t = _as_arrays(proba, y)
@@ -64,4 +87,10 @@ def negative_log_likelihood(proba: object, y: object) -> float:
     return float(-np.log(np.maximum(p[np.arange(len(t)), t], NLL_FLOOR)).mean())
 
 
-__all__ = ["ECE_BINS", "calibration_bins", "expected_calibration_error", "negative_log_likelihood"]
+__all__ = [
+    "ECE_BINS",
+    "calibration_bins",
+    "ece_sampling_floor",
+    "expected_calibration_error",
+    "negative_log_likelihood",
+]
