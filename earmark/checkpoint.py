@@ -45,10 +45,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def tensors_bytes(tensors: dict[str, torch.Tensor], meta: dict) -> bytes:
+    """The safetensors bytes of ``tensors`` with the JSON description in the header."""
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return st_save(flat, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> str:
     """Save tensors with a JSON description; returns the sha256 of the file written."""
-    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    data = st_save(flat, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+    data = tensors_bytes(tensors, meta)
     atomic_write_bytes(path, data)
     atomic_write_text(Path(path).with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return hashlib.sha256(data).hexdigest()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +49,25 @@ class AudioEmbedder(nn.Module):
     def forward(self, wave: Tensor | np.ndarray) -> Tensor:
         return self.encoder(self.features(wave))
 
+    @contextmanager
+    def batch_invariant(self) -> Iterator[None]:
+        """Pin the scan implementation so a clip's embedding has the same bits whatever batch it is in.
+
+        ``auto`` picks the scan by the batch's size (a chunked scan for small steps), and two scans
+        round differently; the product needs one embedding per clip (the journal's digest proves it),
+        so inside this context every mixer uses the sequential scan, whose rows are independent.
+        """
+        mixers = [m for m in self.encoder.modules() if getattr(m, "config", None) is not None
+                  and getattr(m.config, "scan_impl", None) == "auto"]
+        saved = [m.config for m in mixers]
+        try:
+            for m in mixers:
+                m.config = dataclasses.replace(m.config, scan_impl="sequential")
+            yield
+        finally:
+            for m, cfg in zip(mixers, saved, strict=True):
+                m.config = cfg
+
     @torch.no_grad()
     def embed(self, wave: Tensor | np.ndarray) -> Tensor:
         was_training = self.training
@@ -63,11 +85,12 @@ class AudioEmbedder(nn.Module):
             "feature_config": self.feature_config.to_dict(),
         }
 
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Everything a checkpoint holds: encoder and normalizer tensors, prefixed."""
+        return prefixed("encoder", self.encoder.state_dict()) | prefixed("normalizer", self.normalizer.state_dict())
+
     def save(self, path: str | Path) -> str:
-        tensors = prefixed("encoder", self.encoder.state_dict()) | prefixed(
-            "normalizer", self.normalizer.state_dict()
-        )
-        self.digest = save_tensors(path, tensors, self.describe())
+        self.digest = save_tensors(path, self.state_tensors(), self.describe())
         return self.digest
 
     @classmethod

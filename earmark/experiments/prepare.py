@@ -109,14 +109,14 @@ class Prepared:
 
     def inputs_for(self, learner: IncrementalLearner) -> torch.Tensor:
         """What ``learner`` reads: embeddings, or log-mel plus a copy of the base encoder to train."""
-        if learner.input_ndim == 3:
+        if learner.needs_encoder():
             learner.init_encoder(self.embedder.encoder)
             return self.logmel()
         return self.X
 
     def total_bytes(self, learner: IncrementalLearner) -> int:
         """The learner's state plus the frozen encoder it reads from (backbone learners hold their own)."""
-        return learner.nbytes() + (0 if learner.input_ndim == 3 else module_bytes(self.embedder.encoder))
+        return learner.nbytes() + (0 if learner.needs_encoder() else module_bytes(self.embedder.encoder))
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -127,7 +127,7 @@ def build_learner(config: RunConfig, name: str, encoder_bytes: int | None = None
     """A learner with the run's params; a byte budget becomes a replay memory of what the model leaves."""
     params = dict(config.learner_params.get(name, {}))
     learner = make_learner(name, **params)
-    if config.memory_budget is not None and getattr(learner, "takes_budget", False):
+    if config.memory_budget is not None and learner.takes_budget:
         model = learner.nbytes() if encoder_bytes is None else encoder_bytes
         if config.memory_budget <= model:
             raise ValueError(f"memory budget {config.memory_budget} B does not even hold {name}'s model ({model} B)")

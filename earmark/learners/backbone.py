@@ -332,7 +332,7 @@ class FinetuneLearner(BackboneLearner):
 
 def backbone_names() -> list[str]:
     """Registered learners that train the encoder (their input is log-mel, not embeddings)."""
-    return [n for n in LEARNERS.names() if getattr(LEARNERS.get(n), "input_ndim", 2) == 3]
+    return [n for n in LEARNERS.names() if LEARNERS.get(n).needs_encoder()]
 
 
 __all__ = [

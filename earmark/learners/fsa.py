@@ -49,7 +49,7 @@ class FSALearner(BackboneLearner):
     def __init__(self, config: FSAConfig | None = None) -> None:
         super().__init__(config)
         cls = LEARNERS.get(self.config.head)
-        if getattr(cls, "input_ndim", 2) != 2:
+        if cls.needs_encoder():
             raise ValueError(f"fsa's head must be a closed-form learner on embeddings, got {self.config.head!r}")
         self.head = make_learner(self.config.head, **self.config.head_params)
         self._install_film()

@@ -1,0 +1,635 @@
+"""The product: one saved ``Model`` (embedder + learner + label names + journal) that people keep teaching.
+
+Train it once (``Model.train``), then ``learn`` new sounds from a few clips, ``predict``, ``forget`` a
+label or specific clips exactly, ``info``, ``save`` / ``load``. The CLI, the HTTP service and the
+distributed backend all go through this object; nothing else reads a model directory.
+
+A model directory::
+
+    model.json                  manifest: format and earmark versions, labels, learner, files with sha256
+    blobs/embedder-<h>.safetensors, blobs/learner-<h>.safetensors, blobs/journal-<h>.json
+    .lock                       inter-process writer lock (flock)
+
+Blobs are content-addressed and never rewritten; ``save`` writes the new blobs, fsyncs them, then
+replaces ``model.json`` in one ``os.replace``, and only then removes blobs nothing refers to. A crash
+at any instant leaves the previous manifest or the new one, each with all its blobs. Loading checks
+every blob's sha256 and the manifest's own content hash, and never unpickles.
+
+The journal records, per learned clip, the content hash of the decoded audio, the label, a digest of
+the embedding that was learned and the time. ``forget(files=...)`` decodes and embeds the files again
+and removes exactly what was learned; the digest proves the embedding is the one learned. No audio and
+no embeddings are kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from earmark.audio import AudioConfig, AudioDecodeError, load_audio
+from earmark.audio.stream import iter_windows
+from earmark.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, load_tensors, tensors_bytes
+from earmark.encoders.embedder import AudioEmbedder
+from earmark.learners import IncrementalLearner, make_learner
+from earmark.learners.base import LEARNERS
+from earmark.training.supervised import TrainConfig
+
+FORMAT_VERSION = 1
+MANIFEST = "model.json"
+UNKNOWN = "unknown"  # reserved: the label of a sound the model does not know
+SILENCE = 1e-5  # peak amplitude below which a clip counts as silence
+
+
+class ModelError(ValueError):
+    """A model directory or a request on a model is invalid; the message says what and where."""
+
+
+class UnknownLabelError(ModelError):
+    """A label the model has never learned (or has forgotten)."""
+
+
+class ModelLockedError(ModelError):
+    """Another process holds the model's writer lock."""
+
+
+def _version() -> str:
+    from earmark import __version__
+
+    return __version__
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def clip_digest(wave: np.ndarray) -> str:
+    """Content hash of a decoded clip (float32 samples at the model rate, after pad/crop)."""
+    return hashlib.blake2b(np.ascontiguousarray(wave, dtype=np.float32).tobytes(), digest_size=16).hexdigest()
+
+
+def embedding_digest(vector: torch.Tensor) -> str:
+    return hashlib.blake2b(vector.detach().cpu().float().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+
+
+def _check_label(label: object) -> str:
+    if not isinstance(label, str) or not label.strip():
+        raise ModelError(f"a label must be a non-empty string, got {label!r}")
+    if label != label.strip() or len(label) > 200 or any(ord(ch) < 32 for ch in label):
+        raise ModelError(f"label {label!r}: no surrounding spaces, control characters or more than 200 characters")
+    if label == UNKNOWN:
+        raise ModelError(f"{UNKNOWN!r} is reserved for sounds the model does not know; choose another label")
+    return label
+
+
+@dataclass
+class Prediction:
+    """Top labels for one clip, or for one window of a long file (``start``/``end`` in seconds)."""
+
+    file: str
+    top: list[tuple[str, float]]
+    start: float | None = None
+    end: float | None = None
+
+    @property
+    def label(self) -> str:
+        return self.top[0][0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "start": self.start, "end": self.end,
+                "top": [{"label": name, "probability": p} for name, p in self.top]}
+
+
+@dataclass
+class Decoded:
+    """Clips decoded for the model: waveforms, their names and digests, and what failed (name, reason)."""
+
+    names: list[str] = field(default_factory=list)
+    waves: list[np.ndarray] = field(default_factory=list)
+    digests: list[str] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)  # index of each kept clip in the request
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- locking
+
+_HELD: dict[str, int] = {}  # model directory -> lock file descriptor held by this process
+
+
+@contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    key = str(path.resolve())
+    if key in _HELD:  # re-entrant within one process
+        yield
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise ModelLockedError(f"{path}: another writer holds the model ({holder}); try again when it is done") \
+                from None
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+    _HELD[key] = fd
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        os.close(fd)  # closing releases the flock
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class Model:
+    """An embedder, one incremental learner, the label names and the journal of what was learned."""
+
+    def __init__(self, embedder: AudioEmbedder, learner: IncrementalLearner, device: str = "cpu") -> None:
+        if learner.needs_encoder():
+            raise ModelError(f"the {learner.name} learner trains its own encoder; a Model needs a learner on "
+                             f"embeddings (e.g. {', '.join(_embedding_learners())})")
+        self.embedder = embedder.to(device).eval()
+        self.learner = learner.to(device)
+        self.device = device
+        self._names: dict[int, str] = {}  # learner label id -> name
+        self._next_id = 0
+        self.journal: list[dict[str, Any]] = []
+        self.generation = 0  # the manifest generation this state corresponds to (0: never saved)
+        self.path: Path | None = None
+        self.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.history: list[dict[str, Any]] = []  # what was done: learn / forget, with counts
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_embedder(
+        cls, embedder: AudioEmbedder, learner: str = "analytic", learner_params: dict | None = None,
+        device: str = "cpu",
+    ) -> Model:
+        """An empty model on a trained (or any) embedder: it knows no labels until it learns some."""
+        return cls(embedder, make_learner(learner, **(learner_params or {})), device)
+
+    @classmethod
+    def train(
+        cls,
+        paths: Sequence[str | Path],
+        labels: Sequence[str],
+        *,
+        encoder: str | dict = "fast",
+        learner: str = "analytic",
+        learner_params: dict | None = None,
+        clip_seconds: float = 2.0,
+        train: TrainConfig | None = None,
+        seed: int = 0,
+        pretrained: str | Path | None = None,
+        device: str = "cpu",
+        on_error: str = "fail",
+        progress: bool = True,
+    ) -> Model:
+        """Base training: train the encoder on these labelled clips, freeze it, then learn them with the head."""
+        from earmark.training.base import train_embedder
+
+        labels = [_check_label(x) for x in labels]
+        if len(labels) != len(paths):
+            raise ModelError(f"{len(paths)} files but {len(labels)} labels")
+        names = sorted(set(labels))
+        if len(names) < 2:
+            raise ModelError(f"base training needs at least 2 labels, got {names}")
+        dense = [names.index(x) for x in labels]
+        embedder, _, _ = train_embedder(
+            paths, dense, encoder=encoder, audio=AudioConfig(clip_seconds=clip_seconds), train=train, seed=seed,
+            pretrained=pretrained, device=device, on_error=on_error, progress=progress,
+        )
+        model = cls.from_embedder(embedder, learner, learner_params, device)
+        model.learn(paths, labels, on_error=on_error)
+        return model
+
+    def clone(self) -> Model:
+        """An independent copy (learn on it, save it, then swap it in for readers of the old one)."""
+        other = copy.copy(self)
+        other.learner = copy.deepcopy(self.learner)
+        other._names = dict(self._names)
+        other.journal = list(self.journal)
+        other.history = list(self.history)
+        return other  # the embedder is frozen and shared
+
+    # ------------------------------------------------------------------ labels
+
+    @property
+    def labels(self) -> list[str]:
+        """Label names in the learner's column order."""
+        return [self._names[int(i)] for i in self.learner.classes_.tolist()]
+
+    def counts(self) -> dict[str, int]:
+        """Clips learned per label."""
+        return {self._names[int(i)]: int(n) for i, n in zip(self.learner.classes_.tolist(),
+                                                            self.learner.class_counts.tolist(), strict=True)}
+
+    def _id_of(self, label: str, create: bool = False) -> int:
+        for i, name in self._names.items():
+            if name == label:
+                return i
+        if not create:
+            known = ", ".join(sorted(self._names.values())) or "none"
+            raise UnknownLabelError(f"unknown label {label!r}; known labels: {known}")
+        self._names[self._next_id] = label
+        self._next_id += 1
+        return self._next_id - 1
+
+    # ------------------------------------------------------------------ audio
+
+    def decode(
+        self, paths: Sequence[str | Path], on_error: str = "fail", names: Sequence[str] | None = None
+    ) -> Decoded:
+        """Decode clips at the model's rate and length; unreadable, empty or silent files fail (or are skipped)."""
+        if on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
+        out = Decoded()
+        for k, path in enumerate(paths):
+            name = str(names[k]) if names is not None else str(path)
+            try:
+                wave = load_audio(path, self.embedder.audio_config)
+                if float(np.abs(wave).max()) < SILENCE:
+                    raise AudioDecodeError(name, "contains only silence")
+            except AudioDecodeError as exc:
+                if names is not None:
+                    exc = AudioDecodeError(name, exc.reason)
+                if on_error == "fail":
+                    raise exc from None
+                out.skipped.append((name, exc.reason))
+                continue
+            out.names.append(name)
+            out.waves.append(wave)
+            out.digests.append(clip_digest(wave))
+            out.positions.append(k)
+        return out
+
+    @torch.no_grad()
+    def embed(self, waves: Sequence[np.ndarray] | np.ndarray, batch_size: int = 64) -> torch.Tensor:
+        """Embeddings of decoded clips, (n, d) float32; the same bits for a clip whatever the batch around it."""
+        if len(waves) == 0:
+            return torch.zeros(0, self.embedder.embed_dim)
+        stacked = np.stack(list(waves)) if not isinstance(waves, np.ndarray) else waves
+        with self.embedder.batch_invariant():
+            parts = [self.embedder.embed(stacked[i : i + batch_size]) for i in range(0, len(stacked), batch_size)]
+        return torch.cat(parts).cpu()
+
+    # ------------------------------------------------------------------ learn / predict / forget
+
+    def learn(
+        self, paths: Sequence[str | Path], labels: str | Sequence[str], *, on_error: str = "fail",
+        names: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """Learn clips (new labels or more examples of known ones). On any error nothing is learned.
+
+        ``names`` are what errors and the journal call the files (e.g. an upload's filename).
+        A clip already learned (same decoded audio) is refused, so nothing is ever counted twice.
+        """
+        paths = list(paths)
+        labels = [labels] * len(paths) if isinstance(labels, str) else list(labels)
+        if len(labels) != len(paths):
+            raise ModelError(f"{len(paths)} files but {len(labels)} labels")
+        labels = [_check_label(x) for x in labels]
+        if not paths:
+            raise ModelError("no files to learn from")
+        decoded = self.decode(paths, on_error, names)
+        seen = {e["clip"]: e["label"] for e in self.journal}
+        keep, batch = [], set()
+        for j, digest in enumerate(decoded.digests):
+            if digest in seen or digest in batch:
+                where = f"already learned as {seen[digest]!r}" if digest in seen else "given twice in this request"
+                if on_error == "fail":
+                    raise ModelError(f"{decoded.names[j]}: this clip was {where}")
+                decoded.skipped.append((decoded.names[j], f"clip {where}"))
+                continue
+            batch.add(digest)
+            keep.append(j)
+        kept_labels = [labels[decoded.positions[j]] for j in keep]
+        empty = sorted(set(labels) - set(kept_labels))
+        if empty:
+            raise ModelError(f"no valid clip for label(s) {', '.join(map(repr, empty))}: nothing learned "
+                             f"({'; '.join(f'{n}: {r}' for n, r in decoded.skipped) or 'no files'})")
+        X = self.embed([decoded.waves[j] for j in keep])
+        before = set(self._names.values())
+        names_before, next_before = dict(self._names), self._next_id
+        try:
+            ids = [self._id_of(x, create=True) for x in kept_labels]
+            self.learner.partial_fit(X, torch.as_tensor(ids))
+        except Exception:
+            self._names, self._next_id = names_before, next_before
+            raise
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for row, j in enumerate(keep):
+            self.journal.append({"clip": decoded.digests[j], "label": kept_labels[row],
+                                 "embedding": embedding_digest(X[row]), "source": Path(decoded.names[j]).name,
+                                 "time": now})
+        counts: dict[str, int] = {}
+        for x in kept_labels:
+            counts[x] = counts.get(x, 0) + 1
+        report = {"learned": len(keep), "labels": counts, "new": sorted(set(counts) - before),
+                  "skipped": [{"file": n, "reason": r} for n, r in decoded.skipped]}
+        self.history.append({"op": "learn", "time": now, "clips": len(keep), "labels": counts})
+        return report
+
+    @torch.no_grad()
+    def predict(
+        self, paths: Sequence[str | Path], top_k: int = 5, window: float | None = None, hop: float | None = None,
+        *, on_error: str = "fail", names: Sequence[str] | None = None,
+    ) -> list[Prediction]:
+        """Top-k labels with probabilities per clip, or per window of each file when ``window`` is given."""
+        self._require_labels()
+        if top_k < 1:
+            raise ModelError(f"top_k must be >= 1, got {top_k}")
+        top_k = min(top_k, self.learner.n_classes_)
+        if window is None:
+            decoded = self.decode(paths, on_error, names)
+            self.skipped = decoded.skipped
+            if not decoded.waves:
+                return []
+            return [Prediction(name, top) for name, top in zip(decoded.names, self._top(decoded.waves, top_k),
+                                                                strict=True)]
+        hop = hop or window
+        out: list[Prediction] = []
+        self.skipped = []
+        for k, path in enumerate(paths):
+            name = str(names[k]) if names is not None else str(path)
+            try:
+                items = list(iter_windows(path, window, hop, self.embedder.audio_config))
+            except AudioDecodeError as exc:
+                if on_error == "fail":
+                    raise AudioDecodeError(name, exc.reason) from None
+                self.skipped.append((name, exc.reason))
+                continue
+            for start in range(0, len(items), 64):
+                chunk = items[start : start + 64]
+                tops = self._top([w for _, w in chunk], top_k)
+                out += [Prediction(name, top, t, t + window) for (t, _), top in zip(chunk, tops, strict=True)]
+        return out
+
+    def _top(self, waves: Sequence[np.ndarray], k: int) -> list[list[tuple[str, float]]]:
+        proba = self.learner.predict_proba(self.embed(waves)).cpu()
+        p, idx = proba.topk(k, dim=1)
+        names = self.labels
+        return [[(names[int(i)], float(v)) for v, i in zip(pr, ir, strict=True)] for pr, ir in zip(p, idx, strict=True)]
+
+    def forget(
+        self, label: str | None = None, files: Sequence[str | Path] | None = None, *,
+        names: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """Exact unlearning of a label, or of specific clips that were learned; nothing else changes."""
+        if (label is None) == (files is None):
+            raise ModelError("forget takes a label or files, not both or neither")
+        if not self.learner.can_forget:
+            able = ", ".join(n for n in LEARNERS.names() if LEARNERS.get(n).can_forget)
+            raise ModelError(f"the {self.learner.name} learner cannot forget exactly; learners that can: {able}")
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if label is not None:
+            i = self._id_of(label)
+            self.learner.forget_class(i)
+            removed = sum(1 for e in self.journal if e["label"] == label)
+            self.journal = [e for e in self.journal if e["label"] != label]
+            del self._names[i]
+            self.history.append({"op": "forget", "time": now, "label": label, "clips": removed})
+            return {"forgot": removed, "labels": {label: removed}, "removed_labels": [label]}
+        decoded = self.decode(list(files), "fail", names)
+        entries = {e["clip"]: e for e in self.journal}
+        rows, chosen = [], set()
+        for name, digest in zip(decoded.names, decoded.digests, strict=True):
+            if digest not in entries:
+                raise ModelError(f"{name}: this clip was never learned by this model (no journal entry for its audio)")
+            if digest in chosen:
+                raise ModelError(f"{name}: given twice")
+            chosen.add(digest)
+            rows.append(entries[digest])
+        X = self.embed(decoded.waves)
+        for name, entry, x in zip(decoded.names, rows, X, strict=True):
+            if embedding_digest(x) != entry["embedding"]:
+                raise ModelError(f"{name}: its embedding now differs from the one learned (another encoder build, "
+                                 "thread count or CPU?); it cannot be removed exactly. Forget its label instead.")
+        labels_before = set(self.labels)
+        self.learner.forget_samples(X, torch.as_tensor([self._id_of(e["label"]) for e in rows]))
+        self.journal = [e for e in self.journal if e["clip"] not in chosen]
+        gone = sorted(labels_before - set(self.labels))
+        for name in gone:
+            del self._names[self._id_of(name)]
+        counts: dict[str, int] = {}
+        for e in rows:
+            counts[e["label"]] = counts.get(e["label"], 0) + 1
+        self.history.append({"op": "forget", "time": now, "clips": len(rows), "labels": counts})
+        return {"forgot": len(rows), "labels": counts, "removed_labels": gone}
+
+    def _require_labels(self) -> None:
+        if not self.learner.is_fitted:
+            raise ModelError("this model knows no labels yet; teach it some with learn")
+
+    # ------------------------------------------------------------------ info
+
+    def statistics_bytes(self) -> int:
+        """Bytes of the learner's state (the float64 statistics that exact forgetting and merging rely on)."""
+        return self.learner.nbytes()
+
+    def info(self) -> dict[str, Any]:
+        enc = self.embedder.encoder
+        encoder_bytes = sum(t.numel() * t.element_size() for t in [*enc.parameters(), *enc.buffers()])
+        forget = (
+            "exact: a label, or clips that were learned (re-embedded and checked against the journal)"
+            if self.learner.can_forget else
+            f"no: {self.learner.name} cannot forget exactly (use one of "
+            f"{', '.join(n for n in LEARNERS.names() if LEARNERS.get(n).can_forget)})"
+        )
+        if self.learner.can_forget and getattr(self.learner.config, "class_factors", True) is False:
+            forget = "exact for clips that were learned; not for whole labels (class_factors=False)"
+        return {
+            "format": FORMAT_VERSION,
+            "earmark": _version(),
+            "path": str(self.path) if self.path else None,
+            "generation": self.generation,
+            "created": self.created,
+            "labels": self.counts(),
+            "clips": len(self.journal),
+            "learner": {"name": self.learner.name, "config": dataclasses.asdict(self.learner.config),
+                        "state_bytes": self.learner.nbytes()},
+            "encoder": {"config": enc.config.to_dict(), "digest": self.embedder.digest,
+                        "parameters": sum(p.numel() for p in enc.parameters()), "bytes": encoder_bytes},
+            "audio": self.embedder.audio_config.to_dict(),
+            "journal_bytes": len(json.dumps(self.journal)),
+            "forget": forget,
+            "history": self.history[-20:],
+        }
+
+    # ------------------------------------------------------------------ persistence
+
+    @staticmethod
+    @contextmanager
+    def lock(path: str | Path) -> Iterator[None]:
+        """Hold the model directory's writer lock (raises ModelLockedError if another process holds it)."""
+        with _lock(Path(path)):
+            yield
+
+    def _manifest_body(self, files: dict[str, dict], generation: int) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "earmark": _version(),
+            "generation": generation,
+            "created": self.created,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "learner": {"name": self.learner.name, "config": dataclasses.asdict(self.learner.config)},
+            "labels": {str(i): name for i, name in sorted(self._names.items())},
+            "next_label_id": self._next_id,
+            "files": files,
+        }
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write the model directory atomically (see the module docstring); returns its path."""
+        path = Path(path) if path is not None else self.path
+        if path is None:
+            raise ModelError("save needs a path: this model was not loaded from or saved to one")
+        if path.exists() and not path.is_dir():
+            raise ModelError(f"{path}: exists and is not a directory")
+        with _lock(path):
+            on_disk = _read_manifest(path) if (path / MANIFEST).is_file() else None
+            same = self.path is not None and path.resolve() == self.path.resolve()
+            if on_disk is not None and same and int(on_disk.get("generation", -1)) != self.generation:
+                raise ModelError(f"{path}: the model changed on disk since it was loaded (generation "
+                                 f"{on_disk.get('generation')}, loaded {self.generation}): another writer saved it; "
+                                 "load it again and redo the change")
+            generation = (int(on_disk.get("generation", 0)) if on_disk else 0) + 1
+            blobs = path / "blobs"
+            blobs.mkdir(parents=True, exist_ok=True)
+            embedder_bytes = tensors_bytes(self.embedder.state_tensors(), self.embedder.describe())
+            learner_bytes = tensors_bytes(self.learner.state_dict(), {
+                "kind": "learner", "name": self.learner.name, "config": dataclasses.asdict(self.learner.config)})
+            journal_bytes = (json.dumps({"clips": self.journal, "history": self.history}, indent=0) + "\n").encode()
+            files = {}
+            for role, data, suffix in (("embedder", embedder_bytes, "safetensors"),
+                                       ("learner", learner_bytes, "safetensors"), ("journal", journal_bytes, "json")):
+                digest = _sha256(data)
+                rel = f"blobs/{role}-{digest[:20]}.{suffix}"
+                if not ((path / rel).is_file() and _sha256((path / rel).read_bytes()) == digest):
+                    atomic_write_bytes(path / rel, data)
+                files[role] = {"path": rel, "sha256": digest, "bytes": len(data)}
+            _fsync_dir(blobs)
+            body = self._manifest_body(files, generation)
+            body["content_hash"] = _sha256(json.dumps(body, sort_keys=True).encode())
+            atomic_write_text(path / MANIFEST, json.dumps(body, indent=2, sort_keys=True) + "\n")
+            _fsync_dir(path)
+            self.generation = generation
+            self.embedder.digest = _sha256(embedder_bytes)
+            self.path = path
+            _collect_garbage(path, {f["path"] for f in files.values()})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> Model:
+        """Load a model directory, checking its format version and every file's hash; never unpickles."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ModelError(f"{path}: not a model directory" + (" (it is a file)" if path.exists() else
+                                                                  " (it does not exist)"))
+        body = _read_manifest(path)
+        fmt = body.get("format")
+        if not isinstance(fmt, int) or fmt > FORMAT_VERSION:
+            raise ModelError(f"{path / MANIFEST}: model format {fmt!r} is newer than this earmark "
+                             f"({_version()}, format {FORMAT_VERSION}); upgrade earmark to load it")
+        blobs = {}
+        for role in ("embedder", "learner", "journal"):
+            entry = body.get("files", {}).get(role)
+            if not isinstance(entry, dict) or "path" not in entry or "sha256" not in entry:
+                raise ModelError(f"{path / MANIFEST}: no {role} file listed")
+            file = path / entry["path"]
+            if not file.is_file():
+                raise ModelError(f"{file}: missing (listed in {path / MANIFEST})")
+            data = file.read_bytes()
+            if _sha256(data) != entry["sha256"]:
+                raise ModelError(f"{file}: content does not match its sha256 in {MANIFEST} (corrupt or tampered)")
+            blobs[role] = file
+        try:
+            embedder = AudioEmbedder.load(blobs["embedder"], device)
+            tensors, meta, _ = load_tensors(blobs["learner"], kind="learner")
+            learner = make_learner(meta["name"], **meta["config"])
+            learner.load_state_dict(tensors)
+            journal = json.loads(blobs["journal"].read_text())
+        except (CheckpointError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise ModelError(f"{path}: cannot be loaded ({exc})") from exc
+        model = cls(embedder, learner, device)
+        model._names = {int(i): name for i, name in body.get("labels", {}).items()}
+        model._next_id = int(body.get("next_label_id", len(model._names)))
+        model.journal = list(journal.get("clips", []))
+        model.history = list(journal.get("history", []))
+        model.generation = int(body.get("generation", 0))
+        model.created = body.get("created", model.created)
+        model.path = path
+        ids = set(learner.classes_.tolist())
+        if ids != set(model._names):
+            raise ModelError(f"{path / MANIFEST}: labels {sorted(model._names)} do not match the learner's classes "
+                             f"{sorted(ids)}")
+        return model
+
+    def export_onnx(self, out: str | Path, **kwargs: Any) -> dict[str, Any]:
+        """Encoder and head as one ONNX file, checked against PyTorch with onnxruntime (see earmark.export)."""
+        from earmark.export import export_onnx
+
+        self._require_labels()
+        report = export_onnx(self.embedder, self.learner, out, **kwargs)
+        report["labels"] = self.labels
+        atomic_write_text(Path(str(out) + ".labels.json"), json.dumps(self.labels, indent=2) + "\n")
+        return report
+
+
+def _embedding_learners() -> list[str]:
+    return [n for n in LEARNERS.names() if not LEARNERS.get(n).needs_encoder()]
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    file = path / MANIFEST
+    if not file.is_file():
+        raise ModelError(f"{path}: not a model directory (no {MANIFEST})")
+    try:
+        body = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise ModelError(f"{file}: not a model manifest")
+    claimed = body.pop("content_hash", None)
+    if claimed != _sha256(json.dumps(body, sort_keys=True).encode()):
+        raise ModelError(f"{file}: its content hash does not match (edited or corrupt)")
+    return body
+
+
+def _collect_garbage(path: Path, keep: set[str]) -> None:
+    """Remove blobs the manifest no longer lists and temporary files of crashed writes."""
+    for file in (path / "blobs").iterdir():
+        rel = f"blobs/{file.name}"
+        if rel not in keep:
+            file.unlink(missing_ok=True)
+    for file in path.glob(f".{MANIFEST}.*.tmp"):
+        file.unlink(missing_ok=True)
+
+
+__all__ = ["Model", "ModelError", "ModelLockedError", "Prediction", "UnknownLabelError"]
