@@ -233,16 +233,17 @@ def test_ece_sampling_floor():
     assert math.isnan(ece_sampling_floor(np.zeros((0, 2))))
 
 
-def test_validation_clips_join_the_pool_but_are_not_learned():
+def test_validation_clips_replace_the_held_out_share_and_are_not_learned():
     X, y, _ = blobs([0, 1, 2], 20, d=6, seed=4, spread=2.0)
     Xv, yv, _ = blobs([0, 1, 2], 5, d=6, seed=5, spread=2.0)
-    plain = HeldOutCalibration(make_learner("lda", shrinkage=0.1))
-    plain.update(X, y)
     cal = HeldOutCalibration(make_learner("lda", shrinkage=0.1))
     cal.update(X, y, held_out=(Xv, yv))
-    assert len(cal.pool_y) == len(plain.pool_y) + 15
-    assert torch.equal(cal.shadow.means_, plain.shadow.means_)  # the shadow did not learn them
-    assert cal.calibration.calibrator.n_samples == plain.calibration.calibrator.n_samples + 15
+    assert torch.equal(cal.pool_X, Xv) and torch.equal(cal.pool_y, yv)  # only the validation clips
+    full = make_learner("lda", shrinkage=0.1).partial_fit(X, y)
+    assert torch.allclose(cal.shadow.means_, full.means_)  # the shadow learned the whole session, not them
+    assert cal.calibration.calibrator.n_samples == 15
+    cal.update(X[:6] + 10, y[:6] + 3)  # a later session without validation clips: a held-out share again
+    assert len(cal.pool_y) > 15
 
 
 def test_evaluate_open_set_takes_validation_clips_by_session():

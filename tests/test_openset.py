@@ -217,3 +217,65 @@ def test_compare_reports_open_set_per_session(tmp_path, monkeypatch, capsys):
         # the accuracy column is the accuracy matrix's seen accuracy, averaged over trials
         assert rows[1]["accuracy"] == pytest.approx(np.mean([t["seen_accuracy"][1] for t in trials]))
     assert results["learners"]["ncm"]["open_set_mean"] == saved["learners"]["ncm"]["open_set_mean"]
+
+
+# --------------------------------------------------------------------------- the Model
+
+
+@pytest.fixture(scope="module")
+def tone_clips(tmp_path_factory):
+    from tests.audio_fixtures import FREQS, write_class
+
+    root = tmp_path_factory.mktemp("tones")
+    return {name: write_class(root, name, freq, 40) for name, freq in FREQS.items()}
+
+
+@pytest.fixture(scope="module")
+def tone_embedder():
+    from earmark.audio import AudioConfig
+    from earmark.encoders.config import resolve_config
+    from earmark.encoders.embedder import AudioEmbedder
+
+    torch.manual_seed(0)
+    return AudioEmbedder(resolve_config("fast"), AudioConfig(clip_seconds=1.0))
+
+
+def test_model_rejects_an_unknown_sound_and_keeps_its_threshold_through_save_load(tone_embedder, tone_clips, tmp_path):
+    from earmark.model import Model
+
+    model = Model.from_embedder(tone_embedder, "lda", {"shrinkage": 0.5})
+    for name in ("low", "mid", "high"):
+        model.learn(tone_clips[name][:35], name)
+    cal = model.calibration.calibration
+    assert cal.calibrator.n_samples == 21 and math.isfinite(cal.detector.threshold)  # 7 held out of 35 per label
+    assert cal.detector.score == "mahalanobis"
+    known = [p for n in ("low", "mid", "high") for p in tone_clips[n][35:]]
+    whistle = tone_clips["whistle"][:10]
+    preds = model.predict(known + whistle, top_k=2)
+    rejected = [p.label == "unknown" for p in preds]
+    assert sum(rejected[:15]) <= 3  # known sounds: about 5% false rejections (15 clips)
+    assert sum(rejected[15:]) >= 5  # the never-taught whistle is mostly unknown
+    for p in preds:
+        if p.label == "unknown":
+            # its score (minus the squared Mahalanobis distance to the nearest mean) is below the threshold
+            assert len(p.top) == 2 and p.top[1][0] in ("low", "mid", "high") and p.top[0][1] < cal.detector.threshold
+    # a float overrides the stored threshold for one call; reject_unknown=False disables it
+    assert all(p.label != "unknown" for p in model.predict(whistle, unknown_threshold=-math.inf))
+    assert all(p.label == "unknown" for p in model.predict(known[:3], unknown_threshold=math.inf))
+    assert all(p.label != "unknown" for p in model.predict(whistle, reject_unknown=False))
+    # calibrated probabilities still sum to one over the labels
+    full = model.predict(known[:2], top_k=3, reject_unknown=False)
+    assert all(abs(sum(v for _, v in p.top) - 1) < 1e-5 for p in full)
+    model.save(tmp_path / "m")
+    loaded = Model.load(tmp_path / "m")
+    assert loaded.calibration.calibration == cal
+    assert [p.to_dict() for p in loaded.predict(known + whistle, top_k=2)] == [p.to_dict() for p in preds]
+    # learning more continues the calibration; forgetting a label removes it from the shadow and the pool
+    loaded.learn(tone_clips["whistle"][10:25], "whistle")
+    assert "whistle" in loaded.labels and loaded.calibration.shadow.n_classes_ == 4
+    loaded.forget("whistle")
+    assert loaded.calibration.shadow.n_classes_ == 3 and len(loaded.calibration.pool_y) == 21
+    assert loaded.calibration.calibration.detector.threshold == pytest.approx(cal.detector.threshold)
+    # forgetting files: pool clips and shadow clips both go exactly
+    loaded.forget(files=tone_clips["low"][:35])
+    assert loaded.calibration.shadow.n_classes_ == 2 and len(loaded.calibration.pool_y) == 14

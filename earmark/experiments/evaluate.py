@@ -93,7 +93,8 @@ def evaluate_open_set(
     ``seconds`` times the learner's own ``partial_fit`` only, as ``evaluate_learner``.
 
     ``validation_indices``: dataset indices of validation clips that no learner trains on; each joins the
-    calibration pool in the session that introduces its class. Why: the base-session encoder is trained
+    calibration pool in the session that introduces its class, in place of that session's held-out share
+    (the shadow learns the whole session then). Why: the base-session encoder is trained
     on the base session's training clips, so a held-out share of those is held out from the learner
     but not from the encoder, and its embeddings are cleaner than test ones (too small a temperature).
     """
