@@ -172,6 +172,16 @@ def _seconds(value: str) -> float:
 def cmd_predict(args: argparse.Namespace) -> int:
     from earmark.predict import load_model, predict_windows
 
+    if (Path(args.model) / "model.json").is_file():  # a Model directory: calibrated, may answer "unknown"
+        from earmark.model import Model
+
+        saved = Model.load(args.model, args.device)
+        for p in saved.predict(args.files, top_k=1, window=args.window, hop=args.hop,
+                               unknown_threshold=args.unknown_threshold, reject_unknown=not args.no_unknown):
+            print(f"{p.file}\t{p.start:9.2f}s\t{p.label}\t{p.top[0][1]:.3f}", flush=True)
+        return 0
+    if args.unknown_threshold is not None:
+        raise ValueError("--unknown-threshold needs a model directory (model.json); a run folder has no calibration")
     model = load_model(args.model, args.learner, args.device)
     for path in args.files:
         for start, name, p in predict_windows(model, path, args.window, args.hop):
@@ -271,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--window", type=_seconds, default=2.0, help="window length, e.g. 2s")
     pred.add_argument("--hop", type=_seconds, default=1.0, help="hop between windows, e.g. 1s")
     pred.add_argument("--device", default="cpu")
+    pred.add_argument("--unknown-threshold", type=float, default=None,
+                      help="model directories: answer 'unknown' below this known-ness score (default: the stored "
+                           "threshold, chosen for 5%% false rejections of known sounds)")
+    pred.add_argument("--no-unknown", action="store_true", help="never answer 'unknown'")
     pred.set_defaults(func=cmd_predict)
     render = sub.add_parser("render", help="render the embedded General MIDI dataset to a folder")
     render.add_argument("out")

@@ -240,7 +240,9 @@ def tone_embedder():
     return AudioEmbedder(resolve_config("fast"), AudioConfig(clip_seconds=1.0))
 
 
-def test_model_rejects_an_unknown_sound_and_keeps_its_threshold_through_save_load(tone_embedder, tone_clips, tmp_path):
+def test_model_rejects_an_unknown_sound_and_keeps_its_threshold_through_save_load(
+    tone_embedder, tone_clips, tmp_path, capsys
+):
     from earmark.model import Model
 
     model = Model.from_embedder(tone_embedder, "lda", {"shrinkage": 0.5})
@@ -270,6 +272,19 @@ def test_model_rejects_an_unknown_sound_and_keeps_its_threshold_through_save_loa
     loaded = Model.load(tmp_path / "m")
     assert loaded.calibration.calibration == cal
     assert [p.to_dict() for p in loaded.predict(known + whistle, top_k=2)] == [p.to_dict() for p in preds]
+    # the CLI: the stored threshold, an override and --no-unknown
+    from earmark.cli import main
+
+    files = [str(whistle[0]), str(known[0])]
+    capsys.readouterr()
+    cli = ["predict", *files, "--model", str(tmp_path / "m"), "--window", "1s"]
+    assert main(cli) == 0
+    lines = [x.split("\t") for x in capsys.readouterr().out.strip().splitlines()]
+    assert [x[2] for x in lines] == [preds[15].label, preds[0].label]
+    assert main([*cli, "--unknown-threshold", "inf"]) == 0
+    assert [x.split("\t")[2] for x in capsys.readouterr().out.strip().splitlines()] == ["unknown", "unknown"]
+    assert main([*cli, "--no-unknown"]) == 0
+    assert "unknown" not in capsys.readouterr().out
     # learning more continues the calibration; forgetting a label removes it from the shadow and the pool
     loaded.learn(tone_clips["whistle"][10:25], "whistle")
     assert "whistle" in loaded.labels and loaded.calibration.shadow.n_classes_ == 4
