@@ -17,8 +17,10 @@ every blob's sha256 and the manifest's own content hash, and never unpickles.
 
 The journal records, per learned clip, the content hash of the decoded audio, the label, a digest of
 the embedding that was learned and the time. ``forget(files=...)`` decodes and embeds the files again
-and removes exactly what was learned; the digest proves the embedding is the one learned. No audio and
-no embeddings are kept.
+and removes exactly what was learned; the digest proves the embedding is the one learned. No audio is
+kept; the only embeddings kept are the calibration's held-out fifth of each learn call
+(``blobs/calibration-<h>.safetensors``: a shadow learner and those clips, see ``earmark.calibration``),
+and ``forget`` removes them too.
 """
 
 from __future__ import annotations
