@@ -278,6 +278,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"learner: {learner['name']} {learner['config']}, state {learner['state_bytes']:,} bytes")
     print(f"forget: {info['forget']}")
     print(f"journal: {info['clips']} clips, {info['journal_bytes']:,} bytes (hashes only: no audio, no embeddings)")
+    cal = info.get("calibration")
+    if cal:
+        print(f"calibration: temperature {cal['temperature']:.3g}, unknown below {cal['score']} {cal['threshold']}, "
+              f"{cal['held_out_clips']} held-out embeddings + a shadow learner, {cal['bytes']:,} bytes")
     print(f"{len(info['labels'])} labels (clips):")
     for name, n in info["labels"].items():
         print(f"  {name}\t{n}")
@@ -300,7 +304,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from earmark.model import Model
 
     model = Model.load(args.model, args.device)
-    preds = model.predict(args.files, top_k=args.top_k, window=args.window, hop=args.hop, on_error=args.on_error)
+    preds = model.predict(args.files, top_k=args.top_k, window=args.window, hop=args.hop, on_error=args.on_error,
+                          unknown_threshold=args.unknown_threshold, reject_unknown=not args.no_unknown)
     rows = [{"file": p.file, "start": p.start, "end": p.end, "label": p.label, "probability": p.top[0][1],
              "top": " ".join(f"{n}:{v:.3f}" for n, v in p.top)} for p in preds]
     if args.format == "json":
@@ -463,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--on-error", choices=["fail", "skip"], default="fail",
                       help="a bad file: stop (default), or skip it, predict the rest and list it")
     pred.add_argument("--device", default="cpu")
+    pred.add_argument("--unknown-threshold", type=float, default=None,
+                      help="model directories: answer 'unknown' below this known-ness score (default: the stored "
+                           "threshold, chosen for 5%% false rejections of known sounds)")
+    pred.add_argument("--no-unknown", action="store_true", help="never answer 'unknown'")
     pred.set_defaults(func=cmd_predict)
     forget = sub.add_parser("forget", help="exactly unlearn a label, or clips that were learned")
     forget.add_argument("model")

@@ -17,8 +17,10 @@ every blob's sha256 and the manifest's own content hash, and never unpickles.
 
 The journal records, per learned clip, the content hash of the decoded audio, the label, a digest of
 the embedding that was learned and the time. ``forget(files=...)`` decodes and embeds the files again
-and removes exactly what was learned; the digest proves the embedding is the one learned. No audio and
-no embeddings are kept.
+and removes exactly what was learned; the digest proves the embedding is the one learned. No audio is
+kept; the only embeddings kept are the calibration's held-out fifth of each learn call
+(``blobs/calibration-<h>.safetensors``: a shadow learner and those clips, see ``earmark.calibration``),
+and ``forget`` removes them too.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import torch
 
 from earmark.audio import AudioConfig, AudioDecodeError, load_audio
 from earmark.audio.stream import iter_windows
+from earmark.calibration import HeldOutCalibration, default_score
 from earmark.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, load_tensors, tensors_bytes
 from earmark.encoders.embedder import AudioEmbedder
 from earmark.learners import IncrementalLearner, make_learner
@@ -184,6 +187,12 @@ class Model:
         self.path: Path | None = None
         self.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.history: list[dict[str, Any]] = []  # what was done: learn / forget, with counts
+        # Calibrated probabilities and `unknown` (earmark.calibration): a shadow learner without a held-out fifth of
+        # every learn call, and those held-out clips' embeddings; only for a model that learns from its first clip.
+        self.calibration: HeldOutCalibration | None = None
+        if not learner.is_fitted:
+            shell = make_learner(learner.name, **dataclasses.asdict(learner.config))
+            self.calibration = HeldOutCalibration(shell, score=default_score(learner), max_per_class=None)
 
     # ------------------------------------------------------------------ building
 
@@ -237,6 +246,7 @@ class Model:
         other._names = dict(self._names)
         other.journal = list(self.journal)
         other.history = list(self.history)
+        other.calibration = copy.deepcopy(self.calibration)
         return other  # the embedder is frozen and shared
 
     # ------------------------------------------------------------------ labels
@@ -344,6 +354,8 @@ class Model:
         except Exception:
             self._names, self._next_id = names_before, next_before
             raise
+        if self.calibration is not None:
+            self.calibration.update(X, torch.as_tensor(ids))
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for row, j in enumerate(keep):
             self.journal.append({"clip": decoded.digests[j], "label": kept_labels[row],
@@ -360,9 +372,18 @@ class Model:
     @torch.no_grad()
     def predict(
         self, paths: Sequence[str | Path], top_k: int = 5, window: float | None = None, hop: float | None = None,
-        *, on_error: str = "fail", names: Sequence[str] | None = None,
+        *, on_error: str = "fail", names: Sequence[str] | None = None, unknown_threshold: float | None = None,
+        reject_unknown: bool = True,
     ) -> list[Prediction]:
-        """Top-k labels with probabilities per clip, or per window of each file when ``window`` is given."""
+        """Top-k labels with probabilities per clip, or per window of each file when ``window`` is given.
+
+        Probabilities are calibrated (temperature fitted on held-out clips) when the model has a calibration.
+        A clip whose known-ness score (its best calibrated probability) is below the threshold gets
+        ``("unknown", score)`` as top-1, then its best known labels. ``unknown_threshold``: None = the stored
+        threshold (chosen for 5% false rejections of known sounds), a float = this threshold for this call;
+        ``reject_unknown=False`` never answers unknown.
+        """
+        reject = (unknown_threshold, reject_unknown)
         self._require_labels()
         if top_k < 1:
             raise ModelError(f"top_k must be >= 1, got {top_k}")
@@ -372,7 +393,7 @@ class Model:
             self.skipped = decoded.skipped
             if not decoded.waves:
                 return []
-            return [Prediction(name, top) for name, top in zip(decoded.names, self._top(decoded.waves, top_k),
+            return [Prediction(name, top) for name, top in zip(decoded.names, self._top(decoded.waves, top_k, *reject),
                                                                 strict=True)]
         hop = hop or window
         out: list[Prediction] = []
@@ -380,7 +401,7 @@ class Model:
         for k, path in enumerate(paths):
             name = str(names[k]) if names is not None else str(path)
             try:
-                out += list(self.predict_stream(path, name, window, hop, top_k))
+                out += list(self.predict_stream(path, name, window, hop, top_k, 64, *reject))
             except AudioDecodeError as exc:
                 if on_error == "fail":
                     raise AudioDecodeError(name, exc.reason) from None
@@ -388,27 +409,38 @@ class Model:
         return out
 
     def predict_stream(self, path: str | Path, name: str, window: float, hop: float, top_k: int = 5,
-                         batch_size: int = 64) -> Iterator[Prediction]:
+                       batch_size: int = 64, unknown_threshold: float | None = None,
+                       reject_unknown: bool = True) -> Iterator[Prediction]:
         """Windows are decoded block by block and classified a batch at a time: memory stays flat."""
         pending: list[tuple[float, np.ndarray]] = []
+        reject = (unknown_threshold, reject_unknown)
         for item in iter_windows(path, window, hop, self.embedder.audio_config):
             pending.append(item)
             if len(pending) == batch_size:
-                yield from self._window_batch(pending, name, window, top_k)
+                yield from self._window_batch(pending, name, window, top_k, reject)
                 pending = []
         if pending:
-            yield from self._window_batch(pending, name, window, top_k)
+            yield from self._window_batch(pending, name, window, top_k, reject)
 
-    def _window_batch(self, items: list[tuple[float, np.ndarray]], name: str, window: float,
-                      top_k: int) -> list[Prediction]:
-        tops = self._top([w for _, w in items], top_k)
+    def _window_batch(self, items: list[tuple[float, np.ndarray]], name: str, window: float, top_k: int,
+                      reject: tuple[float | None, bool]) -> list[Prediction]:
+        tops = self._top([w for _, w in items], top_k, *reject)
         return [Prediction(name, top, t, t + window) for (t, _), top in zip(items, tops, strict=True)]
 
-    def _top(self, waves: Sequence[np.ndarray], k: int) -> list[list[tuple[str, float]]]:
-        proba = self.learner.predict_proba(self.embed(waves)).cpu()
+    def _top(
+        self, waves: Sequence[np.ndarray], k: int, threshold: float | None = None, reject: bool = True
+    ) -> list[list[tuple[str, float]]]:
+        X = self.embed(waves)
+        cal = self.calibration.calibration if self.calibration is not None else None
+        if cal is None or cal.calibrator.n_samples == 0:  # nothing held out yet: the learner's own softmax
+            proba, rejected, score = self.learner.predict_proba(X).cpu(), torch.zeros(len(X), dtype=torch.bool), None
+        else:
+            out = cal.predict(self.learner, X, threshold, reject)
+            proba, rejected, score = out.proba, out.rejected, out.score
         p, idx = proba.topk(k, dim=1)
         names = self.labels
-        return [[(names[int(i)], float(v)) for v, i in zip(pr, ir, strict=True)] for pr, ir in zip(p, idx, strict=True)]
+        tops = [[(names[int(i)], float(v)) for v, i in zip(pr, ir, strict=True)] for pr, ir in zip(p, idx, strict=True)]
+        return [[(UNKNOWN, float(score[r])), *top[: k - 1]] if bool(rejected[r]) else top for r, top in enumerate(tops)]
 
     def forget(
         self, label: str | None = None, files: Sequence[str | Path] | None = None, *,
@@ -424,6 +456,8 @@ class Model:
         if label is not None:
             i = self._id_of(label)
             self.learner.forget_class(i)
+            if self.calibration is not None:
+                self.calibration.forget(label=i)
             removed = sum(1 for e in self.journal if e["label"] == label)
             self.journal = [e for e in self.journal if e["label"] != label]
             del self._names[i]
@@ -445,7 +479,10 @@ class Model:
                 raise ModelError(f"{name}: its embedding now differs from the one learned (another encoder build, "
                                  "thread count or CPU?); it cannot be removed exactly. Forget its label instead.")
         labels_before = set(self.labels)
-        self.learner.forget_samples(X, torch.as_tensor([self._id_of(e["label"]) for e in rows]))
+        ids = torch.as_tensor([self._id_of(e["label"]) for e in rows])
+        self.learner.forget_samples(X, ids)
+        if self.calibration is not None:
+            self.calibration.forget(X, ids)
         self.journal = [e for e in self.journal if e["clip"] not in chosen]
         gone = sorted(labels_before - set(self.labels))
         for name in gone:
@@ -491,9 +528,21 @@ class Model:
                         "parameters": sum(p.numel() for p in enc.parameters()), "bytes": encoder_bytes},
             "audio": self.embedder.audio_config.to_dict(),
             "journal_bytes": len(json.dumps(self.journal)),
+            "calibration": self._calibration_info(),
             "forget": forget,
             "history": self.history[-20:],
         }
+
+    def _calibration_info(self) -> dict[str, Any] | None:
+        """What calibration keeps (a shadow learner and held-out embeddings), in bytes, so nobody is surprised."""
+        if self.calibration is None:
+            return None
+        tensors, meta = self.calibration.state()
+        cal = self.calibration.calibration
+        return {"held_out_clips": len(self.calibration.pool_y), "bytes": sum(t.numel() * t.element_size()
+                                                                              for t in tensors.values()),
+                "temperature": cal.calibrator.temperature, "score": cal.detector.score,
+                "threshold": cal.detector.threshold}
 
     # ------------------------------------------------------------------ persistence
 
@@ -538,9 +587,14 @@ class Model:
             learner_bytes = tensors_bytes(self.learner.state_dict(), {
                 "kind": "learner", "name": self.learner.name, "config": dataclasses.asdict(self.learner.config)})
             journal_bytes = (json.dumps({"clips": self.journal, "history": self.history}, indent=0) + "\n").encode()
+            blobs_out = [("embedder", embedder_bytes, "safetensors"), ("learner", learner_bytes, "safetensors"),
+                         ("journal", journal_bytes, "json")]
+            if self.calibration is not None:
+                cal_tensors, cal_meta = self.calibration.state()
+                blobs_out.append(("calibration", tensors_bytes(cal_tensors, {"kind": "calibration", **cal_meta}),
+                                  "safetensors"))
             files = {}
-            for role, data, suffix in (("embedder", embedder_bytes, "safetensors"),
-                                       ("learner", learner_bytes, "safetensors"), ("journal", journal_bytes, "json")):
+            for role, data, suffix in blobs_out:
                 digest = _sha256(data)
                 rel = f"blobs/{role}-{digest[:20]}.{suffix}"
                 if not ((path / rel).is_file() and _sha256((path / rel).read_bytes()) == digest):
@@ -570,7 +624,8 @@ class Model:
             raise ModelError(f"{path / MANIFEST}: model format {fmt!r} is newer than this earmark "
                              f"({_version()}, format {FORMAT_VERSION}); upgrade earmark to load it")
         blobs = {}
-        for role in ("embedder", "learner", "journal"):
+        optional = ("calibration",) if "calibration" in body.get("files", {}) else ()
+        for role in ("embedder", "learner", "journal", *optional):
             entry = body.get("files", {}).get(role)
             if not isinstance(entry, dict) or "path" not in entry or "sha256" not in entry:
                 raise ModelError(f"{path / MANIFEST}: no {role} file listed")
@@ -587,9 +642,15 @@ class Model:
             learner = make_learner(meta["name"], **meta["config"])
             learner.load_state_dict(tensors)
             journal = json.loads(blobs["journal"].read_text())
+            calibration = None
+            if "calibration" in blobs:
+                cal_tensors, cal_meta, _ = load_tensors(blobs["calibration"], kind="calibration")
+                calibration = HeldOutCalibration.from_state(make_learner(meta["name"], **meta["config"]),
+                                                            cal_tensors, cal_meta)
         except (CheckpointError, KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise ModelError(f"{path}: cannot be loaded ({exc})") from exc
         model = cls(embedder, learner, device)
+        model.calibration = calibration
         model._names = {int(i): name for i, name in body.get("labels", {}).items()}
         model._next_id = int(body.get("next_label_id", len(model._names)))
         model.journal = list(journal.get("clips", []))

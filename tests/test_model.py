@@ -91,7 +91,7 @@ def test_save_load_round_trip_gives_equal_predictions(embedder, clips, tmp_path)
     assert info["labels"] == {"low": 4, "mid": 4, "high": 4} and info["clips"] == 12
     assert info["learner"]["state_bytes"] > 128 * 128 * 8 and "exact" in info["forget"]
     manifest = json.loads((tmp_path / "m" / "model.json").read_text())
-    assert manifest["format"] == 1 and set(manifest["files"]) == {"embedder", "learner", "journal"}
+    assert manifest["format"] == 1 and set(manifest["files"]) == {"embedder", "learner", "journal", "calibration"}
 
 
 @pytest.mark.parametrize("learner", ["ncm", "lda", "analytic"])

@@ -18,7 +18,7 @@ import numpy as np
 
 from earmark.checkpoint import atomic_write_text
 from earmark.experiments.config import RunConfig
-from earmark.experiments.evaluate import evaluate
+from earmark.experiments.evaluate import evaluate, evaluate_open_set
 from earmark.experiments.prepare import build_learner, encoder_summary, module_bytes, prepare
 from earmark.experiments.report import jsonable, log, nan_to_none
 from earmark.metrics import format_table
@@ -34,6 +34,12 @@ METRICS = {
 }
 
 ONLINE = {"prequential_accuracy": "prequential"}  # test-then-train accuracy, with --online-batch
+
+# Closed-form heads get per-session calibration and known-vs-future figures (earmark.calibration): their
+# shadow refit is as cheap as the learner; gradient-trained learners would double their training time.
+OPEN_SET_LEARNERS = ("ncm", "lda", "analytic", "ranpac", "dsal", "teen")
+OPEN_SET = {"accuracy": "acc", "ece_raw": "ECE raw", "ece_calibrated": "ECE cal", "nll_raw": "NLL raw",
+            "nll_calibrated": "NLL cal", "auroc": "AUROC", "far95": "FAR@95"}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -56,17 +62,24 @@ def compare(config: RunConfig, trials: int = 3) -> dict:
         for trial in range(trials):
             learner = build_learner(config, name, encoder_bytes)
             inputs = prep.inputs_for(learner)
-            matrix, seconds, online = evaluate(config, learner, scenario.with_trial(trial), inputs, row_of)
+            open_set = None
+            if config.online_batch is None and name in OPEN_SET_LEARNERS and learner.input_ndim == 2:
+                matrix, seconds, open_set = evaluate_open_set(learner, scenario.with_trial(trial), inputs, row_of,
+                                                              seed=config.seed)
+                online = {}
+            else:
+                matrix, seconds, online = evaluate(config, learner, scenario.with_trial(trial), inputs, row_of)
             runs.append({"trial": trial, "matrix": matrix, "seconds": seconds, "nbytes": prep.total_bytes(learner),
-                         "online": online})
+                         "online": online, "open_set": open_set})
         per_learner[name] = {
             "trials": [
                 {"trial": r["trial"], "accuracy_matrix": r["matrix"].to_dict(),
                  "seen_accuracy": r["matrix"].seen_accuracy().tolist(),
                  "metrics": nan_to_none(r["matrix"].summary()), "fit_seconds": r["seconds"],
-                 "nbytes": r["nbytes"], **r["online"]}
+                 "nbytes": r["nbytes"], **r["online"], **({"open_set": r["open_set"]} if r["open_set"] else {})}
                 for r in runs
             ],
+            "open_set_mean": open_set_mean([r["open_set"] for r in runs]),
             "mean": {k: _mean_std([r["matrix"].summary()[k] for r in runs]) for k in METRICS}
             | ({"prequential_accuracy": _mean_std([r["online"]["prequential_accuracy"] for r in runs])}
                if config.online_batch else {}),
@@ -93,7 +106,37 @@ def compare(config: RunConfig, trials: int = 3) -> dict:
     atomic_write_text(out / "compare.csv", buf.getvalue())
     plot_compare(results, out)
     print(render_compare(per_learner, trials, config.memory_budget))
+    if any(entry["open_set_mean"] for entry in per_learner.values()):
+        print(render_open_set(per_learner))
     return results
+
+
+def open_set_mean(trials: list[list[dict] | None]) -> list[dict] | None:
+    """Per session, the mean over trials of each open-set figure (None where undefined, e.g. the last session)."""
+    if not trials or trials[0] is None:
+        return None
+    out = []
+    for rows in zip(*trials, strict=True):
+        mean = {"session": rows[0]["session"], "classes_seen": rows[0]["classes_seen"]}
+        for key in OPEN_SET:
+            values = [r.get(key) for r in rows if r.get(key) is not None]
+            mean[key] = float(np.mean(values)) if values else None
+        out.append(mean)
+    return out
+
+
+def render_open_set(per_learner: dict[str, dict]) -> str:
+    """Per learner and session: accuracy, ECE / NLL before and after calibration, known-vs-future AUROC, FAR@95."""
+    rows = []
+    for name, entry in per_learner.items():
+        for r in entry.get("open_set_mean") or []:
+            rows.append({"learner": name, "session": r["session"], "classes": r["classes_seen"]}
+                        | {label: r[key] for key, label in OPEN_SET.items()})
+    return "\n".join([
+        "Calibration (ECE over 15 bins, NLL; raw softmax vs temperature fitted on held-out training clips) and",
+        "unknown detection (max calibrated probability; seen classes' test clips vs the classes still to come):",
+        format_table(rows, ["learner", "session", "classes", *OPEN_SET.values()]),
+    ])
 
 
 def table_rows(per_learner: dict[str, dict], budget: int | None = None) -> list[dict]:
@@ -150,4 +193,4 @@ def plot_compare(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["compare", "render_compare"]
+__all__ = ["compare", "render_compare", "render_open_set"]

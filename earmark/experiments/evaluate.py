@@ -74,3 +74,86 @@ def evaluate_joint(
         pred = classes[(Ht @ W).argmax(1).numpy()]
         matrix.record(session.index, scenario.dense_targets(test), pred, scenario.session_classes)
     return matrix, seconds
+
+
+def evaluate_open_set(
+    learner: IncrementalLearner, scenario: ClassIncremental, X: torch.Tensor, row_of: dict[int, int], *,
+    holdout: float = 0.2, seed: int = 0, score: str = "msp", target_frr: float = 0.05,
+    extra_scores: tuple[str, ...] = (), validation_indices: np.ndarray | None = None,
+) -> tuple[AccuracyMatrix, list[float], list[dict]]:
+    """``evaluate_learner`` (the same fits, the same matrix) plus calibration and unknown detection per session.
+
+    After each session a ``HeldOutCalibration`` (a shadow learner without a held-out share of every
+    session's training clips; see ``earmark.calibration``) gives the temperature and the threshold. On
+    the test clips of the seen classes: ECE and NLL of the learner's own ``predict_proba`` and of the
+    calibrated one. Known vs unknown: the seen classes' test clips against the test clips of the classes
+    still to come (the unknown sounds of that moment): AUROC and FAR@95 of the known-ness ``score`` (and
+    of each of ``extra_scores``), and the false rejections / acceptances at the stored threshold.
+    None where there is nothing to measure (no future classes in the last session).
+    ``seconds`` times the learner's own ``partial_fit`` only, as ``evaluate_learner``.
+
+    ``validation_indices``: dataset indices of validation clips that no learner trains on; each joins the
+    calibration pool in the session that introduces its class, in place of that session's held-out share
+    (the shadow learns the whole session then). Why: the base-session encoder is trained
+    on the base session's training clips, so a held-out share of those is held out from the learner
+    but not from the encoder, and its embeddings are cleaner than test ones (too small a temperature).
+    """
+    from earmark.calibration import HeldOutCalibration, known_score
+    from earmark.metrics.calibration import ece_sampling_floor, expected_calibration_error, negative_log_likelihood
+    from earmark.metrics.openset import auroc, far_at_tar, rejection_rates
+
+    cal = HeldOutCalibration(learner, holdout=holdout, seed=seed, score=score, target_frr=target_frr)
+    matrix = AccuracyMatrix.empty(len(scenario))
+    seconds: list[float] = []
+    per_session: list[dict] = []
+    everything = embedded(scenario[-1].test_indices, row_of)
+    kinds = [score, *[k for k in extra_scores if k != score]]
+    for session in scenario:
+        train, test = embedded(session.train_indices, row_of), embedded(session.test_indices, row_of)
+        Xtr, ytr = X[[row_of[i] for i in train]], scenario.dense_targets(train)
+        t0 = time.perf_counter()
+        learner.partial_fit(Xtr, ytr)
+        seconds.append(time.perf_counter() - t0)
+        extra = None
+        if validation_indices is not None and len(validation_indices):
+            val = embedded(np.asarray(validation_indices), row_of)
+            val = val[np.isin(scenario.dense_targets(val), session.classes)] if len(val) else val
+            if len(val):
+                extra = (X[[row_of[i] for i in val]], scenario.dense_targets(val))
+        calibration = cal.update(Xtr, ytr, held_out=extra)
+        Xte, yte = X[[row_of[i] for i in test]], scenario.dense_targets(test)
+        scores = learner.decision_function(Xte)
+        pred = learner.classes_[scores.argmax(1)].cpu().numpy()
+        matrix.record(session.index, yte, pred, scenario.session_classes)
+        classes = learner.classes_.cpu().numpy()
+        cols = np.argsort(classes)[np.searchsorted(np.sort(classes), yte)]
+        raw = learner.predict_proba(Xte).numpy()
+        calibrated = calibration.calibrator.proba(scores).numpy()
+        future = np.setdiff1d(everything, test)
+        Xfu = X[[row_of[i] for i in future]] if len(future) else None
+        row: dict = {
+            "session": session.index, "classes_seen": int(len(session.seen_classes)),
+            "unknown_test_clips": int(len(future)), "accuracy": float(matrix.seen_accuracy()[session.index]),
+            "temperature": calibration.calibrator.temperature,
+            "ece_raw": expected_calibration_error(raw, cols),
+            "ece_calibrated": expected_calibration_error(calibrated, cols),
+            "ece_floor": ece_sampling_floor(calibrated),
+            "nll_raw": negative_log_likelihood(raw, cols),
+            "nll_calibrated": negative_log_likelihood(calibrated, cols),
+            "threshold": calibration.detector.to_dict()["threshold"],
+        }
+        for k, kind in enumerate(kinds):
+            try:
+                known = known_score(learner, Xte, kind, calibration.calibrator, scores).numpy()
+            except TypeError:  # a score this learner family does not support (mahalanobis off lda)
+                continue
+            unknown = known_score(learner, Xfu, kind, calibration.calibrator).numpy() if Xfu is not None else None
+            suffix = "" if k == 0 else f"_{kind}"
+            row[f"auroc{suffix}"] = None if unknown is None else auroc(known, unknown)
+            row[f"far95{suffix}"] = None if unknown is None else far_at_tar(known, unknown, 0.95)
+            if k == 0:
+                rates = rejection_rates(known, unknown if unknown is not None else [], calibration.detector.threshold)
+                row["false_rejection"] = rates["false_rejection"]
+                row["false_acceptance"] = None if unknown is None else rates["false_acceptance"]
+        per_session.append(row)
+    return matrix, seconds, per_session
