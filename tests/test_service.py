@@ -327,3 +327,16 @@ def test_refuses_to_start_mutating_without_token(tmp_path):
     short = subprocess.run(srv.command(), env={**srv.env(), "EARMARK_TOKEN": "short"}, cwd=str(REPO_ROOT),
                            capture_output=True, text=True, timeout=120)
     assert short.returncode == 2 and "too short" in short.stderr
+
+
+def test_unknown_threshold_and_reject_unknown(client, work):
+    clip = write_clip(work / "unk.wav", 220.0, seed=321)
+    r = client.post("/classify", params={"unknown_threshold": 1e9, "top_k": 2}, files=files(clip))
+    assert r.status_code == 200, r.text
+    res = r.json()["results"][0]
+    assert res["top"][0]["label"] == "unknown" and len(res["top"]) == 2
+    r = client.post("/classify", params={"reject_unknown": "false", "unknown_threshold": 1e9}, files=files(clip))
+    assert r.status_code == 200 and top(r) == "low"
+    assert client.post("/classify", params={"unknown_threshold": "inf"}, files=files(clip)).status_code == 400
+    r = client.post("/labels/unknown/examples", files=files(clip), headers=AUTH)
+    assert r.status_code == 400 and "reserved" in r.json()["error"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -81,6 +82,17 @@ def client_error(exc: BaseException, uploads: Uploads | None = None) -> ClientEr
     return None
 
 
+def json_safe(obj: Any) -> Any:
+    """Strict JSON: non-finite floats (e.g. an uncalibrated threshold of -inf) become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def _message(exc: BaseException) -> str:
     return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
 
@@ -121,7 +133,7 @@ def check_audio(uploads: Uploads, max_seconds: float) -> None:
 
 
 def _top(pred, k: int) -> list[dict]:
-    return [{"label": name, "probability": round(float(p), 6)} for name, p in list(pred.top)[:k]]
+    return [{"label": name, "probability": json_safe(round(float(p), 6))} for name, p in list(pred.top)[:k]]
 
 
 def format_predictions(preds: list, top_k: int, windowed: bool) -> list[dict]:
@@ -293,11 +305,16 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
         top_k: int = Query(5, ge=1, description="labels per result"),
         window: float | None = Query(None, gt=0, description="classify a long file window by window (s)"),
         hop: float | None = Query(None, gt=0, description="seconds between window starts (default: window)"),
+        unknown_threshold: float | None = Query(None, description="answer `unknown` below this known-ness score "
+                                                "(default: the model's calibrated threshold)"),
+        reject_unknown: bool = Query(True, description="false: never answer `unknown`"),
     ):
         """Top-k labels with probabilities for each uploaded file; per-window results with `window`/`hop`."""
         ready()
         if top_k > config.max_top_k:
             raise ClientError(400, f"top_k is at most {config.max_top_k}")
+        if unknown_threshold is not None and not math.isfinite(unknown_threshold):
+            raise ClientError(400, "unknown_threshold must be a finite number")
         if hop is not None and window is None:
             raise ClientError(400, "hop needs window")
         if window is not None:
@@ -312,8 +329,10 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
             longest = config.max_long_file_seconds if window is not None else config.max_clip_seconds
             if window is not None:
                 longest = min(longest, window + hop * (config.max_windows - 1))
+            unknown = {} if unknown_threshold is None and reject_unknown else \
+                {"unknown_threshold": unknown_threshold, "reject_unknown": reject_unknown}
             job = ClassifyJob(uploads.paths, uploads.names, top_k, window, hop, Future(), uploads.close,
-                              validate=lambda: check_audio(uploads, longest))
+                              validate=lambda: check_audio(uploads, longest), unknown=unknown)
             try:
                 runtime["classifier"].submit(job)
             except ClientError:
@@ -345,7 +364,7 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
         limits = {k: getattr(config, k) for k in ("max_request_bytes", "max_files", "max_clip_seconds",
                                                     "max_long_file_seconds", "max_windows", "max_top_k",
                                                     "learn_queue")}
-        info = {k: v for k, v in snap.info.items() if k != "path"}  # no server paths to anonymous clients
+        info = {k: json_safe(v) for k, v in snap.info.items() if k != "path"}  # no server paths to anonymous clients
         return {**info, "generation": snap.generation, "read_only": config.read_only, "limits": limits}
 
     # -- writing

@@ -237,6 +237,7 @@ class ClassifyJob:
     future: Future
     cleanup: Callable[[], None]
     validate: Callable[[], None] | None = None
+    unknown: dict = field(default_factory=dict)  # predict's unknown_threshold / reject_unknown, when given
     clips: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -280,7 +281,7 @@ class Classifier:
             if job is None:
                 self.queue.put(None)  # leave the stop signal for this or another worker
                 break
-            if job.window is not None or clips + job.clips > self.batch:
+            if job.window is not None or job.unknown != first.unknown or clips + job.clips > self.batch:
                 self._run_jobs([job])  # does not fit this batch: run it right after on its own
                 continue
             jobs.append(job)
@@ -315,12 +316,12 @@ class Classifier:
             if len(ok) == 1:
                 job = ok[0]
                 self._finish(job, (snap, snap.model.predict(job.paths, top_k=job.top_k, window=job.window,
-                                                            hop=job.hop, names=job.names)))
+                                                            hop=job.hop, names=job.names, **job.unknown)))
                 return
             paths = [p for job in ok for p in job.paths]
             names = [n for job in ok for n in job.names]
             k = max(job.top_k for job in ok)
-            preds = snap.model.predict(paths, top_k=k, names=names)
+            preds = snap.model.predict(paths, top_k=k, names=names, **ok[0].unknown)
         except BaseException as exc:
             if len(ok) == 1:
                 self._finish(ok[0], exc=exc)
@@ -328,7 +329,8 @@ class Classifier:
             # one bad file must not fail its neighbours: run each request on its own
             for job in ok:
                 try:
-                    self._finish(job, (snap, snap.model.predict(job.paths, top_k=job.top_k, names=job.names)))
+                    self._finish(job, (snap, snap.model.predict(job.paths, top_k=job.top_k, names=job.names,
+                                                                **job.unknown)))
                 except BaseException as exc2:
                     self._finish(job, exc=exc2)
             return
