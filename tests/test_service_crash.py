@@ -26,7 +26,10 @@ def _labels(url: str) -> dict[str, int]:
 
 def test_sigkill_during_learn_stream_loses_nothing_acknowledged(tmp_path):
     model = build_model(tmp_path / "model")
-    srv = ServerProcess(model, args=["--learn-queue", "8"], log_path=tmp_path / "server.log").start()
+    uploads = tmp_path / "uploads"  # requests in flight at the kill leave their temp files here
+    uploads.mkdir()
+    srv = ServerProcess(model, args=["--learn-queue", "8", "--temp-dir", str(uploads)],
+                        log_path=tmp_path / "server.log").start()
     base = _labels(srv.url)
     acked_new: list[str] = []
     acked_more = 0

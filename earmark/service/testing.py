@@ -3,6 +3,7 @@ real server started as a subprocess on a free loopback port."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -69,6 +70,7 @@ def build_model(dest: str | Path, clips_per_class: int = 6, learner_params: dict
 
         learner_params = TEST_LEARNER_PARAMS if learner_params is None else learner_params
         work = Path(tempfile.mkdtemp(prefix="earmark-test-model-"))
+        atexit.register(shutil.rmtree, work, True)
         paths, labels = [], []
         for k, (name, kind) in enumerate(BASE_SOUNDS.items()):
             for p in write_clips(work / "clips", name, kind, clips_per_class, first_seed=100 * k):
@@ -101,9 +103,7 @@ class ServerProcess:
         self.args = list(args)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        if log_path is None:
-            log_path = tempfile.mkstemp(prefix="earmark-serve-", suffix=".log")[1]
-        self.log_path = Path(log_path)
+        self.log_path = Path(log_path) if log_path is not None else None  # made by start() when not given
         self.proc: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
@@ -122,6 +122,10 @@ class ServerProcess:
         return env
 
     def start(self, wait: bool = True, timeout: float = 90.0) -> ServerProcess:
+        if self.log_path is None:
+            fd, name = tempfile.mkstemp(prefix="earmark-serve-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(name)
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(self.command(), env=self.env(), stdout=log, stderr=subprocess.STDOUT,
                                      cwd=str(REPO_ROOT))
@@ -132,7 +136,7 @@ class ServerProcess:
 
     def log(self) -> str:
         try:
-            return self.log_path.read_text(errors="replace")
+            return self.log_path.read_text(errors="replace") if self.log_path else ""
         except OSError:
             return ""
 
