@@ -114,7 +114,8 @@ class LinearHead(nn.Module):
     def __init__(self, weight: Tensor, bias: Tensor | None, normalize: bool = False) -> None:
         super().__init__()
         self.register_buffer("weight", _f64(weight))
-        self.register_buffer("bias", _f64(bias) if bias is not None else torch.zeros(weight.shape[1], dtype=torch.float64))
+        zero = torch.zeros(weight.shape[1], dtype=torch.float64)
+        self.register_buffer("bias", zero if bias is None else _f64(bias))
         self.normalize = normalize
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
