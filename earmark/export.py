@@ -372,8 +372,9 @@ def export_onnx(
     ``predict_proba``; a max abs difference above ``atol`` raises :class:`ExportError` with the figure.
 
     Returns ``{"path", "input": "waveform", "input_name", "input_shape", "output_names", "output_shape",
-    "sample_rate", "classes", "opset", "max_abs_diff", "max_abs_diff_proba", "bytes"}`` (the diffs None
-    without ``check``). Raises ValueError for a learner without an ONNX head (see
+    "sample_rate", "classes", "opset", "max_abs_diff", "max_abs_diff_proba", "max_abs_score", "bytes"}``
+    (the check figures None without ``check``; ``max_abs_score`` is the largest PyTorch |score|, the
+    scale the difference is relative to). Raises ValueError for a learner without an ONNX head (see
     :func:`exportable_learners`) or an unfitted one, FileNotFoundError / NotADirectoryError when the
     output directory does not exist.
     """
@@ -437,6 +438,7 @@ def export_onnx(
         "opset": OPSET,
         "max_abs_diff": None,
         "max_abs_diff_proba": None,
+        "max_abs_score": None,
         "bytes": path.stat().st_size,
     }
     if check:
@@ -444,12 +446,16 @@ def export_onnx(
             g = torch.Generator().manual_seed(1)
             check_waves = torch.randn(4, samples, generator=g) * 0.1
         waves = torch.as_tensor(check_waves, dtype=torch.float32).cpu()
-        info["max_abs_diff"], info["max_abs_diff_proba"] = _check(path, embedder, learner, waves)
+        info["max_abs_diff"], info["max_abs_diff_proba"], info["max_abs_score"] = _check(
+            path, embedder, learner, waves
+        )
         worst = max(info["max_abs_diff"], info["max_abs_diff_proba"])
         if not worst <= atol:
             raise ExportError(
                 f"ONNX model {str(path)!r} differs from PyTorch by {worst:.3g} (scores {info['max_abs_diff']:.3g}, "
-                f"proba {info['max_abs_diff_proba']:.3g}), more than atol={atol:g}"
+                f"proba {info['max_abs_diff_proba']:.3g}), more than atol={atol:g}; the largest |score| is "
+                f"{info['max_abs_score']:.3g}: float32 rounding of the embedding grows with the head's weights "
+                "(e.g. LDA with little shrinkage on few samples)"
             )
     return info
 
@@ -460,7 +466,7 @@ def _check(path: Path, embedder: AudioEmbedder, learner: IncrementalLearner, wav
     except ImportError as exc:
         raise ImportError("check=True needs onnxruntime: pip install 'earmark[onnx]'") from exc
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    worst = worst_p = 0.0
+    worst = worst_p = scale = 0.0
     for batch in (waves, waves[:1]):
         scores, proba = session.run(["scores", "proba"], {"wave": batch.numpy()})
         emb = embedder.embed(batch)
@@ -470,7 +476,8 @@ def _check(path: Path, embedder: AudioEmbedder, learner: IncrementalLearner, wav
             raise ExportError(f"ONNX scores have shape {scores.shape}, PyTorch {want.shape}")
         worst = max(worst, float(np.abs(scores - want).max()))
         worst_p = max(worst_p, float(np.abs(proba - want_p).max()))
-    return worst, worst_p
+        scale = max(scale, float(np.abs(want).max()))
+    return worst, worst_p, scale
 
 
 @contextlib.contextmanager

@@ -112,6 +112,6 @@ def test_parity_failure_raises_with_figure(fast: AudioEmbedder, tmp_path, monkey
     import earmark.export as ex
 
     learner = _fitted(fast, "ncm")
-    monkeypatch.setattr(ex, "_check", lambda *a: (0.5, 0.0))
+    monkeypatch.setattr(ex, "_check", lambda *a: (0.5, 0.0, 1.0))
     with pytest.raises(ExportError, match=r"differs from PyTorch by 0\.5"):  # a 0.1 s clip exports quickly
         export_onnx(fast, learner, tmp_path / "m.onnx", samples=1600, atol=1e-4)
