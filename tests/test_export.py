@@ -48,11 +48,11 @@ def test_export_scan_matches_reference() -> None:
             torch.testing.assert_close(export_scan(u, delta, A, B, C, D, rev, chunk=chunk), want, atol=1e-5, rtol=1e-5)
 
 
+# One full export per head family costs ~40 s of CPU each; the heads themselves are checked against the
+# learners in test_heads_match_learners, so the ONNX round trip runs for analytic here (ReLU expansion +
+# ridge: the most graph) and for ncm through the CLI in tests/test_cli_model.py.
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("name", "config"),
-    [("ncm", {}), ("lda", {"shrinkage": 0.1}), ("analytic", {"buffer_size": 256})],
-)
+@pytest.mark.parametrize(("name", "config"), [("analytic", {"buffer_size": 256})])
 def test_parity_fast_mamba(fast: AudioEmbedder, tmp_path, name: str, config: dict) -> None:
     learner = _fitted(fast, name, **config)
     path = tmp_path / f"{name}.onnx"
