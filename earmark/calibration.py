@@ -465,6 +465,18 @@ class HeldOutCalibration:
         self.refit()
 
     @torch.no_grad()
+    def merge(self, other: HeldOutCalibration, mapping: dict[int, int]) -> None:
+        """Fold in another model's calibration (its labels renamed by ``mapping``): shadows merge, pools join."""
+        if other.shadow.is_fitted:
+            self.shadow.merge(other.shadow.relabeled(mapping))
+        if len(other.pool_y):
+            y = torch.as_tensor([mapping[int(c)] for c in other.pool_y.tolist()], dtype=torch.long)
+            self.pool_X = other.pool_X.clone() if self.pool_X.numel() == 0 else torch.cat([self.pool_X, other.pool_X])
+            self.pool_y = torch.cat([self.pool_y, y])
+        self._cap_pool()
+        self.refit()
+
+    @torch.no_grad()
     def refit(self) -> OpenSetCalibration:
         """Refit T and the threshold on the shadow's scores of the pool (no-op while the pool is empty).
 

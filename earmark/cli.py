@@ -262,6 +262,23 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from earmark.model import Model, ModelError
+
+    out = Path(args.out)
+    if out.exists():
+        raise ModelError(f"{out}: already exists; merge writes a new model directory")
+    merged = Model.load(args.model_a)
+    report = merged.merge(Model.load(args.model_b))
+    merged.path = None  # a new model: written to --out, A stays as it was
+    merged.generation = 0
+    merged.save(out)
+    new = f"; labels only in B: {', '.join(report['new'])}" if report["new"] else ""
+    print(f"merged {args.model_b} ({report['merged']} clips) into a copy of {args.model_a}: {out} knows "
+          f"{len(merged.labels)} labels, {len(merged.journal)} clips{new}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import json
 
@@ -479,6 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--files", nargs="+")
     forget.add_argument("--device", default="cpu")
     forget.set_defaults(func=cmd_forget)
+    merge = sub.add_parser("merge", help="merge two models trained on different data (same encoder and settings)")
+    merge.add_argument("model_a")
+    merge.add_argument("model_b")
+    merge.add_argument("-o", "--out", required=True, help="the merged model directory to create")
+    merge.set_defaults(func=cmd_merge)
     info = sub.add_parser("info", help="labels with clip counts, learner, encoder, sizes, what forget can do")
     info.add_argument("model")
     info.add_argument("--json", action="store_true")

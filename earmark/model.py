@@ -493,6 +493,40 @@ class Model:
         self.history.append({"op": "forget", "time": now, "clips": len(rows), "labels": counts})
         return {"forgot": len(rows), "labels": counts, "removed_labels": gone}
 
+    def merge(self, other: Model) -> dict[str, Any]:
+        """Fold in a model trained on other data with the same encoder and learner settings: the union's model.
+
+        Labels match by name. Refused when the encoders or settings differ, or when a clip (same decoded
+        audio) was learned by both, so nothing is counted twice; the journals join, so forget still works.
+        """
+        ours = _sha256(tensors_bytes(self.embedder.state_tensors(), self.embedder.describe()))
+        theirs = _sha256(tensors_bytes(other.embedder.state_tensors(), other.embedder.describe()))
+        if ours != theirs:
+            raise ModelError(f"cannot merge: the models' encoders differ (checkpoint {ours[:12]} vs {theirs[:12]}); "
+                             "merge only models built on the same trained encoder")
+        if other.learner.name != self.learner.name or other.learner.config != self.learner.config:
+            raise ModelError(f"cannot merge: learner settings differ ({self.learner.name} {self.learner.config} vs "
+                             f"{other.learner.name} {other.learner.config})")
+        shared = {e["clip"] for e in self.journal} & {e["clip"] for e in other.journal}
+        if shared:
+            example = next(e for e in other.journal if e["clip"] in shared)
+            raise ModelError(f"cannot merge: {len(shared)} clip(s) were learned by both models (e.g. "
+                             f"{example['source']!r}); merging would count them twice")
+        names_before, next_before = dict(self._names), self._next_id
+        try:
+            mapping = {i: self._id_of(name, create=True) for i, name in other._names.items()}
+            self.learner.merge(other.learner.relabeled(mapping))
+        except Exception:
+            self._names, self._next_id = names_before, next_before
+            raise
+        if self.calibration is not None and other.calibration is not None:
+            self.calibration.merge(other.calibration, mapping)
+        new = sorted(set(other._names.values()) - set(names_before.values()))
+        self.journal += other.journal
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.history.append({"op": "merge", "time": now, "clips": len(other.journal), "new_labels": new})
+        return {"merged": len(other.journal), "new": new}
+
     def _require_labels(self) -> None:
         if not self.learner.is_fitted:
             raise ModelError("this model knows no labels yet; teach it some with learn")

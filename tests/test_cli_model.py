@@ -106,3 +106,15 @@ def test_bad_model_directories_are_refused_clearly(setup, capsys, tmp_path):
     not_model.mkdir()
     assert main(["info", str(not_model)]) == 2
     assert "no model.json" in capsys.readouterr().err
+
+
+def test_export_writes_an_onnx_file_that_matches_pytorch(setup, capsys, tmp_path):
+    pytest.importorskip("onnxruntime")
+    _, model, _ = setup
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(model), "--onnx", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert out.stat().st_size > 0 and "matches PyTorch within" in text
+    diff = float(text.split("within ")[1].split(";")[0])
+    assert diff <= 1e-4
+    assert sorted(json.loads(Path(str(out) + ".labels.json").read_text())) == ["high", "low", "mid"]

@@ -259,3 +259,46 @@ def test_sigkill_during_saves_leaves_the_old_or_the_new_model(embedder, clips, t
     assert not leftovers
     assert sorted(p.name for p in (path / "blobs").iterdir()) == sorted(
         Path(f["path"]).name for f in manifest["files"].values())
+
+
+@pytest.mark.parametrize("learner", ["ncm", "analytic"])
+def test_merging_two_site_models_equals_one_model_trained_on_both(embedder, clips, tmp_path, learner):
+    from earmark.cli import main
+
+    site_a, site_b, both = (fresh(embedder, learner) for _ in range(3))
+    site_a.learn(clips["low"][:4], "low")
+    site_a.learn(clips["mid"][:3], "mid")
+    site_b.learn(clips["mid"][3:6], "mid")
+    site_b.learn(clips["whistle"][:4], "whistle")
+    for name, files in (("low", clips["low"][:4]), ("mid", clips["mid"][:6]), ("whistle", clips["whistle"][:4])):
+        both.learn(files, name)
+    site_a.save(tmp_path / "a")
+    site_b.save(tmp_path / "b")
+    assert main(["merge", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "c")]) == 0
+    merged = Model.load(tmp_path / "c")
+    probe = [clips[n][7] for n in ("low", "mid", "whistle")]
+    assert merged.counts() == both.counts()
+    a, b = scores64(merged, probe), scores64(both, probe)
+    assert float((a - b).norm() / b.norm()) < 1e-9
+    merged.forget(files=clips["mid"][3:6])  # the journals joined: site B's clips can be forgotten
+    assert merged.counts()["mid"] == 3
+    assert Model.load(tmp_path / "a").counts() == {"low": 4, "mid": 3}  # A is untouched
+
+
+def test_merge_refuses_shared_clips_other_encoders_and_settings(embedder, clips):
+    a, b = fresh(embedder), fresh(embedder)
+    a.learn(clips["low"][:3], "low")
+    b.learn(clips["low"][2:5], "low")
+    with pytest.raises(ModelError, match="1 clip\\(s\\) were learned by both"):
+        a.merge(b)
+    torch.manual_seed(1)
+    other = Model.from_embedder(AudioEmbedder(resolve_config("fast"), AudioConfig(clip_seconds=1.0)), "analytic",
+                                {"buffer_size": 128, "gamma": 1.0})
+    other.learn(clips["mid"][:2], "mid")
+    with pytest.raises(ModelError, match="encoders differ"):
+        a.merge(other)
+    c = fresh(embedder, "analytic", buffer_size=64, gamma=1.0)
+    c.learn(clips["mid"][:2], "mid")
+    with pytest.raises(ModelError, match="learner settings differ"):
+        a.merge(c)
+    assert a.counts() == {"low": 3}

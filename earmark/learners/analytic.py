@@ -75,6 +75,12 @@ class RandomReLUBuffer(ResizableBuffersModule):
         return F.relu(X @ self.projection.to(torch.float64))
 
 
+def check_same_buffer(ours: RandomReLUBuffer, theirs: RandomReLUBuffer) -> None:
+    """Statistics add up only in the same expanded space."""
+    if not torch.equal(ours.projection, theirs.projection.to(ours.projection.device)):
+        raise ValueError("cannot merge: the learners' random projections differ (another seed or width)")
+
+
 class RecursiveRidge(ResizableBuffersModule):
     """Recursive least squares with ridge prior, float64: ``R = (gamma I + sum X'X)^-1``, ``W = R sum X'Y``.
 
@@ -210,6 +216,11 @@ class AnalyticLearner(IncrementalLearner):
 
     def _remove_class(self, col: int) -> None:
         self.stats.drop_class(col)
+        self._solve()
+
+    def _merge(self, other: IncrementalLearner, cols: Tensor) -> None:
+        check_same_buffer(self.buffer, other.buffer)
+        self.stats.merge(other.stats, cols)
         self._solve()
 
     def _solve(self) -> None:

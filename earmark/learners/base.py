@@ -36,6 +36,10 @@ class ForgetUnsupportedError(ValueError):
     """The learner cannot remove what it learned exactly (its state is not a sum over samples)."""
 
 
+class MergeUnsupportedError(ValueError):
+    """The learner's state is not additive: two learners cannot be combined into the learner of the union."""
+
+
 @dataclass
 class LearnerConfig:
     """Base for learner configs: plain JSON-friendly fields only, so ``dataclasses.asdict`` round-trips."""
@@ -164,6 +168,44 @@ class IncrementalLearner(ResizableBuffersModule):
         return self
 
     @torch.no_grad()
+    def merge(self, other: IncrementalLearner) -> IncrementalLearner:
+        """Add another learner's statistics (same kind and settings, other data): the learner of the union.
+
+        Labels are matched by value; labels only ``other`` has are appended in its column order.
+        """
+        if not self.can_merge:
+            able = ", ".join(n for n in LEARNERS.names() if LEARNERS.get(n).can_merge)
+            raise MergeUnsupportedError(
+                f"the {self.name or type(self).__name__} learner's state is not additive, so it cannot merge; "
+                f"learners that can: {able}"
+            )
+        if type(other) is not type(self) or other.config != self.config:
+            raise ValueError(f"cannot merge a {other.name} learner with settings {other.config_dict()} into a "
+                             f"{self.name} learner with settings {self.config_dict()}")
+        if not other.is_fitted:
+            return self
+        if not self.is_fitted:
+            self.load_state_dict({k: v.to(self.device) for k, v in other.state_dict().items()})
+            return self
+        if other.n_features_in_ != self.n_features_in_:
+            raise ValueError(f"cannot merge learners of {other.n_features_in_} and {self.n_features_in_} features")
+        cols = self._register_labels(other.class_labels.cpu()).to(self.device)
+        self._merge(other, cols)
+        self.class_counts.index_add_(0, cols, other.class_counts.to(self.device))
+        return self
+
+    def relabeled(self, mapping: dict[int, int]) -> IncrementalLearner:
+        """A copy whose labels are renamed by ``mapping`` (every label must be mapped, to distinct values)."""
+        import copy
+
+        new = [mapping[int(c)] for c in self.class_labels.tolist()]
+        if len(set(new)) != len(new):
+            raise ValueError(f"relabeling must keep labels distinct, got {new}")
+        out = copy.deepcopy(self)
+        out.class_labels = torch.as_tensor(new, dtype=torch.long, device=self.device)
+        return out
+
+    @torch.no_grad()
     def forget_class(self, label: int) -> IncrementalLearner:
         """Remove a class and everything learned from it: the state becomes that of never having seen it."""
         self._require_forget()
@@ -241,6 +283,10 @@ class IncrementalLearner(ResizableBuffersModule):
 
     def _downdate(self, X: Tensor, cols: Tensor) -> None:
         """Subtract the contribution of samples ``X`` learned in columns ``cols``."""
+        raise NotImplementedError
+
+    def _merge(self, other: IncrementalLearner, cols: Tensor) -> None:
+        """Add ``other``'s statistics; ``cols[j]`` is our column for its column j (already grown)."""
         raise NotImplementedError
 
     def _proba_logits(self, scores: Tensor) -> Tensor:
@@ -359,7 +405,7 @@ class IncrementalLearner(ResizableBuffersModule):
             self._grow(len(new))
         labels = self.class_labels.cpu()
         sorted_labels, order = torch.sort(labels)
-        return order[torch.searchsorted(sorted_labels, y)]
+        return order[torch.searchsorted(sorted_labels, y.contiguous())]
 
 
 def _check_after_load(module: IncrementalLearner, incompatible_keys: Any) -> None:

@@ -118,6 +118,13 @@ class StreamingLDALearner(IncrementalLearner):
         self._add(X, cols, -1.0)
         self.factors.remove(X.to(torch.float64), cols)
 
+    def _merge(self, other: IncrementalLearner, cols: Tensor) -> None:
+        self._cache = None
+        self.class_sums.index_add_(0, cols, other.class_sums.to(self.device))
+        G = self.gram + other.gram.to(self.device)
+        self.gram = 0.5 * (G + G.T)
+        self.factors.merge(other.factors, cols)
+
     def _remove_class(self, col: int) -> None:
         self._cache = None
         G = self.gram - self.factors.drop(col)

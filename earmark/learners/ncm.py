@@ -62,6 +62,9 @@ class NCMLearner(IncrementalLearner):
     def _downdate(self, X: Tensor, cols: Tensor) -> None:
         self.class_sums.index_add_(0, cols, X.to(torch.float64), alpha=-1.0)
 
+    def _merge(self, other: IncrementalLearner, cols: Tensor) -> None:
+        self.class_sums.index_add_(0, cols, other.class_sums.to(self.device))
+
     def _remove_class(self, col: int) -> None:
         self.class_sums = torch.cat([self.class_sums[:col], self.class_sums[col + 1 :]])
 

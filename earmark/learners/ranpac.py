@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from earmark.learners.analytic import RandomReLUBuffer
+from earmark.learners.analytic import RandomReLUBuffer, check_same_buffer
 from earmark.learners.base import LEARNERS, ArrayLike, IncrementalLearner, LearnerConfig
 from earmark.learners.statistics import RidgeStatistics
 
@@ -202,6 +202,12 @@ class RanPACLearner(IncrementalLearner):
     def _downdate(self, X: Tensor, cols: Tensor) -> None:
         """Samples out, solved again with the last chosen lambda (exact for a pinned lambda)."""
         self.stats.unlearn(self.buffer(X), cols)
+        self.weights = self.stats.solve(float(self.ridges[-1]))
+
+    def _merge(self, other: IncrementalLearner, cols: Tensor) -> None:
+        """Statistics add; solved with our last lambda (so exact when lambda is pinned)."""
+        check_same_buffer(self.buffer, other.buffer)
+        self.stats.merge(other.stats, cols)
         self.weights = self.stats.solve(float(self.ridges[-1]))
 
     def _remove_class(self, col: int) -> None:
