@@ -48,6 +48,7 @@ class RunConfig:
     device: str = "cpu"
     batch_size: int = 64  # for embedding
     retrain: bool = False  # ignore a cached trained encoder
+    resume: bool = True  # continue an interrupted base training from its checkpoint (<cache>/encoders/*.partial.*)
     progress: bool = True
     render: RenderConfig = field(default_factory=RenderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

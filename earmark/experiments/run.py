@@ -6,16 +6,17 @@ import json
 import platform
 import time
 from dataclasses import asdict
-from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
-from earmark.checkpoint import atomic_write_text, save_tensors
+from earmark.checkpoint import save_tensors
 from earmark.experiments.config import RunConfig
 from earmark.experiments.evaluate import evaluate, evaluate_joint
 from earmark.experiments.prepare import build_learner, encoder_summary, module_bytes, prepare
 from earmark.experiments.report import jsonable, nan_to_none, render_report
+from earmark.experiments.rundir import RunWriter
 from earmark.learners import IncrementalLearner
 from earmark.metrics import AccuracyMatrix
 from earmark.plots import JOINT, plot_sessions
@@ -24,8 +25,14 @@ from earmark.plots import JOINT, plot_sessions
 def run(config: RunConfig) -> dict:
     """Run the whole job and write results.json, a plot and the encoder checkpoint under config.out."""
     t_start = time.perf_counter()
-    out = Path(config.out)
-    prep = prepare(config)
+    with RunWriter(config.out) as writer:  # the folder is replaced as a whole when the block ends
+        results = _run(config, writer, t_start)
+    print(render_report(results))
+    return results
+
+
+def _run(config: RunConfig, writer: RunWriter, t_start: float) -> dict:
+    prep = prepare(config, writer=writer)
     timings = prep.timings
     dataset, scenario, embedder, X, row_of = prep.dataset, prep.scenario, prep.embedder, prep.X, prep.row_of
 
@@ -51,8 +58,7 @@ def run(config: RunConfig) -> dict:
 
     results = {
         "config": jsonable(asdict(config)),
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads(), "machine": platform.machine()},
+        "environment": environment(config),
         "dataset": {"name": dataset.name, "root": str(dataset.root), "clips": len(dataset),
                     "classes": dataset.num_classes},
         "scenario": scenario.to_dict(),
@@ -67,14 +73,27 @@ def run(config: RunConfig) -> dict:
         },
         "timings": timings,
     }
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(results["config"], sort_keys=False))
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
-    plot_sessions(results, out / "accuracy.png")
+    writer.write_text("config.yaml", yaml.safe_dump(results["config"], sort_keys=False))
+    writer.write_text("results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
+    plot_sessions(results, writer.path("accuracy.png"))
     for name, learner in learners.items():
-        learner_path = out / f"learner-{name}.safetensors"
-        save_tensors(learner_path, learner.state_dict(),
+        save_tensors(writer.path(f"learner-{name}.safetensors"), learner.state_dict(),
                      {"kind": "learner", "name": name, "config": asdict(learner.config)})
-    print(render_report(results))
     return results
+
+
+def environment(config: RunConfig) -> dict:
+    """What the figures depend on beyond the config: versions, training threads, the CPU's vector unit."""
+    env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+           "threads": torch.get_num_threads(), "train_threads": config.train.threads or torch.get_num_threads(),
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
+           "processor": platform.processor() or None}
+    try:
+        import numba
+
+        env["numba"] = numba.__version__
+    except ImportError:
+        env["numba"] = None
+    return env
 
 

@@ -44,7 +44,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from earmark.checkpoint import CheckpointError, load_tensors, prefixed, save_tensors, unprefixed
+from earmark.checkpoint import (
+    CheckpointError,
+    load_optimizer,
+    load_tensors,
+    optimizer_tensors,
+    prefixed,
+    save_tensors,
+    unprefixed,
+)
 from earmark.encoders.config import EncoderConfig, build_encoder
 from earmark.encoders.mamba import MambaEncoder
 from earmark.training.supervised import lr_factor, no_decay_names
@@ -252,28 +260,7 @@ def _step_generator(seed: int, *key: int) -> torch.Generator:
     return torch.Generator().manual_seed(h)
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
-    """Split an optimizer state dict into safetensors-able tensors and JSON-able everything else."""
-    sd = opt.state_dict()
-    tensors: dict[str, Tensor] = {}
-    scalars: dict[str, dict] = {}
-    for idx, state in sd["state"].items():
-        for name, value in state.items():
-            if isinstance(value, Tensor):
-                tensors[f"{idx}.{name}"] = value
-            else:
-                scalars.setdefault(str(idx), {})[name] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    for idx, values in meta["scalars"].items():
-        state.setdefault(int(idx), {}).update(values)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+_optimizer_tensors, _load_optimizer = optimizer_tensors, load_optimizer  # the old private names
 
 
 def _save(path: Path, model: MaskedPatchModel, opt: torch.optim.Optimizer, step: int, config: PretrainConfig) -> str:
