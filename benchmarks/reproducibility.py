@@ -26,7 +26,7 @@ import json, sys
 import torch
 from safetensors.torch import save_file
 
-out, threads, order, epochs, clips = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+out, threads, order, epochs, clips, classes = sys.argv[1], int(sys.argv[2]), sys.argv[3], *map(int, sys.argv[4:7])
 from earmark.audio.features import LogMel
 from earmark.encoders.config import resolve_config
 from earmark.encoders.mamba import build_encoder
@@ -62,14 +62,14 @@ rec("log-mel front end", LogMel()(wave))
 torch.manual_seed(0)
 enc = build_encoder(cfg)
 feats = torch.randn(clips, cfg.n_mels, 100, generator=torch.Generator().manual_seed(1))
-labels = torch.arange(clips) % 4
+labels = torch.arange(clips) % classes
 if order == "reversed":
     feats, labels = feats.flip(0), labels.flip(0)
 def on_epoch(e, m):
     for k, v in m.state_dict().items():
         res[f"epoch{e}:{k}"] = v.detach().clone()
-train_supervised(enc, feats, labels, 4, TrainConfig(epochs=epochs, batch_size=16, threads=threads, warmup_epochs=0.5),
-                 progress=False, on_epoch=on_epoch)
+tc = TrainConfig(epochs=epochs, batch_size=16, threads=threads, warmup_epochs=0.5)
+train_supervised(enc, feats, labels, classes, tc, progress=False, on_epoch=on_epoch)
 save_file(res, out)
 print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}))
 """
@@ -81,11 +81,13 @@ VARIANTS = {
     "threads 4": {"threads": 4},
     "cpu avx2": {"env": "avx2"},
     "cpu default": {"env": "default"},
+    # what a machine without AVX-512 runs: ATen's kernels, MKL's GEMM and oneDNN's conv all at AVX2
+    "no AVX-512": {"env": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
     "data reversed": {"order": "reversed"},
 }
 
 
-def run_variant(name: str, spec: dict, tmp: Path, epochs: int, clips: int) -> tuple[dict, str]:
+def run_variant(name: str, spec: dict, tmp: Path, epochs: int, clips: int, classes: int) -> tuple[dict, str]:
     from safetensors.torch import load_file
 
     env = dict(os.environ)
@@ -94,9 +96,13 @@ def run_variant(name: str, spec: dict, tmp: Path, epochs: int, clips: int) -> tu
         env["ATEN_CPU_CAPABILITY"] = spec["env"]
     else:
         env.pop("ATEN_CPU_CAPABILITY", None)
+    for key in ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA"):
+        env.pop(key, None)
+        if key in spec:
+            env[key] = spec[key]
     out = tmp / f"{name.replace(' ', '_')}.safetensors"
     args = [sys.executable, "-c", WORKER, str(out), str(spec.get("threads", 2)), spec.get("order", "stable"),
-            str(epochs), str(clips)]
+            str(epochs), str(clips), str(classes)]
     proc = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     return load_file(out), f"{info['capability']}, {info['threads']} thr"
@@ -110,29 +116,30 @@ def max_diff(a: dict, b: dict, prefix: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--clips", type=int, default=64)
+    ap.add_argument("--clips", type=int, default=120)
+    ap.add_argument("--classes", type=int, default=60, help="60 = the demo's base session; the head's width")
     args = ap.parse_args()
     results, labels = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, spec in VARIANTS.items():
-            results[name], labels[name] = run_variant(name, spec, Path(tmp), args.epochs, args.clips)
+            results[name], labels[name] = run_variant(name, spec, Path(tmp), args.epochs, args.clips, args.classes)
     ref = results["reference"]
     ops = sorted({k.split(":")[1] for k in ref if k.startswith("op:")}, key=lambda n: list(ref).index(f"op:{n}:0"))
     rows = [(f"op: {op}", f"op:{op}:") for op in ops]
     rows += [(f"training, encoder after epoch {e + 1}", f"epoch{e}:") for e in range(args.epochs)]
     names = [n for n in VARIANTS if n != "reference"]
     print(f"torch {torch.__version__}; reference: {labels['reference']}; max abs difference to the reference "
-          f"(0 = bit-identical); {args.clips} clips x {args.epochs} epochs, fast encoder")
+          f"(0 = bit-identical); {args.clips} clips of {args.classes} classes x {args.epochs} epochs, fast encoder")
     width = max(len(r[0]) for r in rows)
-    print(" " * width + " | " + " | ".join(f"{n:>13}" for n in names))
-    print(" " * width + " | " + " | ".join(f"{labels[n]:>13}" for n in names))
+    print(" " * width + " | " + " | ".join(f"{n:>14}" for n in names))
+    print(" " * width + " | " + " | ".join(f"{labels[n]:>14}" for n in names))
     for label, prefix in rows:
         cells = []
         for n in names:
             if n == "data reversed" and prefix.startswith("op:"):
-                cells.append(f"{'(same)':>13}")
+                cells.append(f"{'(same)':>14}")
                 continue
-            cells.append(f"{max_diff(results[n], ref, prefix):13.3g}")
+            cells.append(f"{max_diff(results[n], ref, prefix):14.3g}")
         print(f"{label:<{width}} | " + " | ".join(cells))
 
 

@@ -87,6 +87,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def read_json(path: str | Path, what: str = "JSON") -> object:
+    """Parse a JSON file; a missing or corrupt file is an error that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} file not found")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); the file is damaged or was cut short") from None
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> str:
     """Save tensors with a JSON description; returns the sha256 of the file written."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}

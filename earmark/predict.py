@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ import numpy as np
 import torch
 
 from earmark.audio.stream import iter_windows
-from earmark.checkpoint import CheckpointError, load_tensors
+from earmark.checkpoint import CheckpointError, load_tensors, read_json
 from earmark.encoders.embedder import AudioEmbedder
 from earmark.learners import IncrementalLearner, make_learner
 
@@ -32,7 +31,10 @@ def load_model(run_dir: str | Path, learner: str = "analytic", device: str = "cp
     results = run_dir / "results.json"
     if not results.is_file():
         raise CheckpointError(f"{results}: not found (needed for the class names)")
-    label_map = json.loads(results.read_text())["scenario"]["label_map"]
+    try:
+        label_map = read_json(results, "results")["scenario"]["label_map"]
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{results}: has no scenario label map ({exc!r})") from None
     embedder = AudioEmbedder.load(run_dir / "embedder.safetensors", device)
     return TrainedModel(embedder, model.to(device).eval(), {int(v): k for k, v in label_map.items()})
 

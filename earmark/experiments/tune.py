@@ -128,8 +128,8 @@ def _load_yaml_mapping(path: str | Path, what: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: {what} file not found")
     try:
-        loaded = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid YAML: {exc}") from None
     loaded = {} if loaded is None else loaded
     if not isinstance(loaded, dict):
