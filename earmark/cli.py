@@ -102,13 +102,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=S, help="output folder (default runs/demo)")
     p.add_argument("--cache-dir", default=S, help="embedding/encoder cache (default: $EARMARK_DATA/cache)")
     p.add_argument("--retrain", action="store_true", default=S, help="train the encoder even if a cached one matches")
+    p.add_argument("--no-resume", dest="resume", action="store_false", default=S,
+                   help="start base training over instead of continuing an interrupted one from its checkpoint")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=S,
                    help="plain log lines instead of progress bars")
 
 
 def _run_config(args: argparse.Namespace, defaults: dict | None = None):
-    import yaml
-
     from earmark.experiments import run_config_from_dict
 
     given = vars(args).copy()
@@ -117,13 +117,9 @@ def _run_config(args: argparse.Namespace, defaults: dict | None = None):
     values: dict = dict(defaults or {})  # command defaults < YAML file < --params file < flags
     params_path = given.pop("params", None)
     if "config" in given:
-        path = Path(given.pop("config"))
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: config file not found")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of run options")
-        values.update(loaded)
+        from earmark.experiments.config import load_config_file
+
+        values.update(load_config_file(given.pop("config")))
     if params_path is not None:
         from earmark.experiments.tune import load_params, merge_learner_params
 
@@ -412,7 +408,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from earmark import __version__
+
     parser = argparse.ArgumentParser(prog="earmark", description="Class-incremental sound classification.")
+    parser.add_argument("--version", action="version", version=f"earmark {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the main job on the embedded default dataset (or --root)")
     _add_run_options(demo)
