@@ -23,7 +23,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from earmark.encoders.config import ENCODERS, EncoderConfig, build_encoder
-from earmark.encoders.scan import plan_scan, scan_backward, scan_forward, selective_scan, uses_own_scan
+from earmark.encoders.scan import (
+    ScanPlan,
+    numba_kernel,
+    plan_scan,
+    require_numba,
+    resolve_impl,
+    scan_backward,
+    scan_forward,
+    selective_scan,
+    uses_own_scan,
+)
 
 __all__ = ["MambaEncoder", "MambaMixer", "MambaBlock", "build_encoder"]
 
@@ -196,6 +206,57 @@ class _RecomputedBranch(torch.autograd.Function):
         return (None, None, *(next(got) if t.requires_grad else None for t in leaves))
 
 
+def _gated_scan(branch: _Branch, plan: ScanPlan, x: Tensor, z: Tensor, params: Sequence[Tensor], keep: bool):
+    """The numba kernel on the front's outputs with the gate fused: mean over directions of
+    y_g * silu(z), as one kernel pass plus a sum. Returns (output, the kernel's saved states)."""
+    u, delta, A, B, C, D = (t.detach() for t in _front(branch, x, params))
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    args = (t.to(dtype) for t in (u, delta, A, B, C, D))
+    y, states = numba_kernel().forward(
+        *args, plan.reverse, z=z, scale=1.0 / len(plan.reverse), keep_states=keep, chunk=plan.block
+    )
+    return (y[0] if y.shape[0] == 1 else y.sum(0)).to(x.dtype), states
+
+
+class _FusedBranch(torch.autograd.Function):
+    """conv -> projections -> scan -> average of the directions -> SiLU(z) gate, with the numba
+    kernel: as :class:`_RecomputedBranch` (only x, z and the kernel's chunk states are saved; the
+    front is recomputed in backward), and the gate inside the kernel, so one pass over memory
+    produces the gated output and one produces every scan gradient including dz."""
+
+    @staticmethod
+    def forward(ctx, branch: _Branch, plan: ScanPlan, x: Tensor, z: Tensor, *params: Tensor) -> Tensor:
+        y, states = _gated_scan(branch, plan, x, z, params, keep=True)
+        ctx.save_for_backward(x, z, *params, states)
+        ctx.branch, ctx.plan = branch, plan
+        device = x.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
+        x, z, *params, states = ctx.saved_tensors
+        plan = ctx.plan
+        needs = (ctx.needs_input_grad[2], *ctx.needs_input_grad[4:])
+        leaves = [t.detach().requires_grad_(need) for t, need in zip((x, *params), needs, strict=True)]
+        device, dtype, enabled = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            outs = _front(ctx.branch, leaves[0], leaves[1:])
+        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        args = [t.detach().to(cdt) for t in outs]
+        groups = len(plan.reverse)
+        gys = gy.to(cdt).expand(groups, *gy.shape)
+        *g_outs, g_z = numba_kernel().backward(
+            *args, plan.reverse, states, gys, z=z, scale=1.0 / groups, chunk=plan.block
+        )
+        pairs = [(o, g.to(o.dtype)) for o, g in zip(outs, g_outs, strict=True) if o.requires_grad]
+        wanted = [t for t in leaves if t.requires_grad]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
+        grads = [next(got) if t.requires_grad else None for t in leaves]
+        g_z = g_z.to(z.dtype) if ctx.needs_input_grad[3] else None
+        return (None, None, grads[0], g_z, *grads[1:])
+
+
 class MambaMixer(nn.Module):
     """Mamba mixer; with ``bidirectional`` the v2 form: shared in/out projections, a second
     direction over the reversed sequence, outputs averaged before out_proj.
@@ -229,6 +290,13 @@ class MambaMixer(nn.Module):
         cfg = self.config
         branch = _Branch(tuple(d.reverse for d in dirs), cfg.rank, cfg.d_state)
         params = [p for d in dirs for p in d.params()]
+        if resolve_impl(x, dirs[0].A_log, cfg.scan_impl) == "numba" and (cfg.recompute or not torch.is_grad_enabled()):
+            plan = ScanPlan(0, require_numba(x).CHUNK, branch.reverse, "numba")
+            if torch.is_grad_enabled() and any(t.requires_grad for t in (x, z, *params)):
+                y = _FusedBranch.apply(branch, plan, x, z, *params)
+            else:
+                y = _gated_scan(branch, plan, x, z, params, keep=False)[0]
+            return self.out_proj(y)
         fused = cfg.recompute and uses_own_scan(x, cfg.scan_impl)
         if fused and torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)):
             y = _RecomputedBranch.apply(branch, (cfg.scan_impl, cfg.scan_chunk), x, *params)

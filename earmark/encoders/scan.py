@@ -68,13 +68,15 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-SCAN_IMPLS = ("auto", "sequential", "chunked", "reference", "cuda")
+SCAN_IMPLS = ("auto", "numba", "sequential", "chunked", "reference", "cuda")
+SCAN_ENV = "EARMARK_SCAN"  # "torch" or "numba": what ``auto`` runs on CPU tensors
 
 Reverse = bool | Sequence[bool]
 
@@ -181,10 +183,12 @@ def selective_scan(
     ``reverse=True`` scans from the last step to the first: the same as flipping the time axis of
     u, delta, B, C and of the result, without the copies.
     """
-    if impl == "auto":
-        impl = "cuda" if _wants_kernel(u) else choose_impl(_rows(u), A.shape[-2], A.shape[-1], u.shape[-2])
+    impl = resolve_impl(u, A, impl)
     if impl == "cuda":
         return selective_scan_mamba_ssm(u, delta, A, B, C, D, reverse=reverse)
+    if impl == "numba":
+        _check_shapes(u, delta, A, B, C, D)
+        return _apply(u, delta, A, B, C, D, plan_scan(u, A, "numba", reverse=reverse))
     if impl == "chunked":
         return selective_scan_chunked(u, delta, A, B, C, D, chunk=chunk, reverse=reverse)
     if impl == "sequential":
@@ -197,8 +201,53 @@ def selective_scan(
 
 def uses_own_scan(u: Tensor, impl: str) -> bool:
     """Whether :func:`selective_scan` with ``impl`` runs one of this module's fast scans (the ones
-    :func:`scan_forward` / :func:`scan_backward` expose)."""
-    return impl in ("sequential", "chunked") or (impl == "auto" and not _wants_kernel(u))
+    :func:`scan_forward` / :func:`scan_backward` expose: numba, sequential, chunked)."""
+    return impl in ("numba", "sequential", "chunked") or (impl == "auto" and not _wants_kernel(u))
+
+
+def resolve_impl(u: Tensor, A: Tensor, impl: str = "auto") -> str:
+    """What ``impl`` runs for these inputs. ``auto``: mamba-ssm's kernel for CUDA tensors when
+    installed; the numba kernel for CPU tensors when numba imports; else :func:`choose_impl`.
+    The environment variable ``EARMARK_SCAN`` = ``torch`` or ``numba`` overrides ``auto``'s choice
+    on CPU tensors (``numba`` when numba is missing is an error, not a silent fallback)."""
+    if impl != "auto":
+        return impl
+    if _wants_kernel(u):
+        return "cuda"
+    forced = os.environ.get(SCAN_ENV, "").strip().lower()
+    if forced not in ("", "torch", "numba"):
+        raise ValueError(f"{SCAN_ENV} must be 'torch' or 'numba', got {forced!r}")
+    if forced == "numba" or (not forced and u.device.type == "cpu" and numba_kernel() is not None):
+        return "numba"
+    return choose_impl(_rows(u), A.shape[-2], A.shape[-1], u.shape[-2])
+
+
+def _import_numba_kernel():
+    """The kernel module; raises ImportError when numba is not installed."""
+    from earmark.encoders import scan_numba
+
+    return scan_numba
+
+
+@functools.cache
+def numba_kernel():
+    """:mod:`earmark.encoders.scan_numba`, or None when numba is not importable (looked up once)."""
+    try:
+        return _import_numba_kernel()
+    except ImportError:
+        return None
+
+
+def require_numba(u: Tensor):
+    kernel = numba_kernel()
+    if kernel is None:
+        raise RuntimeError(
+            f"selective scan impl 'numba' needs the numba package (pip install numba); "
+            f"{SCAN_ENV}=torch or another impl runs without it"
+        )
+    if u.device.type != "cpu":
+        raise RuntimeError(f"selective scan impl 'numba' runs on CPU tensors, got {u.device}")
+    return kernel
 
 
 def selective_scan_mamba_ssm(
@@ -298,30 +347,36 @@ def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
 
 @dataclass(frozen=True)
 class ScanPlan:
-    """How a grouped fast scan runs: ``chunk > 0`` chunked with that chunk length, ``chunk == 0``
-    sequential in blocks of ``block`` steps; ``reverse`` one flag per group."""
+    """How a grouped fast scan runs: ``impl`` numba (the compiled kernel, states saved every
+    ``block`` steps), else ``chunk > 0`` chunked with that chunk length, ``chunk == 0`` sequential
+    in blocks of ``block`` steps; ``reverse`` one flag per group."""
 
     chunk: int
     block: int
     reverse: tuple[bool, ...]
+    impl: str = "torch"
 
 
 def plan_scan(
     u: Tensor, A: Tensor, impl: str = "auto", *, chunk: int = 0, block: int = 0, reverse: Reverse = False
 ) -> ScanPlan:
-    """The :class:`ScanPlan` for grouped (or ungrouped) inputs and a fast ``impl`` (auto, sequential
-    or chunked); ``chunk`` / ``block`` 0 pick :func:`chunk_length` / :func:`block_steps`."""
+    """The :class:`ScanPlan` for grouped (or ungrouped) inputs and a fast ``impl`` (auto, numba,
+    sequential or chunked); ``chunk`` / ``block`` 0 pick :func:`chunk_length` / :func:`block_steps`
+    (numba: the kernel's state interval)."""
     groups = u.shape[0] if u.ndim == 4 else 1
     flags = _reverse_flags(reverse, groups)
     length, e, n = u.shape[-2], A.shape[-2], A.shape[-1]
     if impl == "auto":
-        impl = choose_impl(_rows(u), e, n, length)
+        impl = resolve_impl(u, A)
+    if impl == "numba":
+        kernel = require_numba(u)
+        return ScanPlan(0, block if block > 0 else kernel.CHUNK, flags, "numba")
     if impl == "chunked":
         return ScanPlan(chunk_length(length, chunk), 0, flags)
     if impl == "sequential":
         k = block if block > 0 else block_steps(_rows(u), e, n)
         return ScanPlan(0, max(1, min(k, length)), flags)
-    raise ValueError(f"no fast selective scan impl {impl!r}; known: auto, sequential, chunked")
+    raise ValueError(f"no fast selective scan impl {impl!r}; known: auto, numba, sequential, chunked")
 
 
 def _apply(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, plan: ScanPlan) -> Tensor:
@@ -647,6 +702,9 @@ def scan_forward(
     function: grouped inputs (see :class:`_Scan`), no autograd. Returns (y in the compute dtype,
     the block-start states for :func:`scan_backward` - sequential with ``keep_states`` only)."""
     dtype = _compute_dtype(u, delta, A, B, C, D)
+    if plan.impl == "numba":
+        args = (t.to(dtype) for t in (u, delta, A, B, C, D))
+        return numba_kernel().forward(*args, plan.reverse, keep_states=keep_states, chunk=plan.block)
     deltaT, duT, A2, BT, CT = _working_inputs(u, delta, A, B, C, dtype, plan.reverse)
     bounds = None
     if plan.chunk == 0:
@@ -686,6 +744,10 @@ def scan_backward(
     inputs, dL/dy and the states :func:`scan_forward` kept (recomputed from the inputs either way)."""
     rev = plan.reverse
     dtype = _compute_dtype(u, delta, A, B, C, D)
+    if plan.impl == "numba":
+        args = [t.to(dtype) for t in (u, delta, A, B, C, D)]
+        got = numba_kernel().backward(*args, rev, states, gy, chunk=plan.block)[:6]
+        return [g.to(t.dtype) if need else None for g, t, need in zip(got, (u, delta, A, B, C, D), needs, strict=True)]
     need_u, need_delta, need_A, need_B, need_C, need_D = needs
     u_, d_, gy_ = u.to(dtype), delta.to(dtype), gy.to(dtype)
     grads: list[Tensor | None] = [None] * 6

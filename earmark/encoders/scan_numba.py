@@ -78,9 +78,9 @@ from llvmlite import ir  # noqa: E402
 from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic, overload  # noqa: E402
 
-if CACHE and numba.config.CACHE_DIR != os.environ.get("NUMBA_CACHE_DIR", ""):
-    # numba was imported before us with another cache dir: keep the user's, if it is writable
-    CACHE = _writable(Path(numba.config.CACHE_DIR)) if numba.config.CACHE_DIR else CACHE
+if os.environ.get("NUMBA_CACHE_DIR", "") != numba.config.CACHE_DIR:
+    # numba was imported before us: its settings stand; cache only into a writable directory it names
+    CACHE = bool(numba.config.CACHE_DIR) and _writable(Path(numba.config.CACHE_DIR))
 
 INV_LN2 = 1.0 / math.log(2.0)
 # reassociation lets LLVM vectorise the sums over channels (dB, dC); contraction gives FMAs
