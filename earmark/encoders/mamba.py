@@ -152,10 +152,11 @@ class _Branch:
     d_state: int
 
 
-def _front(branch: _Branch, x: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, ...]:
+def _front(branch: _Branch, x: Tensor, params: Sequence[Tensor], softplus: bool = True) -> tuple[Tensor, ...]:
     """The scan's inputs from x (batch, L, E) and each direction's :meth:`_Direction.params`
     (flattened): conv + silu, x_proj and dt_proj as batched matmuls over the stacked directions,
-    softplus. Returns grouped (u, delta, A, B, C, D) for :func:`selective_scan`."""
+    softplus (``softplus=False``: left to the numba kernel, which fuses it; delta is then the
+    pre-activation). Returns grouped (u, delta, A, B, C, D) for :func:`selective_scan`."""
     k = len(params) // len(branch.reverse)
     per = [params[i : i + k] for i in range(0, len(params), k)]
     r, n = branch.rank, branch.d_state
@@ -167,7 +168,8 @@ def _front(branch: _Branch, x: Tensor, params: Sequence[Tensor]) -> tuple[Tensor
     dt, b, c = dbc.split([r, n, n], dim=-1)
     w_dt = torch.stack([p[3] for p in per]).transpose(1, 2).to(x.dtype)  # (G, R, E)
     bias = torch.stack([p[4] for p in per])[:, None].to(x.dtype)
-    delta = F.softplus(torch.baddbmm(bias, dt, w_dt).float())
+    delta = torch.baddbmm(bias, dt, w_dt).float()
+    delta = F.softplus(delta) if softplus else delta
     a = -torch.exp(torch.stack([p[5] for p in per]).float())
     skip = torch.stack([p[6] for p in per]).float()
     shape = (g, bsz, length)
@@ -209,11 +211,11 @@ class _RecomputedBranch(torch.autograd.Function):
 def _gated_scan(branch: _Branch, plan: ScanPlan, x: Tensor, z: Tensor, params: Sequence[Tensor], keep: bool):
     """The numba kernel on the front's outputs with the gate fused: mean over directions of
     y_g * silu(z), as one kernel pass plus a sum. Returns (output, the kernel's saved states)."""
-    u, delta, A, B, C, D = (t.detach() for t in _front(branch, x, params))
+    u, delta, A, B, C, D = (t.detach() for t in _front(branch, x, params, softplus=False))
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     args = (t.to(dtype) for t in (u, delta, A, B, C, D))
     y, states = numba_kernel().forward(
-        *args, plan.reverse, z=z, scale=1.0 / len(plan.reverse), keep_states=keep, chunk=plan.block
+        *args, plan.reverse, z=z, scale=1.0 / len(plan.reverse), softplus=True, keep_states=keep, chunk=plan.block
     )
     return (y[0] if y.shape[0] == 1 else y.sum(0)).to(x.dtype), states
 
@@ -241,13 +243,13 @@ class _FusedBranch(torch.autograd.Function):
         leaves = [t.detach().requires_grad_(need) for t, need in zip((x, *params), needs, strict=True)]
         device, dtype, enabled = ctx.autocast
         with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-            outs = _front(ctx.branch, leaves[0], leaves[1:])
+            outs = _front(ctx.branch, leaves[0], leaves[1:], softplus=False)
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         args = [t.detach().to(cdt) for t in outs]
         groups = len(plan.reverse)
         gys = gy.to(cdt).expand(groups, *gy.shape)
         *g_outs, g_z = numba_kernel().backward(
-            *args, plan.reverse, states, gys, z=z, scale=1.0 / groups, chunk=plan.block
+            *args, plan.reverse, states, gys, z=z, scale=1.0 / groups, softplus=True, chunk=plan.block
         )
         pairs = [(o, g.to(o.dtype)) for o, g in zip(outs, g_outs, strict=True) if o.requires_grad]
         wanted = [t for t in leaves if t.requires_grad]
