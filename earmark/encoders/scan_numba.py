@@ -256,6 +256,9 @@ def _backward(u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du, ddl, dA, d
         abuf = np.empty(chunk * NW, dl.dtype)  # decays of the chunk
         carry = np.zeros(NW, dl.dtype)  # a_{t+1} g_{t+1}
         gA = np.zeros(NW, np.float64)
+        gAc = np.zeros(NW, dl.dtype)
+        gg = np.empty(WIDTH, dl.dtype)
+        ds = np.empty(WIDTH, dl.dtype)
         gD = np.zeros(WIDTH, np.float64)
         dlv = np.empty(WIDTH, dl.dtype)
         uv = np.empty(WIDTH, dl.dtype)
@@ -297,9 +300,9 @@ def _backward(u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du, ddl, dA, d
                     hn = n * WIDTH
                     cur = j * NW + hn
                     for e in range(w):
-                        a = _exp2(dlv[e] * A2[hn + e])
-                        abuf[cur + e] = a
-                        hbuf[cur + NW + e] = a * hbuf[cur + e] + bn * duv[e]
+                        abuf[cur + e] = _exp2(dlv[e] * A2[hn + e])
+                    for e in range(w):
+                        hbuf[cur + NW + e] = abuf[cur + e] * hbuf[cur + e] + bn * duv[e]
             # adjoint back through the chunk
             for j in range(m - 1, -1, -1):
                 s = s0 + j
@@ -334,33 +337,41 @@ def _backward(u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du, ddl, dA, d
                         gyv[e] *= sc * zz * sg
                 for e in range(w):
                     gD[e] += gyv[e] * uv[e]
+                # one array written per loop: LLVM vectorises a loop only while the runtime
+                # checks that its arrays do not overlap stay few
                 for n in range(N):
                     bn = B[bc + n]
                     cn = C[bc + n]
                     hn = n * WIDTH
                     cur = j * NW + hn
+                    for e in range(w):  # g_t = C_t dy_t + a_{t+1} g_{t+1}
+                        gg[e] = cn * gyv[e] + carry[hn + e]
                     sumc = zero
                     sumb = zero
                     for e in range(w):
-                        hv = hbuf[cur + NW + e]
-                        a = abuf[cur + e]
-                        prev = hbuf[cur + e]
-                        gg = cn * gyv[e] + carry[hn + e]
-                        sumc += hv * gyv[e]
-                        sumb += gg * duv[e]
-                        gdu[e] += gg * bn
-                        ds = gg * a * prev
-                        gA[hn + e] += ds * dlv[e]
-                        gdl[e] += ds * An[hn + e]
-                        carry[hn + e] = a * gg
+                        sumc += hbuf[cur + NW + e] * gyv[e]
+                        sumb += gg[e] * duv[e]
                     dC[dbc + t * N + n] = sumc
                     dB[dbc + t * N + n] = sumb
+                    for e in range(w):
+                        gdu[e] += gg[e] * bn
+                    for e in range(w):  # dL/d(delta_t A) = g_t a_t h_{t-1}
+                        ds[e] = gg[e] * abuf[cur + e] * hbuf[cur + e]
+                    for e in range(w):
+                        gAc[hn + e] += ds[e] * dlv[e]
+                    for e in range(w):
+                        gdl[e] += ds[e] * An[hn + e]
+                    for e in range(w):
+                        carry[hn + e] = abuf[cur + e] * gg[e]
                 for e in range(w):
                     du[off + e] = gdu[e] * dlv[e] + gyv[e] * D[g * E + e0 + e]
                     ddl[off + e] = gdl[e] + gdu[e] * uv[e]
                 if sp:  # d softplus(x) / dx = sigmoid(x)
                     for e in range(w):
                         ddl[off + e] *= one / (one + _exp2(-dl[off + e] * l2e))
+            for i in range(NW):  # dA: float32 within a chunk, float64 across chunks
+                gA[i] += gAc[i]
+                gAc[i] = zero
         ob = (g * bsz + b) * E + e0
         for e in range(w):
             dD[ob + e] = gD[e]
