@@ -292,7 +292,14 @@ class MambaMixer(nn.Module):
         cfg = self.config
         branch = _Branch(tuple(d.reverse for d in dirs), cfg.rank, cfg.d_state)
         params = [p for d in dirs for p in d.params()]
-        if resolve_impl(x, dirs[0].A_log, cfg.scan_impl) == "numba" and (cfg.recompute or not torch.is_grad_enabled()):
+        # the kernel with gate and softplus fused; not under low-precision autocast, where the
+        # unfused path rounds the scan output to x's dtype before the gate (kept identical)
+        gate_fused = cfg.recompute or not torch.is_grad_enabled()
+        if (
+            gate_fused
+            and x.dtype in (torch.float32, torch.float64)
+            and resolve_impl(x, dirs[0].A_log, cfg.scan_impl) == "numba"
+        ):
             plan = ScanPlan(0, require_numba(x).CHUNK, branch.reverse, "numba")
             if torch.is_grad_enabled() and any(t.requires_grad for t in (x, z, *params)):
                 y = _FusedBranch.apply(branch, plan, x, z, *params)
