@@ -33,13 +33,16 @@ class EncoderConfig:
     max_frames: int = 1024  # position embeddings cover this many frames; longer inputs interpolate
     pool: str = "cls"  # "cls" (class token in the middle) or "mean" (mean of patch tokens)
     bidirectional: bool = True  # v2 bidirectional Mamba: a backward branch over the flipped sequence
-    scan_impl: str = "auto"  # selective scan: auto | sequential | chunked | reference | cuda
+    scan_impl: str = "auto"  # selective scan: auto | numba | sequential | chunked | reference | cuda
     scan_chunk: int = 0  # chunk length of the chunked scan; 0 -> ~sqrt(sequence length)
     recompute: bool = True  # training: recompute conv/projections in backward instead of keeping them
+    attention: str = "sdpa"  # AST only: "sdpa" (fused kernel) or "explicit" (softmax(QK^T) V materialised, as SSAST)
 
     def __post_init__(self) -> None:
         if self.pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.attention not in ("sdpa", "explicit"):
+            raise ValueError(f"attention must be 'sdpa' or 'explicit', got {self.attention!r}")
         if self.n_mels % self.patch:
             raise ValueError(f"n_mels ({self.n_mels}) must be a multiple of patch ({self.patch})")
         if self.max_frames < self.patch:
