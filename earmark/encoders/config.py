@@ -78,9 +78,9 @@ ENCODERS: Registry[type[nn.Module]] = Registry("encoder arch")
 # Audio Mamba / Vision Mamba sizes.
 ENCODER_CONFIGS.register("tiny")(EncoderConfig(embed_dim=192, depth=24))  # ~7M parameters
 ENCODER_CONFIGS.register("small")(EncoderConfig(embed_dim=384, depth=24))  # ~26M parameters
-# Trainable from scratch on 2 CPU cores in minutes: one AdamW step at batch 32 on 2 s clips
-# (8 x 13 patches + class token) takes ~0.24 s (benchmarks/scan.py encoder). The scan dominates the
-# cost (batch x tokens x E x N x depth x 2 directions), hence expand 1 and a small state.
+# Small enough to train from scratch on a few CPU cores (benchmarks/scan.py encoder times it). The
+# scan dominates the cost (batch x tokens x E x N x depth x 2 directions), hence expand 1 and a
+# small state.
 # Mean pooling over patch tokens for this shallow preset (tiny/small keep the published middle class token).
 ENCODER_CONFIGS.register("fast")(EncoderConfig(embed_dim=128, depth=3, d_state=4, expand=1, pool="mean"))
 # Transformer baselines (earmark/encoders/ast.py): ast-tiny is AST/DeiT-tiny (192 x 12, 3 heads, ~5.5M

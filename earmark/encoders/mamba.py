@@ -89,11 +89,10 @@ class _DepthwiseConv(torch.autograd.Function):
     bias b (G, E) -> (G, batch, L, E); direction g causal, or anti-causal where ``reverse[g]``.
 
     Written as K shifted multiply-adds into one output (no padding copy, no stack of directions,
-    no transposes) with a hand-written backward of the same shape. Against one padded conv per
-    direction plus a stack (+ silu, 257-4k tokens and 1 s clips x 32): 2.4-3.5x faster forward,
-    1.3-2.7x forward + backward; plain autograd through these in-place slices was 18-27% slower
-    than that old conv in training (its backward copies every slice). Tap K-1 multiplies the
-    current step, tap K-1-s the step s behind (or, reversed, s ahead)."""
+    no transposes) with a hand-written backward of the same shape: faster than one padded conv
+    per direction plus a stack, and than plain autograd through these in-place slices (whose
+    backward copies every slice). Tap K-1 multiplies the current step, tap K-1-s the step s
+    behind (or, reversed, s ahead)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor, reverse: tuple[bool, ...]) -> Tensor:
@@ -267,9 +266,10 @@ class MambaMixer(nn.Module):
     (y_f + y_b_reversed) / 2 * g with g = silu(z). Both directions run as one grouped computation
     (stacked x_proj / dt_proj matmuls, one scan over both): half the per-step overhead of two scans.
     With ``config.recompute`` (the default) a training forward keeps only the branch's input and
-    recomputes conv and projections in backward (:class:`_RecomputedBranch`): 0.42-0.50x the bytes
-    kept for backward and 0.93-1.17x the time of a training step (benchmarks/recompute.py, 257-4k
-    tokens), 0.58-0.77x its peak memory (benchmarks/encoders.py, 1k-16k tokens).
+    recomputes conv and projections in backward (:class:`_RecomputedBranch`, or with the numba
+    kernel :class:`_FusedBranch`, which also fuses softplus, the direction average and the gate):
+    about half the bytes kept for backward at about the same step time (benchmarks/recompute.py
+    and benchmarks/encoders.py measure both).
     """
 
     def __init__(self, config: EncoderConfig) -> None:

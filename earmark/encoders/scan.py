@@ -1,4 +1,5 @@
-"""Selective scan (the Mamba recurrence) in plain PyTorch, fast enough to train on a CPU.
+"""Selective scan (the Mamba recurrence) on a CPU: the compiled numba kernel where numba is
+installed, else plain PyTorch fast enough to train with; mamba-ssm's CUDA kernel on a GPU.
 
 The recurrence, per batch item, channel ``e`` and state ``n``::
 
@@ -12,6 +13,8 @@ time instead of two, which halves the per-step dispatch overhead).
 
 Implementations (``impl``):
 
+* ``numba`` - the compiled kernel in :mod:`earmark.encoders.scan_numba` (forward and backward of
+  every group in one call, one pass over memory; numba is imported only when this is used).
 * ``reference`` - :func:`selective_scan_reference`, a plain loop over time (``unbind``, autograd
   through every step). Slow but obviously right: the test oracle.
 * ``sequential`` - :func:`selective_scan_sequential`, the recurrence one step at a time over
@@ -20,29 +23,32 @@ Implementations (``impl``):
 * ``chunked`` - :func:`selective_scan_chunked`, a two-level chunked scan (below).
 * ``cuda`` - :func:`selective_scan_mamba_ssm`, mamba-ssm's fused CUDA kernel (optional; never
   required: only when that package is installed and the tensors are on a CUDA device).
-* ``auto`` (default) - ``cuda`` where it can run; else sequential, unless one step's state has
-  < 2048 elements and the sequence is >= 16 steps: then per-op overhead dominates and the chunked
-  scan's fewer, larger ops win (e.g. the ``fast`` preset at batch 1).
+* ``auto`` (default) - ``cuda`` where it can run; else ``numba`` for CPU tensors when numba
+  imports (``EARMARK_SCAN=torch`` or ``numba`` overrides this, see :func:`resolve_impl`); else
+  sequential, unless one step's state has < 2048 elements and the sequence is >= 16 steps: then
+  per-op overhead dominates and the chunked scan's fewer, larger ops win (e.g. the ``fast``
+  preset at batch 1). The PyTorch scans stay: the oracle the kernel is tested against, and the
+  fallback without numba or off the CPU.
 
-Both fast paths share a hand-written backward (:class:`_Scan`). The chunked scan saves only the
-inputs and recomputes all states; the sequential scan also keeps the state entering each block
-(1/k of the states), and its backward walks the blocks from the end, recomputing one block's
-states at a time and running the adjoint recurrence ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}``
-through it - no (L, batch, N, E) tensor is ever allocated. :func:`scan_forward` and
-:func:`scan_backward` expose the two halves to callers that fuse the scan into a larger autograd
-function (the Mamba mixer's branch that recomputes conv and projections in backward).
-``reverse=True`` scans from the last step to the first without flipping any state-sized tensor.
+All fast paths share one autograd function (:class:`_Scan`) with a hand-written backward. The
+chunked scan saves only the inputs and recomputes all states; the sequential scan (and the numba
+kernel, every 32 steps) also keeps the state entering each block (1/k of the states), and its
+backward walks the blocks from the end, recomputing one block's states at a time and running the
+adjoint recurrence ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}`` through it - no (L, batch, N, E)
+tensor is ever allocated. :func:`scan_forward` and :func:`scan_backward` expose the two halves to
+callers that fuse the scan into a larger autograd function (the Mamba mixer's branch that
+recomputes conv and projections in backward). ``reverse=True`` scans from the last step to the
+first without flipping any state-sized tensor.
 
-CPU facts this is built on (2-core AVX-512 machine, torch 2.13): ``torch.exp`` costs ~1 ns per
-float32 element, ``torch.exp2`` ~0.1 ns, so decays are ``exp2(delta * A / ln 2)``; one PyTorch op
-costs ~2-3 us however small, so a step of a batch-1 scan (12k elements) is dispatch-bound; creating
-a view costs ~1 us, so the per-step views are made once per call. Measured at batch 1, L 4096,
-E 384, N 16, both directions: 50-95 ms forward, 260-290 ms forward + backward, varying between
-runs on a shared machine (``benchmarks/encoders.py`` compares with mambapy's parallel scan).
-Tried and not used: the two directions on two Python threads (PyTorch ops release the GIL) - up
-to 2x faster for the scan alone at large steps, but slower inside the encoder (a GIL hand-off per
-step and two OpenMP teams on two cores); a ``torch.compile``'d block of 16 steps - 1.4-1.7x faster
-than this loop, after 8-20 s of C++ compilation per shape and with a compiler needed at run time.
+CPU facts the PyTorch scans are built on (AVX-512, torch 2.13): ``torch.exp2`` is an order of
+magnitude cheaper per element than ``torch.exp``, so decays are ``exp2(delta * A / ln 2)``; a
+PyTorch op has a fixed dispatch cost however small, so a step of a batch-1 scan is
+dispatch-bound; creating a view costs about as much, so the per-step views are made once per call
+(``benchmarks/scan.py`` and ``benchmarks/encoders.py`` measure all of it). Tried and not used: the
+two directions on two Python threads (faster for the scan alone at large steps, slower inside the
+encoder: a GIL hand-off per step and two OpenMP teams on the same cores); a ``torch.compile``'d
+block of steps (faster than this loop, but seconds of C++ compilation per shape and a compiler
+needed at run time - the numba kernel compiles once and caches to disk).
 
 Why the chunked scan is not the textbook closed form ``h_t = exp(S_t) (h_0 + sum_s exp(-S_s) x_s)``
 with ``S = cumsum(delta * A)``: on a CPU in eager PyTorch that form costs about twice the memory
@@ -158,7 +164,7 @@ def block_steps(rows: int, channels: int, state: int, budget: int = 1 << 19) -> 
 
 def choose_impl(rows: int, channels: int, state: int, length: int) -> str:
     """``auto``'s choice. The sequential scan, unless one step's state (rows x E x N) is so small
-    that the per-step dispatch (~2 us) outweighs its arithmetic and the sequence is long enough
+    that the per-step dispatch outweighs its arithmetic and the sequence is long enough
     for the chunked scan's extra passes to pay off."""
     return "chunked" if rows * channels * state < 2048 and length >= 16 else "sequential"
 
