@@ -167,7 +167,10 @@ def _forward(u, dl, A, B, C, D, z, rev, dims, scale, y, states, tid):
     """y (G, batch, L, E) = C . h + D u (times scale * silu(z) if z has elements), every array 1-d
     (flattened C-order); A (G, E, N). ``states`` (G, batch, L / chunk, N, E): the state entering
     every chunk (in scan order) when it has elements. ``tid``: the worker that ran each task
-    (numba.get_num_threads inside a kernel would keep it out of the disk cache)."""
+    (numba.get_num_threads inside a kernel would keep it out of the disk cache).
+
+    Inner loops index per-step slices from 0: an index numba cannot prove non-negative gets a
+    wraparound select, which turns LLVM's vector loads into gathers."""
     G, bsz, L, E, N, chunk = dims[0], dims[1], dims[2], dims[3], dims[4], dims[5]
     nb = (E + WIDTH - 1) // WIDTH
     nck = (L + chunk - 1) // chunk
@@ -191,42 +194,49 @@ def _forward(u, dl, A, B, C, D, z, rev, dims, scale, y, states, tid):
         for n in range(N):
             for e in range(w):
                 A2[n * WIDTH + e] = A[(g * E + e0 + e) * N + n] * INV_LN2
+        Dg = D[g * E + e0 : g * E + e0 + w]
         row = (g * bsz + b) * L
         for s in range(L):
             t = L - 1 - s if rev[g] else s
             if keep and s % chunk == 0:
                 base = ((g * bsz + b) * nck + s // chunk) * N * E + e0
                 for n in range(N):
+                    st = states[base + n * E : base + n * E + w]
+                    hs = h[n * WIDTH : n * WIDTH + w]
                     for e in range(w):
-                        states[base + n * E + e] = h[n * WIDTH + e]
+                        st[e] = hs[e]
             off = (row + t) * E + e0
+            dlt = dl[off : off + w]
+            ut = u[off : off + w]
             if sp:
                 for e in range(w):
-                    dlv[e] = _softplus(dl[off + e])
+                    dlv[e] = _softplus(dlt[e])
             else:
                 for e in range(w):
-                    dlv[e] = dl[off + e]
+                    dlv[e] = dlt[e]
             for e in range(w):
-                duv[e] = dlv[e] * u[off + e]
-                acc[e] = 0.0
+                duv[e] = dlv[e] * ut[e]
+                acc[e] = Dg[e] * ut[e]
             bc = (row + t) * N
             for n in range(N):
                 bn = B[bc + n]
                 cn = C[bc + n]
-                hn = n * WIDTH
+                hs = h[n * WIDTH : n * WIDTH + w]
+                As = A2[n * WIDTH : n * WIDTH + w]
                 for e in range(w):
-                    hv = _exp2(dlv[e] * A2[hn + e]) * h[hn + e] + bn * duv[e]
-                    h[hn + e] = hv
+                    hv = _exp2(dlv[e] * As[e]) * hs[e] + bn * duv[e]
+                    hs[e] = hv
                     acc[e] += cn * hv
-            for e in range(w):
-                acc[e] += D[g * E + e0 + e] * u[off + e]
+            yt = y[off : off + w]
             if gated:
                 zo = (b * L + t) * E + e0
+                zt = z[zo : zo + w]
                 for e in range(w):
-                    zz = z[zo + e]
-                    acc[e] *= sc * zz / (one + _exp2(-zz * l2e))
-            for e in range(w):
-                y[off + e] = acc[e]
+                    zz = zt[e]
+                    yt[e] = acc[e] * (sc * zz / (one + _exp2(-zz * l2e)))
+            else:
+                for e in range(w):
+                    yt[e] = acc[e]
 
 
 @njit(parallel=True, cache=CACHE, fastmath=FASTMATH, error_model="numpy")
@@ -257,21 +267,21 @@ def _backward(u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du, ddl, dA, d
         carry = np.zeros(NW, dl.dtype)  # a_{t+1} g_{t+1}
         gA = np.zeros(NW, np.float64)
         gAc = np.zeros(NW, dl.dtype)
-        gg = np.empty(WIDTH, dl.dtype)
-        ds = np.empty(WIDTH, dl.dtype)
         gD = np.zeros(WIDTH, np.float64)
         dlv = np.empty(WIDTH, dl.dtype)
-        uv = np.empty(WIDTH, dl.dtype)
         duv = np.empty(WIDTH, dl.dtype)
         gyv = np.empty(WIDTH, dl.dtype)
         gdu = np.empty(WIDTH, dl.dtype)
         gdl = np.empty(WIDTH, dl.dtype)
         yv = np.empty(WIDTH, dl.dtype)
+        gg = np.empty(WIDTH, dl.dtype)
+        ds = np.empty(WIDTH, dl.dtype)
         for n in range(N):
             for e in range(w):
                 a = A[(g * E + e0 + e) * N + n]
                 An[n * WIDTH + e] = a
                 A2[n * WIDTH + e] = a * INV_LN2
+        Dg = D[g * E + e0 : g * E + e0 + w]
         row = (g * bsz + b) * L
         dbc = ((g * bsz + b) * nb + blk) * L * N
         for c in range(nck - 1, -1, -1):
@@ -279,96 +289,116 @@ def _backward(u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du, ddl, dA, d
             m = min(chunk, L - s0)
             base = ((g * bsz + b) * nck + c) * N * E + e0
             for n in range(N):
+                st = states[base + n * E : base + n * E + w]
+                h0 = hbuf[n * WIDTH : n * WIDTH + w]
                 for e in range(w):
-                    hbuf[n * WIDTH + e] = states[base + n * E + e]
+                    h0[e] = st[e]
             # recompute the chunk's decays and states
             for j in range(m):
                 s = s0 + j
                 t = L - 1 - s if rev[g] else s
                 off = (row + t) * E + e0
+                dlt = dl[off : off + w]
+                ut = u[off : off + w]
                 if sp:
                     for e in range(w):
-                        dlv[e] = _softplus(dl[off + e])
+                        dlv[e] = _softplus(dlt[e])
                 else:
                     for e in range(w):
-                        dlv[e] = dl[off + e]
+                        dlv[e] = dlt[e]
                 for e in range(w):
-                    duv[e] = dlv[e] * u[off + e]
+                    duv[e] = dlv[e] * ut[e]
                 bc = (row + t) * N
                 for n in range(N):
                     bn = B[bc + n]
-                    hn = n * WIDTH
-                    cur = j * NW + hn
+                    cur = j * NW + n * WIDTH
+                    As = A2[n * WIDTH : n * WIDTH + w]
+                    ab = abuf[cur : cur + w]
+                    hp = hbuf[cur : cur + w]
+                    hn = hbuf[cur + NW : cur + NW + w]
                     for e in range(w):
-                        abuf[cur + e] = _exp2(dlv[e] * A2[hn + e])
+                        ab[e] = _exp2(dlv[e] * As[e])
                     for e in range(w):
-                        hbuf[cur + NW + e] = abuf[cur + e] * hbuf[cur + e] + bn * duv[e]
+                        hn[e] = ab[e] * hp[e] + bn * duv[e]
             # adjoint back through the chunk
-            for j in range(m - 1, -1, -1):
+            for jj in range(m):
+                j = m - 1 - jj
                 s = s0 + j
                 t = L - 1 - s if rev[g] else s
                 off = (row + t) * E + e0
                 bc = (row + t) * N
+                dlt = dl[off : off + w]
+                ut = u[off : off + w]
+                gyt = gy[off : off + w]
                 if sp:
                     for e in range(w):
-                        dlv[e] = _softplus(dl[off + e])
+                        dlv[e] = _softplus(dlt[e])
                 else:
                     for e in range(w):
-                        dlv[e] = dl[off + e]
+                        dlv[e] = dlt[e]
                 for e in range(w):
-                    uv[e] = u[off + e]
-                    duv[e] = dlv[e] * u[off + e]
-                    gyv[e] = gy[off + e]
-                    gdu[e] = 0.0
-                    gdl[e] = 0.0
+                    duv[e] = dlv[e] * ut[e]
+                    gyv[e] = gyt[e]
+                    gdu[e] = zero
+                    gdl[e] = zero
                 if gated:
                     zo = (b * L + t) * E + e0
+                    zt = z[zo : zo + w]
+                    dzt = dz[off : off + w]
                     for e in range(w):
-                        yv[e] = D[g * E + e0 + e] * uv[e]
+                        yv[e] = Dg[e] * ut[e]
                     for n in range(N):
                         cn = C[bc + n]
                         cur = (j + 1) * NW + n * WIDTH
+                        hs = hbuf[cur : cur + w]
                         for e in range(w):
-                            yv[e] += cn * hbuf[cur + e]
+                            yv[e] += cn * hs[e]
                     for e in range(w):
-                        zz = z[zo + e]
+                        zz = zt[e]
                         sg = one / (one + _exp2(-zz * l2e))
-                        dz[off + e] = gyv[e] * sc * yv[e] * sg * (one + zz * (one - sg))
+                        dzt[e] = gyv[e] * sc * yv[e] * sg * (one + zz * (one - sg))
                         gyv[e] *= sc * zz * sg
                 for e in range(w):
-                    gD[e] += gyv[e] * uv[e]
-                # one array written per loop: LLVM vectorises a loop only while the runtime
-                # checks that its arrays do not overlap stay few
+                    gD[e] += gyv[e] * ut[e]
+                # one array written per loop: fewer overlap checks for LLVM's vectoriser
                 for n in range(N):
                     bn = B[bc + n]
                     cn = C[bc + n]
                     hn = n * WIDTH
                     cur = j * NW + hn
+                    ab = abuf[cur : cur + w]
+                    hp = hbuf[cur : cur + w]
+                    hs = hbuf[cur + NW : cur + NW + w]
+                    cy = carry[hn : hn + w]
+                    gac = gAc[hn : hn + w]
+                    an = An[hn : hn + w]
                     for e in range(w):  # g_t = C_t dy_t + a_{t+1} g_{t+1}
-                        gg[e] = cn * gyv[e] + carry[hn + e]
+                        gg[e] = cn * gyv[e] + cy[e]
                     sumc = zero
                     sumb = zero
                     for e in range(w):
-                        sumc += hbuf[cur + NW + e] * gyv[e]
+                        sumc += hs[e] * gyv[e]
                         sumb += gg[e] * duv[e]
                     dC[dbc + t * N + n] = sumc
                     dB[dbc + t * N + n] = sumb
                     for e in range(w):
                         gdu[e] += gg[e] * bn
                     for e in range(w):  # dL/d(delta_t A) = g_t a_t h_{t-1}
-                        ds[e] = gg[e] * abuf[cur + e] * hbuf[cur + e]
+                        ds[e] = gg[e] * ab[e] * hp[e]
                     for e in range(w):
-                        gAc[hn + e] += ds[e] * dlv[e]
+                        gac[e] += ds[e] * dlv[e]
                     for e in range(w):
-                        gdl[e] += ds[e] * An[hn + e]
+                        gdl[e] += ds[e] * an[e]
                     for e in range(w):
-                        carry[hn + e] = abuf[cur + e] * gg[e]
+                        cy[e] = ab[e] * gg[e]
+                dut = du[off : off + w]
+                ddt = ddl[off : off + w]
                 for e in range(w):
-                    du[off + e] = gdu[e] * dlv[e] + gyv[e] * D[g * E + e0 + e]
-                    ddl[off + e] = gdl[e] + gdu[e] * uv[e]
+                    dut[e] = gdu[e] * dlv[e] + gyv[e] * Dg[e]
+                    ddt[e] = gdl[e] + gdu[e] * ut[e]
                 if sp:  # d softplus(x) / dx = sigmoid(x)
                     for e in range(w):
-                        ddl[off + e] *= one / (one + _exp2(-dl[off + e] * l2e))
+                        ddt[e] *= one / (one + _exp2(-dlt[e] * l2e))
             for i in range(NW):  # dA: float32 within a chunk, float64 across chunks
                 gA[i] += gAc[i]
                 gAc[i] = zero
