@@ -151,6 +151,9 @@ def measure(spec: dict) -> dict:
     """Run in a fresh process: time + peak RSS delta of one (config, tokens, mode)."""
     torch.set_num_threads(spec["threads"])
     keep_freed_memory()  # as the earmark CLI runs (see earmark/runtime.py), for every arch alike
+    if spec.get("mem_limit_gb"):  # fail (-> skipped) instead of pushing a shared machine into swap/OOM
+        limit = int(spec["mem_limit_gb"] * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     swap = SCAN_SWAPS.get(spec.get("scan", "own"))
     if swap is not None:
         import earmark.encoders.mamba as mamba_module
@@ -250,6 +253,7 @@ def measure_spec(args: argparse.Namespace, cfg: EncoderConfig, mode: str, scan: 
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "time_cap": args.time_cap,
+        "mem_limit_gb": args.mem_limit_gb,
         **size,
     }
 
@@ -540,6 +544,7 @@ def main() -> None:
     p.add_argument("--time-cap", type=float, default=20.0, help="stop repeating one measurement after this many s")
     p.add_argument("--skip-after", type=float, default=20.0, help="skip larger sizes once one run takes longer")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--mem-limit-gb", type=float, default=0.0, help="address-space limit per measurement (0: none)")
     p.add_argument("--processes", type=int, default=1, help="timings: best of this many fresh processes")
     p.add_argument("--sections", default=",".join(SECTIONS), help="which sections to run, in this order")
     p.add_argument("--quick", action="store_true", help="width 64, depth 4, up to 2k tokens, fast presets")

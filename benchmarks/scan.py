@@ -4,7 +4,8 @@
     python benchmarks/scan.py encoder [--configs fast,tiny --batch 32 --frames 200]
     python benchmarks/scan.py encoder --configs embed_dim=96,depth=4,d_state=8 ...
 
-``scan``: forward (no grad) and forward+backward of every implementation on random inputs.
+``scan``: forward (no grad) and forward+backward of every implementation on random inputs, and
+the numba kernel's speed-up over the PyTorch sequential scan (the kernel only where numba imports).
 ``encoder``: one training step (forward + backward + AdamW) at ``--batch`` and embedding
 throughput (forward only, no grad) for presets or ``field=value`` variants of EncoderConfig.
 Other processes on the machine inflate the numbers; the minimum over repeats is reported.
@@ -24,6 +25,8 @@ from earmark.encoders.scan import (
     block_steps,
     choose_impl,
     chunk_length,
+    numba_kernel,
+    selective_scan,
     selective_scan_chunked,
     selective_scan_reference,
     selective_scan_sequential,
@@ -52,18 +55,25 @@ def bench_scan(args: argparse.Namespace) -> None:
     params = [t.clone().requires_grad_() for t in (u, delta, A, B, C, D)]
     gy = torch.randn(b, L, E, generator=g)
 
-    def report(name: str, fn: Callable[..., torch.Tensor]) -> None:
+    def report(name: str, fn: Callable[..., torch.Tensor]) -> tuple[float, float]:
         with torch.no_grad():
             f = best_ms(lambda: fn(*params), args.repeats)
         fb = best_ms(lambda: fn(*params).backward(gy), args.repeats)
-        print(f"  {name:<24s} fwd {f:7.1f}   fwd+bwd {fb:7.1f}")
+        print(f"  {name:<24s} fwd {f:7.2f}   fwd+bwd {fb:7.2f}", flush=True)
+        return f, fb
 
     print(f"batch {b}, L {L}, E {E}, N {N}, threads {torch.get_num_threads()}  (ms, min of {args.repeats})")
-    report("reference loop", selective_scan_reference)
-    report(f"sequential (block {block_steps(b, E, N)})", selective_scan_sequential)
-    for chunk in (int(c) for c in args.chunks.split(",")):
+    if not args.skip_reference:
+        report("reference loop", selective_scan_reference)
+    seq = report(f"sequential (block {block_steps(b, E, N)})", selective_scan_sequential)
+    for chunk in (int(c) for c in args.chunks.split(",") if c):
         report(f"chunked Lc={chunk_length(L, chunk)}", lambda *xs, c=chunk: selective_scan_chunked(*xs, chunk=c))
-    print(f"  auto picks: {choose_impl(b, E, N, L)}")
+    if numba_kernel() is None:
+        print("  numba kernel: numba is not installed")
+    else:
+        kernel = report("numba kernel", lambda *xs: selective_scan(*xs, impl="numba"))
+        print(f"  numba vs sequential: {seq[0] / kernel[0]:.1f}x forward, {seq[1] / kernel[1]:.1f}x fwd+bwd")
+    print(f"  auto's torch choice: {choose_impl(b, E, N, L)}")
 
 
 def parse_config(spec: str) -> tuple[str, EncoderConfig]:
@@ -123,7 +133,8 @@ def main() -> None:
     s.add_argument("--length", type=int, default=257)
     s.add_argument("--channels", type=int, default=384)
     s.add_argument("--state", type=int, default=16)
-    s.add_argument("--chunks", default="0,8,16", help="chunk lengths to try (0 = ~sqrt(L))")
+    s.add_argument("--chunks", default="0,8,16", help="chunk lengths to try (0 = ~sqrt(L); '' = none)")
+    s.add_argument("--skip-reference", action="store_true", help="leave out the (slow) reference loop")
     e = sub.add_parser("encoder")
     e.add_argument("--configs", default="fast;tiny", help="';'-separated presets or field=value,... specs")
     e.add_argument("--batch", type=int, default=32)
