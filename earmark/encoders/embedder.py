@@ -91,7 +91,7 @@ class AudioEmbedder(nn.Module):
         model = cls(
             EncoderConfig.from_dict(meta["encoder_config"]),
             AudioConfig(**meta["audio_config"]),
-            FeatureConfig(**meta["feature_config"]),
+            FeatureConfig.from_dict(meta["feature_config"]),
         )
         model.encoder.load_state_dict(unprefixed("encoder", tensors))
         model.normalizer.load_state_dict(unprefixed("normalizer", tensors))
