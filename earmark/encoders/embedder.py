@@ -52,13 +52,21 @@ class AudioEmbedder(nn.Module):
 
         ``auto`` picks the scan by the batch's size (a chunked scan for small steps), and two scans
         round differently; the product needs one embedding per clip (the journal's digest proves it),
-        so every mixer left on ``auto`` gets the sequential scan, whose rows are independent. Done once,
-        not around each call, so that threads sharing a frozen embedder never see it half-switched.
+        so every mixer left on ``auto`` gets one scan whose rows are independent: the numba kernel where it
+        runs (CPU, numba installed, not forced off with ``EARMARK_SCAN=torch``), else the sequential one.
+        Done once, not around each call, so that threads sharing a frozen embedder never see it half-switched.
         """
+        import os
+
+        from earmark.encoders.scan import SCAN_ENV, numba_kernel
+
+        on_cpu = self.normalizer.mean.device.type == "cpu"
+        numba_ok = on_cpu and os.environ.get(SCAN_ENV, "").strip().lower() != "torch" and numba_kernel() is not None
+        impl = "numba" if numba_ok else "sequential"
         for m in self.encoder.modules():
             cfg = getattr(m, "config", None)
             if cfg is not None and getattr(cfg, "scan_impl", None) == "auto":
-                m.config = dataclasses.replace(cfg, scan_impl="sequential")
+                m.config = dataclasses.replace(cfg, scan_impl=impl)
 
     @torch.no_grad()
     def embed(self, wave: Tensor | np.ndarray) -> Tensor:
