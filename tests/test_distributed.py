@@ -106,6 +106,28 @@ def test_sharded_embedding_equals_single_process_bitwise(ray_cluster, clips, emb
     assert (again.computed, again.cached) == (0, len(paths))  # a rerun recomputes nothing
 
 
+def test_a_killed_embedding_actor_is_restarted_and_its_batch_rerun(ray_cluster, clips, embedder, tmp_path):
+    from earmark.distributed.ray_engine import EmbedActor, embed_local, embed_with_ray
+
+    marker = tmp_path / "crashed-once"
+
+    class CrashOnce(EmbedActor):
+        def __call__(self, batch):
+            if not marker.exists():  # the first batch kills its actor; Ray restarts it and reruns the batch
+                marker.write_text(str(os.getpid()))
+                os._exit(1)
+            return super().__call__(batch)
+
+    paths = [p for name in ("low", "whistle") for p in clips[name]]
+    embed_local(embedder, paths, tmp_path / "local", progress=False)
+    summary = embed_with_ray(embedder, paths, tmp_path / "ray", num_workers=2, batch_size=4, progress=False,
+                             actor=CrashOnce)
+    assert marker.exists() and summary.computed == len(paths) and not summary.skipped
+    fp = embedder_fingerprint(embedder)
+    a, b = EmbeddingCache(tmp_path / "local", fp), EmbeddingCache(tmp_path / "ray", fp)
+    assert len(b) == len(paths) and all(torch.equal(a.get(audio_digest(p)), b.get(audio_digest(p))) for p in paths)
+
+
 def test_sharded_embedding_reports_bad_files_like_the_local_path(ray_cluster, clips, embedder, tmp_path):
     from earmark.distributed.ray_engine import embed_with_ray
 

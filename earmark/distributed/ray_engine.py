@@ -2,12 +2,13 @@
 
 Embedding (:func:`embed_with_ray`): Ray Data reads the file list (row = clip id + path) and
 ``map_batches`` runs :class:`EmbedActor`, a callable class that loads the encoder once per actor, in
-an actor pool of ``num_workers`` actors with ``cpus_per_worker`` CPUs each (``torch.set_num_threads``
-matches inside). Rows come back in any order, so each carries its clip id and the file's content
-digest; the driver writes them into the same :class:`~earmark.encoders.cache.EmbeddingCache` the
-single-process path writes (shards keyed by audio digest), a shard per ``flush_rows`` rows. Embeddings
-are computed under ``AudioEmbedder.batch_invariant``, so a clip has the same bits whichever actor and
-batch embedded it, and the same bits as ``--engine local``.
+an actor pool (``ActorPoolStrategy(size=num_workers)``) of ``num_workers`` actors with
+``cpus_per_worker`` CPUs each (``torch.set_num_threads`` matches inside). Rows come back in any
+order, so each carries its clip id and the file's content digest; the driver writes them into the
+same :class:`~earmark.encoders.cache.EmbeddingCache` the single-process path writes (shards keyed by
+audio digest), a shard per ``flush_rows`` rows. Embeddings are computed under
+``AudioEmbedder.batch_invariant``, so a clip has the same bits whichever actor and batch embedded
+it, and the same bits as ``--engine local``.
 
 Learning (:func:`learn_with_ray`): the clips are cut into contiguous shards; each shard is a Ray
 task (at most ``num_workers`` in flight) that decodes and embeds its clips with the model's encoder,
@@ -162,6 +163,8 @@ class EmbedSummary:
     fingerprint: str = ""
     seconds: float = 0.0
     workers: int = 1
+    first_rows_seconds: float = 0.0  # ray: until the first batch reached the driver (start-up of the actors)
+    first_rows: int = 0  # ray: clips in that first batch
 
 
 def _cached_keys(cache: EmbeddingCache) -> set[str]:
@@ -209,6 +212,7 @@ def embed_with_ray(
     paths = [str(p) for p in paths]
     counts = {"ok": 0, "cached": 0}
     errors: dict[int, str] = {}
+    first: list[float] = []
     with ray_session(address, None if address else _local_cpus(num_workers, cpus_per_worker)) as ray:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
@@ -229,9 +233,12 @@ def embed_with_ray(
         if ds is not None:
             out = ds.map_batches(
                 actor, fn_constructor_kwargs={"blob": blob, "threads": cpus_per_worker, "known": known},
-                batch_size=batch_size, batch_format="numpy", concurrency=num_workers, num_cpus=cpus_per_worker,
+                batch_size=batch_size, batch_format="numpy", num_cpus=cpus_per_worker,
+                compute=ray.data.ActorPoolStrategy(size=num_workers),
             )
             for batch in out.iter_batches(batch_format="numpy", batch_size=None):
+                if not first:
+                    first.extend([time.perf_counter() - start, len(batch["id"])])
                 status = np.asarray(batch["status"]).astype(str)
                 ok = status == "ok"
                 for i, reason in zip(batch["id"][status == "error"], batch["reason"][status == "error"],
@@ -249,7 +256,7 @@ def embed_with_ray(
     if skipped and on_error == "fail":
         raise AudioDecodeError(*skipped[0])
     return EmbedSummary("ray", len(paths), counts["ok"], counts["cached"], skipped, str(cache.dir), fingerprint,
-                        time.perf_counter() - start, num_workers)
+                        time.perf_counter() - start, num_workers, *(first or [0.0, 0]))
 
 
 # ----------------------------------------------------------------------------- learning
