@@ -7,10 +7,12 @@ A readable ``.json`` copy is written beside it for people; loading never trusts 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -25,11 +27,51 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt or of the wrong kind."""
 
 
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete ``.<name>.<pid>.*.tmp`` files beside ``path`` left by writers that no longer run
+    (and pre-pid ``.<name>.*.tmp`` files older than an hour)."""
+    path = Path(path)
+    removed = []
+    try:
+        siblings = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    except OSError:
+        return removed
+    for p in siblings:
+        head = p.name[len(path.name) + 2 :].split(".", 1)[0]
+        try:
+            if head.isdigit():
+                pid = int(head)
+                stale = pid != os.getpid() and not _pid_alive(pid)
+            else:
+                stale = time.time() - p.stat().st_mtime > 3600
+            if stale:
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            continue
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over the target."""
+    """Write to a temporary file in the same folder, fsync, then rename over the target.
+
+    The temporary file is ``.<name>.<pid>.<random>.tmp``; ones left by a crashed writer (its pid gone)
+    are removed by the next write of the same file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -49,6 +91,17 @@ def tensors_bytes(tensors: dict[str, torch.Tensor], meta: dict) -> bytes:
     """The safetensors bytes of ``tensors`` with the JSON description in the header."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     return st_save(flat, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+
+
+def read_json(path: str | Path, what: str = "JSON") -> object:
+    """Parse a JSON file; a missing or corrupt file is an error that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} file not found")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); the file is damaged or was cut short") from None
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> str:
@@ -75,6 +128,31 @@ def load_tensors(path: str | Path, kind: str | None = None) -> tuple[dict[str, t
     if kind is not None and meta.get("kind") != kind:
         raise CheckpointError(f"{path}: holds a {meta.get('kind')!r}, expected a {kind!r}")
     return tensors, meta, hashlib.sha256(data).hexdigest()
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer's state dict into safetensors-able tensors and JSON-able everything else."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{name}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Inverse of :func:`optimizer_tensors`."""
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, values in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
 def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -102,13 +102,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=S, help="output folder (default runs/demo)")
     p.add_argument("--cache-dir", default=S, help="embedding/encoder cache (default: $EARMARK_DATA/cache)")
     p.add_argument("--retrain", action="store_true", default=S, help="train the encoder even if a cached one matches")
+    p.add_argument("--no-resume", dest="resume", action="store_false", default=S,
+                   help="start base training over instead of continuing an interrupted one from its checkpoint")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=S,
                    help="plain log lines instead of progress bars")
 
 
 def _run_config(args: argparse.Namespace, defaults: dict | None = None):
-    import yaml
-
     from earmark.experiments import run_config_from_dict
 
     given = vars(args).copy()
@@ -117,13 +117,9 @@ def _run_config(args: argparse.Namespace, defaults: dict | None = None):
     values: dict = dict(defaults or {})  # command defaults < YAML file < --params file < flags
     params_path = given.pop("params", None)
     if "config" in given:
-        path = Path(given.pop("config"))
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: config file not found")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of run options")
-        values.update(loaded)
+        from earmark.experiments.config import load_config_file
+
+        values.update(load_config_file(given.pop("config")))
     if params_path is not None:
         from earmark.experiments.tune import load_params, merge_learner_params
 
@@ -435,8 +431,34 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The HTTP service (needs the `service` extra): classify, learn, forget; a web page at /."""
+    try:
+        from earmark.service import ServiceConfig, read_token, serve
+    except ImportError as exc:
+        raise ValueError(f"the service needs its extra: pip install 'earmark[service]' ({exc})") from None
+    from earmark.model import ModelLockedError
+
+    config = ServiceConfig(
+        model=args.model, host=args.host, port=args.port, read_only=args.read_only,
+        token=None if args.read_only else read_token(args.token_file), device=args.device,
+        max_request_bytes=args.max_request_bytes, max_files=args.max_files, max_clip_seconds=args.max_clip_seconds,
+        learn_queue=args.learn_queue, classify_workers=args.workers, torch_threads=args.torch_threads,
+        load_delay=args.load_delay, temp_dir=args.temp_dir,
+    )
+    try:
+        serve(config, access_log=not args.no_access_log, log_level=args.log_level)
+    except ModelLockedError as exc:
+        print(f"earmark: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from earmark import __version__
+
     parser = argparse.ArgumentParser(prog="earmark", description="Class-incremental sound classification.")
+    parser.add_argument("--version", action="version", version=f"earmark {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the main job on the embedded default dataset (or --root)")
     _add_run_options(demo)
@@ -552,6 +574,25 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--classes", type=int, default=100)
     render.add_argument("--seed", type=int, default=0)
     render.set_defaults(func=cmd_render)
+    srv = sub.add_parser("serve", help="serve a model over HTTP (classify, learn, forget; web page at /)")
+    srv.add_argument("model", help="a model directory (Model.save)")
+    srv.add_argument("--host", default="127.0.0.1", help="interface to listen on, default 127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--read-only", action="store_true", help="classify and inspect only; no token needed")
+    srv.add_argument("--token-file", help="file holding the bearer token (default: $EARMARK_TOKEN_FILE, "
+                                          "else $EARMARK_TOKEN)")
+    srv.add_argument("--device", default="cpu")
+    srv.add_argument("--max-request-bytes", type=_bytes, default=20 * 2**20, help="upload limit per request")
+    srv.add_argument("--max-files", type=int, default=32, help="audio files per request")
+    srv.add_argument("--max-clip-seconds", type=float, default=30.0, help="longest clip to classify or learn")
+    srv.add_argument("--learn-queue", type=int, default=4, help="learn/forget requests admitted at once")
+    srv.add_argument("--workers", type=int, default=2, help="classify worker threads")
+    srv.add_argument("--torch-threads", type=int, default=1, help="torch threads per worker")
+    srv.add_argument("--temp-dir", help="where uploads are written while a request runs (default: the system's)")
+    srv.add_argument("--no-access-log", action="store_true")
+    srv.add_argument("--log-level", default="info")
+    srv.add_argument("--load-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: see "not ready"
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

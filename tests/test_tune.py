@@ -121,9 +121,8 @@ def fake_prepare(monkeypatch):
     scenario, X, row_of = lda_problem()
     calls = []
 
-    def prepare(config, embed_train_pool=False):
+    def prepare(config, embed_train_pool=False, writer=None):
         calls.append(embed_train_pool)
-        Path(config.out).mkdir(parents=True, exist_ok=True)
         return SimpleNamespace(scenario=scenario, X=X, row_of=row_of, dataset=SimpleNamespace(root=Path("/fake")))
 
     monkeypatch.setattr(tune_mod, "prepare", prepare)

@@ -6,6 +6,8 @@ caller can fail clearly or skip and report without parsing library-specific mess
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,18 @@ class AudioDecodeError(ValueError):
         super().__init__(f"{self.path}: {reason}")
 
 
+class AudioWarning(UserWarning):
+    """A file decoded, but not as its header says or shorter than a usable clip (the message names it).
+
+    Collect them with ``warnings.catch_warnings(record=True)``, or make them errors with
+    ``warnings.simplefilter("error", AudioWarning)``.
+    """
+
+
+# libsndfile's log line for a chunk whose size the header overstates: "data : 64000 (should be 32000)".
+_SHOULD_BE = re.compile(r"^\s*data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+
+
 @dataclass(frozen=True)
 class AudioConfig:
     """How files become model input: rate, clip length and what counts as an absurd file."""
@@ -33,6 +47,7 @@ class AudioConfig:
     max_rate: int = 768000
     max_channels: int = 64
     resample_quality: str = "HQ"
+    min_seconds: float = 0.05  # shorter files decode (zero-padded) with an AudioWarning
 
     @property
     def clip_samples(self) -> int | None:
@@ -57,6 +72,20 @@ def _check_info(path: Path, config: AudioConfig) -> sf._SoundFileInfo:
         )
     if not 1 <= info.channels <= config.max_channels:
         raise AudioDecodeError(path, f"{info.channels} channels (at most {config.max_channels} accepted)")
+    m = _SHOULD_BE.search(getattr(info, "extra_info", "") or "")
+    if m and int(m.group(1)) > int(m.group(2)):
+        claimed, there = int(m.group(1)), int(m.group(2))
+        warnings.warn(
+            f"{path}: truncated: the header claims {claimed} bytes of audio data, the file holds {there} "
+            f"({info.frames} frames, {info.frames / info.samplerate:.3f} s, decoded; the rest is missing)",
+            AudioWarning, stacklevel=3,
+        )
+    if config.min_seconds and 0 < info.frames / info.samplerate < config.min_seconds:
+        warnings.warn(
+            f"{path}: only {1000 * info.frames / info.samplerate:.1f} ms of audio (minimum "
+            f"{1000 * config.min_seconds:.0f} ms, AudioConfig.min_seconds); decoded and zero-padded",
+            AudioWarning, stacklevel=3,
+        )
     return info
 
 
@@ -93,6 +122,10 @@ def load_audio(path: str | Path, config: AudioConfig | None = None) -> np.ndarra
         raise AudioDecodeError(path, f"cannot be decoded ({exc})") from exc
     if x.size == 0:
         raise AudioDecodeError(path, "contains no samples")
+    expected = info.frames if stop is None else min(stop, info.frames)
+    if len(x) < expected:
+        warnings.warn(f"{path}: truncated: {len(x)} of the {expected} frames the header announces could be read",
+                      AudioWarning, stacklevel=2)
     x = to_mono(x)
     finite = np.isfinite(x)
     if not finite.all():

@@ -17,6 +17,10 @@ class DatasetLayoutError(ValueError):
     """A dataset folder does not have the layout its loader expects."""
 
 
+class DatasetWarning(UserWarning):
+    """A loader passed over something in the dataset folder (the message says what and why)."""
+
+
 def read_csv_rows(path: Path, required: list[str]) -> list[dict[str, str]]:
     """Read a metadata CSV and check that it has the required columns."""
     if not path.is_file():
@@ -40,5 +44,10 @@ def require_files(paths: Sequence[Path], where: Path) -> None:
 
 
 def load_dataset(name: str, root: str | Path, **kwargs) -> AudioDataset:
-    """Load a registered dataset from a local folder."""
-    return DATASETS.get(name)(Path(root), **kwargs)
+    """Load a registered dataset from a local folder (the ``manifest`` loader also takes the CSV itself)."""
+    loader = DATASETS.get(name)
+    root = Path(root)
+    if name != "manifest" and root.is_file():
+        hint = "; a CSV of path,label is read with --dataset manifest" if root.suffix.lower() == ".csv" else ""
+        raise DatasetLayoutError(f"{root}: is a file, not a folder (the {name!r} loader reads a dataset folder{hint})")
+    return loader(root, **kwargs)

@@ -24,6 +24,8 @@ class AudioDataset:
     class_names: list[str]
     folds: np.ndarray
     meta: dict = field(default_factory=dict)
+    # (path, reason) of entries the loader passed over (dangling links, directories with audio names)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.targets = np.asarray(self.targets, dtype=np.int64)

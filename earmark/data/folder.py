@@ -10,13 +10,14 @@ per class, and a class's folds do not change when other classes are added or rem
 from __future__ import annotations
 
 import csv
+import warnings
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from earmark.data.base import DATASETS, DatasetLayoutError, require_files
+from earmark.data.base import DATASETS, DatasetLayoutError, DatasetWarning, require_files
 from earmark.data.dataset import AudioDataset
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
@@ -62,6 +63,17 @@ def _visible(rel: Path) -> bool:
     return not any(part.startswith(".") for part in rel.parts)
 
 
+def _not_audio_file(p: Path) -> str | None:
+    """Why an entry with an audio name is not a readable file, or None when it is one."""
+    if p.is_symlink() and not p.exists():
+        return "dangling symbolic link"
+    if p.is_dir():
+        return "a directory, not an audio file"
+    if not p.is_file():
+        return "not a regular file"
+    return None
+
+
 @DATASETS.register("folder")
 def load_folder(
     root: Path,
@@ -76,6 +88,8 @@ def load_folder(
     ``_background_noise_``); hidden files are skipped. Folds come from :func:`stratified_folds`.
     """
     root = Path(root)
+    if root.is_file():
+        raise DatasetLayoutError(f"{root}: is a file, not a folder (expected root/<class name>/<audio files>)")
     if not root.is_dir():
         raise DatasetLayoutError(f"{root}: folder not found")
     exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
@@ -88,18 +102,32 @@ def load_folder(
     by_name = {d.name: d for d in class_dirs}
     paths: list[Path] = []
     targets: list[int] = []
+    skipped: list[tuple[str, str]] = []
     for c, name in enumerate(class_names):
         d = by_name[name]
-        files = sorted(
-            (p for p in d.rglob("*") if p.suffix.lower() in exts and p.is_file() and _visible(p.relative_to(d))),
-            key=lambda p: p.relative_to(d).as_posix(),
-        )
+        files, passed = [], []
+        for p in sorted(d.rglob("*"), key=lambda p: p.relative_to(d).as_posix()):
+            if p.suffix.lower() not in exts or not _visible(p.relative_to(d)):
+                continue
+            reason = _not_audio_file(p)
+            if reason is None:
+                files.append(p)
+            else:
+                passed.append((str(p), reason))
+        skipped.extend(passed)
         if not files:
-            raise DatasetLayoutError(f"{d}: class folder has no audio files ({', '.join(sorted(exts))})")
+            why = f"; passed over {passed[0][0]} ({passed[0][1]})" if passed else ""
+            raise DatasetLayoutError(f"{d}: class folder has no audio files ({', '.join(sorted(exts))}){why}")
         paths.extend(files)
         targets.extend([c] * len(files))
+    if skipped:
+        shown = "; ".join(f"{p} ({r})" for p, r in skipped[:5])
+        more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        warnings.warn(f"{root}: passed over {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} with audio "
+                      f"names (listed in dataset.skipped): {shown}{more}", DatasetWarning, stacklevel=2)
     target_arr = np.asarray(targets, dtype=np.int64)
     return AudioDataset(
+        skipped=skipped,
         name=root.name or "folder",
         root=root,
         paths=paths,

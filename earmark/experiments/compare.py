@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from earmark.checkpoint import atomic_write_text
 from earmark.experiments.config import RunConfig
 from earmark.experiments.evaluate import evaluate, evaluate_open_set
 from earmark.experiments.prepare import build_learner, encoder_summary, module_bytes, prepare
 from earmark.experiments.report import jsonable, log, nan_to_none
+from earmark.experiments.rundir import RunWriter
 from earmark.metrics import format_table
+from earmark.plots import save_figure
 
 METRICS = {
     "average_incremental_accuracy": "AA",
@@ -52,8 +53,16 @@ def compare(config: RunConfig, trials: int = 3) -> dict:
     if trials < 1:
         raise ValueError("trials must be at least 1")
     t_start = time.perf_counter()
-    out = Path(config.out)
-    prep = prepare(config, embed_train_pool=trials > 1)
+    with RunWriter(config.out) as writer:  # the folder is replaced as a whole when the block ends
+        results, per_learner = _compare(config, trials, writer, t_start)
+    print(render_compare(per_learner, trials, config.memory_budget))
+    if any(entry.get("open_set_mean") for entry in per_learner.values()):
+        print(render_open_set(per_learner))
+    return results
+
+
+def _compare(config: RunConfig, trials: int, writer: RunWriter, t_start: float) -> tuple[dict, dict]:
+    prep = prepare(config, embed_train_pool=trials > 1, writer=writer)
     scenario, row_of = prep.scenario, prep.row_of
     per_learner: dict[str, dict] = {}
     encoder_bytes = module_bytes(prep.embedder.encoder)
@@ -97,18 +106,15 @@ def compare(config: RunConfig, trials: int = 3) -> dict:
         "learners": nan_to_none(per_learner),
         "seconds": time.perf_counter() - t_start,
     }
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
+    writer.write_text("results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
     rows = table_rows(per_learner, config.memory_budget)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "compare.csv", buf.getvalue())
-    plot_compare(results, out)
-    print(render_compare(per_learner, trials, config.memory_budget))
-    if any(entry["open_set_mean"] for entry in per_learner.values()):
-        print(render_open_set(per_learner))
-    return results
+    table = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    table.writeheader()
+    table.writerows(rows)
+    writer.write_text("compare.csv", buf.getvalue())
+    plot_compare(results, writer.folder)
+    return results, per_learner
 
 
 def open_set_mean(trials: list[list[dict] | None]) -> list[dict] | None:
@@ -189,7 +195,7 @@ def plot_compare(results: dict, out: Path) -> None:
     ax2.set_ylabel("average incremental accuracy (%)")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "compare.png")
+    save_figure(fig, out / "compare.png")
     plt.close(fig)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from earmark.data import RenderConfig
 from earmark.training.supervised import TrainConfig
@@ -51,9 +52,27 @@ class RunConfig:
     device: str = "cpu"
     batch_size: int = 64  # for embedding
     retrain: bool = False  # ignore a cached trained encoder
+    resume: bool = True  # continue an interrupted base training from its checkpoint (<cache>/encoders/*.partial.*)
     progress: bool = True
     render: RenderConfig = field(default_factory=RenderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config_file(path: str | Path) -> dict:
+    """A YAML file of run options, as a mapping; a missing, corrupt or non-mapping file names itself."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid YAML ({exc})") from None
+    loaded = {} if loaded is None else loaded
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of run options, got {type(loaded).__name__}")
+    return loaded
 
 
 def run_config_from_dict(values: dict) -> RunConfig:

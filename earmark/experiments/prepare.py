@@ -7,7 +7,7 @@ import hashlib
 import io
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from earmark.encoders.config import resolve_config
 from earmark.encoders.embedder import AudioEmbedder
 from earmark.experiments.config import RunConfig
 from earmark.experiments.report import log
+from earmark.experiments.rundir import RunWriter
 from earmark.learners import IncrementalLearner, make_learner
 from earmark.scenarios import SCENARIOS, ClassIncremental
 from earmark.training.base import load_features, train_embedder
@@ -49,15 +50,18 @@ def base_embedder(
             "encoder": config.encoder,
             "clip_seconds": config.clip_seconds,
             "pretrained": audio_digest(config.pretrained) if config.pretrained else None,
-            "train": asdict(train),
+            "train": train.result_dict(),
             "files": [audio_digest(dataset.paths[i]) for i in base.train_indices],
             "labels": scenario.dense_targets(base.train_indices).tolist(),
         }
     )
     ckpt = cache_root / "encoders" / f"{key[:32]}.safetensors"
+    partial = ckpt.with_suffix(".partial.safetensors")  # base training's own checkpoint, resumed after a crash
     if ckpt.is_file() and not config.retrain:
         log(f"reusing the base-session encoder trained earlier: {ckpt}", config.progress)
         return AudioEmbedder.load(ckpt, config.device), {"reused": True, "checkpoint": str(ckpt)}
+    if partial.is_file() and config.resume:
+        log(f"resuming base training from its checkpoint {partial}", config.progress)
     if config.pretrained:
         log(f"starting from the pretrained encoder {config.pretrained}", config.progress)
     log(f"training the '{config.encoder}' encoder on {len(base.train_indices)} clips of {len(base.classes)} "
@@ -66,9 +70,11 @@ def base_embedder(
         [dataset.paths[i] for i in base.train_indices], scenario.dense_targets(base.train_indices),
         encoder=config.encoder, audio=AudioConfig(clip_seconds=config.clip_seconds), train=train,
         seed=config.seed, pretrained=config.pretrained, device=config.device, on_error=config.on_error,
-        progress=config.progress,
+        progress=config.progress, checkpoint_path=partial, resume=config.resume,
     )
     embedder.save(ckpt)
+    partial.unlink(missing_ok=True)
+    partial.with_suffix(".json").unlink(missing_ok=True)
     embedder.to(config.device)
     return embedder, {"reused": False, "checkpoint": str(ckpt), "loss": history.loss,
                       "train_accuracy": history.accuracy, "seconds": history.seconds, "skipped": len(skipped)}
@@ -136,15 +142,19 @@ def build_learner(config: RunConfig, name: str, encoder_bytes: int | None = None
     return learner
 
 
-def prepare(config: RunConfig, embed_train_pool: bool = False) -> Prepared:
+def prepare(config: RunConfig, embed_train_pool: bool = False, writer: RunWriter | None = None) -> Prepared:
     """Dataset, scenario, base-session encoder and embeddings of the scenario's clips.
 
     ``embed_train_pool`` also embeds every training clip of the scenario's classes, so that other
-    support-set trials (``scenario.with_trial``) find their clips embedded.
+    support-set trials (``scenario.with_trial``) find their clips embedded. The run folder's files
+    (embedder.safetensors, skipped.csv) go to ``writer`` (a :class:`RunWriter` of ``config.out``);
+    without one, straight into ``config.out``.
     """
     timings: dict[str, float] = {}
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if writer is None:
+        Path(config.out).mkdir(parents=True, exist_ok=True)
+    here = writer.path if writer is not None else Path(config.out).joinpath
+    final = writer.final if writer is not None else Path(config.out).joinpath
     resolve_config(config.encoder)  # fail on a bad name before any work
 
     t = time.perf_counter()
@@ -165,8 +175,8 @@ def prepare(config: RunConfig, embed_train_pool: bool = False) -> Prepared:
     t = time.perf_counter()
     embedder, training = base_embedder(config, dataset, scenario, cache_root)
     timings["base_training"] = time.perf_counter() - t
-    embedder_path = out / "embedder.safetensors"
-    embedder.to("cpu").save(embedder_path)
+    embedder_path = final("embedder.safetensors")
+    embedder.to("cpu").save(here("embedder.safetensors"))
     embedder.to(config.device)
 
     t = time.perf_counter()
@@ -181,11 +191,10 @@ def prepare(config: RunConfig, embed_train_pool: bool = False) -> Prepared:
         on_error=config.on_error, progress=config.progress, desc="embedding clips",
     )
     if result.skipped:
-        report = out / "skipped.csv"
         buf = io.StringIO()
         csv.writer(buf).writerows([("path", "reason"), *result.skipped])
-        atomic_write_text(report, buf.getvalue())
-        log(f"skipped {len(result.skipped)} unreadable file(s); see {report}", config.progress)
+        atomic_write_text(here("skipped.csv"), buf.getvalue())
+        log(f"skipped {len(result.skipped)} unreadable file(s); see {final('skipped.csv')}", config.progress)
     timings["embedding"] = time.perf_counter() - t
     log(f"embeddings: {len(needed)} clips, {result.computed} computed, "
          f"{len(needed) - result.computed} from the cache", config.progress)

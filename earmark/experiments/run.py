@@ -8,14 +8,15 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
-from earmark.checkpoint import atomic_write_text
 from earmark.experiments.config import RunConfig
 from earmark.experiments.evaluate import evaluate, evaluate_joint
 from earmark.experiments.prepare import Prepared, build_learner, encoder_summary, module_bytes, prepare
 from earmark.experiments.report import jsonable, log, nan_to_none, render_report
+from earmark.experiments.rundir import RunWriter
 from earmark.learners import LEARNERS, IncrementalLearner
 from earmark.metrics import AccuracyMatrix
 from earmark.plots import JOINT, plot_sessions
@@ -24,8 +25,17 @@ from earmark.plots import JOINT, plot_sessions
 def run(config: RunConfig) -> dict:
     """Run the whole job and write results.json, a plot and the encoder checkpoint under config.out."""
     t_start = time.perf_counter()
-    out = Path(config.out)
-    prep = prepare(config)
+    with RunWriter(config.out) as writer:  # the folder is replaced as a whole when the block ends
+        results = _run(config, writer, t_start)
+    print(render_report(results))
+    if "model" in results:
+        print(f"\nmodel: {results['model']} ({config_model_learner(config)} on the trained encoder, every training "
+              "clip of the scenario learned)")
+    return results
+
+
+def _run(config: RunConfig, writer: RunWriter, t_start: float) -> dict:
+    prep = prepare(config, writer=writer)
     timings = prep.timings
     dataset, scenario, embedder, X, row_of = prep.dataset, prep.scenario, prep.embedder, prep.X, prep.row_of
 
@@ -51,8 +61,7 @@ def run(config: RunConfig) -> dict:
 
     results = {
         "config": jsonable(asdict(config)),
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads(), "machine": platform.machine()},
+        "environment": environment(config),
         "dataset": {"name": dataset.name, "root": str(dataset.root), "clips": len(dataset),
                     "classes": dataset.num_classes},
         "scenario": scenario.to_dict(),
@@ -67,16 +76,11 @@ def run(config: RunConfig) -> dict:
         },
         "timings": timings,
     }
-    model_dir = write_model(config, prep, out / "model")
-    if model_dir is not None:
-        results["model"] = str(model_dir)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(results["config"], sort_keys=False))
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
-    plot_sessions(results, out / "accuracy.png")
-    print(render_report(results))
-    if model_dir is not None:
-        print(f"\nmodel: {model_dir} ({config_model_learner(config)} on the trained encoder, every training clip "
-              "of the scenario learned)")
+    if write_model(config, prep, writer.path("model")) is not None:
+        results["model"] = str(writer.final("model"))
+    writer.write_text("config.yaml", yaml.safe_dump(results["config"], sort_keys=False))
+    writer.write_text("results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
+    plot_sessions(results, writer.path("accuracy.png"))
     return results
 
 
@@ -109,5 +113,20 @@ def write_model(config: RunConfig, prep: Prepared, path: Path) -> Path | None:
     if report["skipped"]:
         log(f"model: {len(report['skipped'])} clip(s) not learned, e.g. {report['skipped'][0]}", config.progress)
     return model.save(path)
+
+
+def environment(config: RunConfig) -> dict:
+    """What the figures depend on beyond the config: versions, training threads, the CPU's vector unit."""
+    env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+           "threads": torch.get_num_threads(), "train_threads": config.train.threads or torch.get_num_threads(),
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
+           "processor": platform.processor() or None}
+    try:
+        import numba
+
+        env["numba"] = numba.__version__
+    except ImportError:
+        env["numba"] = None
+    return env
 
 

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 import yaml
 
-from earmark.checkpoint import atomic_write_text
 from earmark.experiments.config import RunConfig
 from earmark.experiments.evaluate import evaluate_learner
 from earmark.experiments.prepare import encoder_summary, prepare
 from earmark.experiments.report import jsonable, log
+from earmark.experiments.rundir import RunWriter
 from earmark.learners import LEARNERS, make_learner
 from earmark.metrics import format_table
 from earmark.scenarios import ClassIncremental
@@ -128,8 +128,8 @@ def _load_yaml_mapping(path: str | Path, what: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: {what} file not found")
     try:
-        loaded = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid YAML: {exc}") from None
     loaded = {} if loaded is None else loaded
     if not isinstance(loaded, dict):
@@ -266,7 +266,18 @@ def tune(
     }
     t_start = time.perf_counter()
     out = Path(config.out)
-    prep = prepare(config, embed_train_pool=trials > 1)
+    with RunWriter(out) as writer:  # each _write publishes the whole folder (old or new, never a mix)
+        results = _tune(config, plan, trials, metric, writer, t_start)
+    print(render_tune(results))
+    print(f"\nchosen values: {out / 'params.yaml'}, every grid point: {out / 'tune.json'}")
+    return results
+
+
+def _tune(
+    config: RunConfig, plan: dict[str, list[dict[str, Any]]], trials: int, metric: str, writer: RunWriter,
+    t_start: float,
+) -> dict[str, Any]:
+    prep = prepare(config, embed_train_pool=trials > 1, writer=writer)
     scenario = prep.scenario
     results: dict[str, Any] = {
         "config": jsonable(asdict(config)),
@@ -276,13 +287,13 @@ def tune(
         "encoder": encoder_summary(prep),
         "learners": {},
     }
-    for name, points in plan.items():
+    for k, (name, points) in enumerate(plan.items()):
         results["learners"][name] = search(name, points, scenario, prep.X, prep.row_of, trials, metric,
                                            config.progress)
         results["seconds"] = time.perf_counter() - t_start
-        _write(results, out)  # after every learner, so an interrupted search keeps what it finished
-    print(render_tune(results))
-    print(f"\nchosen values: {out / 'params.yaml'}, every grid point: {out / 'tune.json'}")
+        _write(results, writer)  # after every learner, so an interrupted search keeps what it finished
+        if k < len(plan) - 1:
+            writer.commit(keep_writing=True)  # the last one is committed when the writer closes
     return results
 
 
@@ -291,7 +302,7 @@ def chosen_params(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return {name: dict(entry["points"][entry["best"]]["params"]) for name, entry in results["learners"].items()}
 
 
-def _write(results: dict[str, Any], out: Path) -> None:
+def _write(results: dict[str, Any], writer: RunWriter) -> None:
     scen = results["scenario"]
     header = (
         f"# earmark tune: best {results['metric']} (mean over {results['trials']} support-set trial(s))\n"
@@ -300,8 +311,8 @@ def _write(results: dict[str, Any], out: Path) -> None:
         f"# evaluate elsewhere with: earmark compare --params params.yaml (disjoint classes for claims)\n"
     )
     body = yaml.safe_dump(chosen_params(results), sort_keys=False)
-    atomic_write_text(out / "params.yaml", header + body)
-    atomic_write_text(out / "tune.json", json.dumps(_finite(results), indent=2, allow_nan=False) + "\n")
+    writer.write_text("params.yaml", header + body)
+    writer.write_text("tune.json", json.dumps(_finite(results), indent=2, allow_nan=False) + "\n")
 
 
 def _finite(value: Any) -> Any:

@@ -63,11 +63,15 @@ def train_embedder(
     device: str = "cpu",
     on_error: str = "fail",
     progress: bool = True,
+    checkpoint_path: str | Path | None = None,
+    resume: bool = True,
 ) -> tuple[AudioEmbedder, TrainHistory, list[tuple[str, str]]]:
     """Train an embedder on labelled clips (labels: dense ids 0..K-1); returns it on the CPU in eval mode.
 
     ``seed`` seeds the encoder's initialisation and the training's generators (it replaces
-    ``train.seed``), so one number decides the run.
+    ``train.seed``), so one number decides the run. ``checkpoint_path`` / ``resume``: see
+    :func:`~earmark.training.supervised.train_supervised` (the file is left in place; delete it once
+    the embedder is saved).
     """
     train = replace(train or TrainConfig(), seed=seed)
     torch.manual_seed(seed)
@@ -79,5 +83,6 @@ def train_embedder(
     feats = embedder.normalizer(raw)
     y = torch.as_tensor(np.asarray(labels)[kept], dtype=torch.long)
     n_classes = int(y.max()) + 1
-    history = train_supervised(embedder.encoder, feats, y, n_classes, train, device=device, progress=progress)
+    history = train_supervised(embedder.encoder, feats, y, n_classes, train, device=device, progress=progress,
+                               checkpoint_path=checkpoint_path, resume=resume)
     return embedder.to("cpu").eval(), history, skipped

@@ -44,7 +44,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from earmark.checkpoint import CheckpointError, load_tensors, prefixed, save_tensors, unprefixed
+from earmark.checkpoint import (
+    CheckpointError,
+    load_optimizer,
+    load_tensors,
+    optimizer_tensors,
+    prefixed,
+    save_tensors,
+    unprefixed,
+)
 from earmark.encoders.config import EncoderConfig, build_encoder
 from earmark.encoders.mamba import MambaEncoder
 from earmark.training.supervised import lr_factor, no_decay_names
@@ -85,6 +93,7 @@ class PretrainConfig:
     grad_clip: float = 0.0  # 0 -> no clipping (as SSAST)
     seed: int = 0
     checkpoint_every: int = 500  # steps; 0 -> only at the end
+    threads: int = 2  # intra-op threads while pretraining (restored after); 0 keeps torch's count
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # from JSON: a list
@@ -252,28 +261,7 @@ def _step_generator(seed: int, *key: int) -> torch.Generator:
     return torch.Generator().manual_seed(h)
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
-    """Split an optimizer state dict into safetensors-able tensors and JSON-able everything else."""
-    sd = opt.state_dict()
-    tensors: dict[str, Tensor] = {}
-    scalars: dict[str, dict] = {}
-    for idx, state in sd["state"].items():
-        for name, value in state.items():
-            if isinstance(value, Tensor):
-                tensors[f"{idx}.{name}"] = value
-            else:
-                scalars.setdefault(str(idx), {})[name] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    for idx, values in meta["scalars"].items():
-        state.setdefault(int(idx), {}).update(values)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+_optimizer_tensors, _load_optimizer = optimizer_tensors, load_optimizer  # the old private names
 
 
 def _save(path: Path, model: MaskedPatchModel, opt: torch.optim.Optimizer, step: int, config: PretrainConfig) -> str:
@@ -316,13 +304,26 @@ def pretrain(
     *,
     device: str | torch.device = "cpu",
     stop_at: int | None = None,
+    resume: bool = True,
 ) -> PretrainHistory:
     """Pretrain ``encoder`` in place on normalized log-mels ``features`` (N, n_mels, frames).
 
     ``stop_at`` ends this call (after a checkpoint) once that global step is reached, without changing
-    the schedule, so a long run can be split over several calls.
+    the schedule, so a long run can be split over several calls. ``resume=False`` ignores (and then
+    overwrites) an existing checkpoint at ``checkpoint_path``. Batches and masks come from generators
+    seeded by (seed, step), so a resumed run is bit-identical to an uninterrupted one on the same machine.
     """
     config = config or PretrainConfig()
+    from earmark.training.supervised import training_threads
+
+    with training_threads(config.threads):
+        return _pretrain(encoder, features, config, checkpoint_path, progress, device, stop_at, resume)
+
+
+def _pretrain(
+    encoder: nn.Module, features: Tensor, config: PretrainConfig, checkpoint_path: str | Path | None,
+    progress: bool, device: str | torch.device, stop_at: int | None, resume: bool,
+) -> PretrainHistory:
     features = torch.as_tensor(features, dtype=torch.float32)
     if features.ndim != 3 or len(features) == 0:
         raise ValueError(f"expected features (N, n_mels, frames), got {tuple(features.shape)}")
@@ -343,7 +344,7 @@ def pretrain(
     f, t = encoder.token_grid(features.shape[-1])
     k = config.mask_count(f * t)
     path = Path(checkpoint_path) if checkpoint_path is not None else None
-    step = _resume(path, model, opt, config) if path is not None and path.exists() else 0
+    step = _resume(path, model, opt, config) if path is not None and resume and path.exists() else 0
     end = total if stop_at is None else min(total, stop_at)
     history = PretrainHistory(start_step=step, total_steps=total)
     t0 = time.perf_counter()

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from earmark.checkpoint import (
+    CheckpointError,
+    load_optimizer,
+    load_tensors,
+    optimizer_tensors,
+    prefixed,
+    save_tensors,
+    unprefixed,
+)
+
+CHECKPOINT_KIND = "train-partial"
+# TrainConfig fields that do not change what training computes (left out of fingerprints and cache keys).
+NOT_IN_RESULT = ("checkpoint_every",)
 
 
 @dataclass
@@ -30,9 +50,17 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
+    # Intra-op threads while training (restored afterwards); 0 keeps torch's current count. Part of the
+    # result: see training_threads() for which reductions change with it.
+    threads: int = 2
+    checkpoint_every: int = 1  # epochs between checkpoints when a checkpoint path is given; 0: only at the end
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def result_dict(self) -> dict:
+        """The fields that decide the trained weights (for cache keys and checkpoint fingerprints)."""
+        return {k: v for k, v in asdict(self).items() if k not in NOT_IN_RESULT}
 
 
 @dataclass
@@ -95,6 +123,91 @@ class ClassifierModel(nn.Module):
         return self.head(self.encoder(x))
 
 
+@contextlib.contextmanager
+def training_threads(threads: int) -> Iterator[None]:
+    """Run a block with ``threads`` intra-op threads (0: unchanged) and deterministic algorithms on.
+
+    Matrix products and reductions split their work by thread, so the thread count changes the
+    summation order (see benchmarks/reproducibility.py); fixing it makes a training reproducible on
+    machines with other core counts. ``use_deterministic_algorithms`` (warn only) matters for CUDA
+    and a few CPU scatter ops; uninitialised-memory filling stays off (it only costs time when every
+    kernel writes its whole output).
+    """
+    import torch.utils.deterministic as det
+
+    old_threads = torch.get_num_threads()
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    old_fill = det.fill_uninitialized_memory
+    if threads:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        det.fill_uninitialized_memory = old_fill
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+        torch.set_num_threads(old_threads)
+
+
+def mixup_lambda(alpha: float, gen: torch.Generator) -> float:
+    """A Beta(alpha, alpha) draw from ``gen`` (torch's Beta sampler only reads the global RNG)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
+
+
+def data_digest(features: Tensor, labels: Tensor) -> str:
+    h = hashlib.sha256()
+    for t in (features, labels):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _fingerprint(model: nn.Module, features: Tensor, labels: Tensor, num_classes: int, config: TrainConfig) -> dict:
+    return {
+        "train": config.result_dict(),
+        "num_classes": num_classes,
+        "data": data_digest(features, labels),
+        "parameters": {n: list(p.shape) for n, p in model.named_parameters()},
+    }
+
+
+def _save_checkpoint(
+    path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, epoch: int, step: int,
+    history: TrainHistory, fingerprint: dict,
+) -> None:
+    opt_tensors, opt_meta = optimizer_tensors(opt)
+    tensors = prefixed("model", model.state_dict()) | prefixed("optim", opt_tensors)
+    tensors |= {"rng.generator": gen.get_state(), "rng.torch": torch.get_rng_state()}
+    meta = {"kind": CHECKPOINT_KIND, "epoch": epoch, "step": step, "fingerprint": fingerprint,
+            "optimizer": opt_meta, "history": {"loss": history.loss, "accuracy": history.accuracy,
+                                               "seconds": history.seconds}}
+    save_tensors(path, tensors, meta)
+
+
+def _load_checkpoint(
+    path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, history: TrainHistory,
+    fingerprint: dict,
+) -> tuple[int, int]:
+    tensors, meta, _ = load_tensors(path, kind=CHECKPOINT_KIND)
+    theirs = meta.get("fingerprint", {})
+    if theirs != json.loads(json.dumps(fingerprint)):
+        what = [k for k in fingerprint if theirs.get(k) != json.loads(json.dumps(fingerprint[k]))]
+        raise CheckpointError(f"{path}: a checkpoint of another training ({', '.join(what)} differ); "
+                              "delete it or train with resume=False (CLI: --no-resume)")
+    model.load_state_dict(unprefixed("model", tensors))
+    load_optimizer(opt, unprefixed("optim", tensors), meta["optimizer"])
+    gen.set_state(tensors["rng.generator"])
+    torch.set_rng_state(tensors["rng.torch"])
+    history.loss[:] = meta["history"]["loss"]
+    history.accuracy[:] = [float("nan") if a is None else a for a in meta["history"]["accuracy"]]
+    history.seconds = float(meta["history"]["seconds"])
+    return int(meta["epoch"]), int(meta["step"])
+
+
 def train_supervised(
     encoder: nn.Module,
     features: Tensor,
@@ -104,14 +217,41 @@ def train_supervised(
     *,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    checkpoint_path: str | Path | None = None,
+    resume: bool = True,
+    on_epoch: Callable[[int, nn.Module], None] | None = None,
 ) -> TrainHistory:
-    """Train ``encoder`` in place on (normalized log-mel, dense label) pairs."""
+    """Train ``encoder`` in place on (normalized log-mel, dense label) pairs.
+
+    With ``checkpoint_path``, the whole training state (encoder and head weights, AdamW moments, the
+    generator of batches, masks and mixup, the global RNG, epoch, step and history) is written
+    atomically there every ``config.checkpoint_every`` epochs and after the last one. With
+    ``resume`` (the default) an existing checkpoint of the same training (same config, data and
+    architecture; anything else is a :class:`CheckpointError`) is continued, and the result is
+    bit-identical to an uninterrupted run on the same machine. ``resume=False`` starts over and
+    overwrites it. The caller deletes the file when it no longer needs it.
+    ``on_epoch(epoch, encoder)`` runs after each epoch (e.g. to compare weights epoch by epoch).
+    """
     config = config or TrainConfig()
     if len(features) != len(labels):
         raise ValueError(f"{len(features)} feature rows for {len(labels)} labels")
     if len(features) == 0:
         raise ValueError("no training data")
     device = torch.device(device)
+    with training_threads(config.threads):
+        history = _train(encoder, features, labels, num_classes, config, device, progress,
+                         Path(checkpoint_path) if checkpoint_path is not None else None, resume, on_epoch)
+    encoder.eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return history
+
+
+def _train(
+    encoder: nn.Module, features: Tensor, labels: Tensor, num_classes: int, config: TrainConfig,
+    device: torch.device, progress: bool, path: Path | None, resume: bool,
+    on_epoch: Callable[[int, nn.Module], None] | None,
+) -> TrainHistory:
     gen = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     model = ClassifierModel(encoder, num_classes).to(device)
@@ -128,11 +268,14 @@ def train_supervised(
     warmup = int(config.warmup_epochs * steps_per_epoch)
     labels = labels.long()
     history = TrainHistory()
-    t0 = time.perf_counter()
-    step = 0
-    bar = tqdm(total=total, desc="base training", unit="step", disable=not progress)
+    start_epoch, step = 0, 0
+    fingerprint = _fingerprint(model, features, labels, num_classes, config) if path is not None else {}
+    if path is not None and resume and path.exists():
+        start_epoch, step = _load_checkpoint(path, model, opt, gen, history, fingerprint)
+    t0 = time.perf_counter() - history.seconds
+    bar = tqdm(total=total, initial=step, desc="base training", unit="step", disable=not progress)
     try:
-        for _ in range(config.epochs):
+        for epoch in range(start_epoch, config.epochs):
             order = torch.randperm(n, generator=gen)
             loss_sum, correct, seen = 0.0, 0, 0
             for b in range(steps_per_epoch):
@@ -143,7 +286,7 @@ def train_supervised(
                 target = target * (1 - config.label_smoothing) + config.label_smoothing / num_classes
                 mixed = config.mixup_alpha > 0 and torch.rand(1, generator=gen).item() < config.mixup_prob
                 if mixed:
-                    lam = float(torch.distributions.Beta(config.mixup_alpha, config.mixup_alpha).sample())
+                    lam = mixup_lambda(config.mixup_alpha, gen)
                     perm = torch.randperm(len(idx), generator=gen).to(device)
                     x = lam * x + (1 - lam) * x[perm]
                     target = lam * target + (1 - lam) * target[perm]
@@ -165,10 +308,14 @@ def train_supervised(
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             history.loss.append(loss_sum / (steps_per_epoch * config.batch_size))
             history.accuracy.append(correct / seen if seen else float("nan"))
+            history.seconds = time.perf_counter() - t0
+            done = epoch + 1
+            if path is not None and (done == config.epochs
+                                     or (config.checkpoint_every and done % config.checkpoint_every == 0)):
+                _save_checkpoint(path, model, opt, gen, done, step, history, fingerprint)
+            if on_epoch is not None:
+                on_epoch(epoch, encoder)
     finally:
         bar.close()
-    encoder.eval()
-    for p in encoder.parameters():
-        p.requires_grad_(False)
     history.seconds = time.perf_counter() - t0
     return history

@@ -1,0 +1,354 @@
+"""The live model and the two kinds of work on it.
+
+Readers never see a model being changed: the published model is an immutable snapshot. A write (learn
+or forget) runs on the single writer thread: clone the snapshot, change the clone, save it (atomic, so
+it is on disk before anyone is told), then publish it by swapping one reference. Classification runs
+on a few worker threads that each take whatever requests are queued (up to a batch of clips) and
+predict them together against the snapshot current when the batch starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("earmark.service")
+MAX_GROUP_CLIPS = 256  # most clips committed by one grouped learn
+
+
+class ClientError(Exception):
+    """Something the client sent is wrong; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+@dataclass
+class Snapshot:
+    """What readers get without touching the model: taken once at publish time."""
+
+    model: Any
+    generation: int
+    counts: dict[str, int]
+    info: dict
+
+    def metrics(self) -> dict:
+        return {"generation": self.generation, "counts": self.counts}
+
+
+@dataclass
+class WriteJob:
+    """One learn or forget. A learn is given as (paths, label, names) so queued learns can be committed
+    together; anything else is a ``change(clone) -> report`` run alone."""
+
+    future: Future
+    cleanup: Callable[[], None]
+    validate: Callable[[], None] | None = None
+    change: Callable[[Any], dict] | None = None
+    learn: tuple[list[str], str, list[str]] | None = None
+
+
+class ModelHolder:
+    """Holds the published snapshot, the writer thread and the learn queue's admission count.
+
+    The writer commits queued learns as a group: one clone, one ``learn`` call over all their clips,
+    one save, one swap, then every request of the group is answered. A learn costs mostly the
+    learner's solve and the save, which are paid once per group instead of once per request. If the
+    group's learn fails (one request's clip is bad or a duplicate), each request is applied on its own,
+    relying on ``Model.learn`` changing nothing when it raises.
+    """
+
+    def __init__(self, path: Path, learn_queue: int, max_group: int = 32) -> None:
+        self.path = path
+        self.snapshot: Snapshot | None = None
+        self.load_error: str | None = None
+        self.learn_queue = learn_queue
+        self.max_group = max_group
+        self.pending = 0  # admitted writes not yet answered (touched on the event loop only)
+        self._jobs: queue.Queue[WriteJob | None] = queue.Queue()
+        self._carry: list[WriteJob | None] = []  # taken from the queue but not part of the group: next
+        self._writer = threading.Thread(target=self._run, name="earmark-writer")  # not a daemon: saves finish
+
+    def start(self) -> None:
+        self._writer.start()
+
+    # -- reading
+    @property
+    def ready(self) -> bool:
+        return self.snapshot is not None
+
+    def publish(self, model) -> Snapshot:
+        snap = Snapshot(model, int(model.generation), dict(model.counts()), model.info())
+        self.snapshot = snap  # one reference swap: readers see the old snapshot or the new, never a mix
+        return snap
+
+    # -- writing
+    def admit(self) -> None:
+        """Count one more write in, or refuse with 429 when the queue is full."""
+        if self.pending >= self.learn_queue:
+            raise ClientError(429, f"the learn queue is full ({self.learn_queue} requests); retry shortly",
+                              {"Retry-After": "1"})
+        self.pending += 1
+
+    def release(self) -> None:
+        self.pending -= 1
+
+    def submit(self, job: WriteJob) -> Future:
+        """Queue a write; its future gives (report, snapshot) once the change is saved and published.
+
+        ``job.cleanup`` (the request's temp files) runs on the writer thread when the job is over, so
+        files are never deleted under a write that outlives its request.
+        """
+        self._jobs.put(job)
+        return job.future
+
+    def close(self) -> None:
+        if self._writer.is_alive():
+            self._jobs.put(None)
+            self._writer.join()  # a write in progress finishes and is saved
+
+    # -- the writer thread
+    def _run(self) -> None:
+        while True:
+            job = self._carry.pop() if self._carry else self._jobs.get()
+            if job is None:
+                return
+            group = [job]
+            if job.learn is not None:
+                clips = len(job.learn[0])
+                while len(group) < self.max_group and clips < MAX_GROUP_CLIPS:
+                    try:
+                        nxt = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None or nxt.learn is None:
+                        self._carry.append(nxt)  # keeps the order: it runs next, on its own
+                        break
+                    group.append(nxt)
+                    clips += len(nxt.learn[0])
+            try:
+                self._write([j for j in group if self._start(j)])
+            except BaseException as exc:  # never let the writer die
+                log.exception("write failed")
+                for j in group:
+                    _finish(j.future, exc=exc)
+            finally:
+                for j in group:
+                    _cleanup(j.cleanup)
+
+    @staticmethod
+    def _start(job: WriteJob) -> bool:
+        if not job.future.set_running_or_notify_cancel():
+            return False
+        if job.validate is not None:
+            try:
+                job.validate()
+            except BaseException as exc:
+                _finish(job.future, exc=exc)
+                return False
+        return True
+
+    def _write(self, group: list[WriteJob]) -> None:
+        if not group:
+            return
+        base = self.snapshot
+        if base is None:
+            for j in group:
+                _finish(j.future, exc=ClientError(503, "the model is not loaded yet"))
+            return
+        if group[0].learn is None:  # a forget (or any change): alone
+            new = base.model.clone()
+            try:
+                report = group[0].change(new)
+            except BaseException as exc:
+                _finish(group[0].future, exc=exc)  # the clone is dropped: nothing applied
+                return
+            new.save(self.path)
+            _finish(group[0].future, (report, self.publish(new)))
+            return
+        new = base.model.clone()
+        done: list[tuple[WriteJob, dict]] = []
+        if len(group) > 1:
+            try:
+                new.learn([p for j in group for p in j.learn[0]],
+                          [j.learn[1] for j in group for _ in j.learn[0]],
+                          names=[n for j in group for n in j.learn[2]])
+                known = set(base.counts)
+                done = [(j, _learn_report(j, known)) for j in group]
+            except Exception:
+                new = base.model.clone()  # (it changed nothing; a fresh clone all the same) one by one
+        if not done:
+            known = set(base.counts)
+            for j in group:
+                try:
+                    new.learn(j.learn[0], j.learn[1], names=j.learn[2])
+                except BaseException as exc:
+                    _finish(j.future, exc=exc)
+                    continue
+                done.append((j, _learn_report(j, known)))
+        if not done:
+            return
+        new.save(self.path)
+        snap = self.publish(new)
+        for j, report in done:
+            _finish(j.future, (report, snap))
+
+
+def _learn_report(job: WriteJob, known: set[str]) -> dict:
+    """What ``Model.learn`` reports, for one request of a group (``known`` grows as labels appear)."""
+    paths, label, _ = job.learn
+    new = [] if label in known else [label]
+    known.add(label)
+    return {"learned": len(paths), "labels": {label: len(paths)}, "new": new, "skipped": []}
+
+
+def _finish(future: Future, result=None, exc: BaseException | None = None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+def _cleanup(cleanup: Callable[[], None]) -> None:
+    try:
+        cleanup()
+    except OSError:
+        log.warning("could not remove a request's temp files", exc_info=True)
+
+
+@dataclass
+class ClassifyJob:
+    paths: list[str]
+    names: list[str]  # the client's filenames, for predictions and error messages
+    top_k: int
+    window: float | None
+    hop: float | None
+    future: Future
+    cleanup: Callable[[], None]
+    validate: Callable[[], None] | None = None
+    unknown: dict = field(default_factory=dict)  # predict's unknown_threshold / reject_unknown, when given
+    clips: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.clips = len(self.paths)
+
+
+class Classifier:
+    """Worker threads that batch queued classify jobs into one ``predict`` call each."""
+
+    def __init__(self, holder: ModelHolder, workers: int, batch: int, max_queue: int) -> None:
+        self.holder = holder
+        self.batch = batch
+        self.queue: queue.Queue[ClassifyJob | None] = queue.Queue(max_queue)
+        self.threads = [threading.Thread(target=self._run, name=f"earmark-classify-{i}", daemon=True)
+                        for i in range(workers)]
+        for t in self.threads:
+            t.start()
+
+    def submit(self, job: ClassifyJob) -> None:
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise ClientError(429, "too many classify requests waiting; retry shortly", {"Retry-After": "1"}) from None
+
+    def close(self) -> None:
+        for _ in self.threads:
+            self.queue.put(None)
+        for t in self.threads:
+            t.join(timeout=10)
+
+    # -- worker side
+    def _take(self, first: ClassifyJob) -> list[ClassifyJob]:
+        jobs, clips = [first], first.clips
+        if first.window is not None:
+            return jobs  # a windowed file is a batch of its own
+        while clips < self.batch:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self.queue.put(None)  # leave the stop signal for this or another worker
+                break
+            if job.window is not None or job.unknown != first.unknown or clips + job.clips > self.batch:
+                self._run_jobs([job])  # does not fit this batch: run it right after on its own
+                continue
+            jobs.append(job)
+            clips += job.clips
+        return jobs
+
+    def _run(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            self._run_jobs(self._take(job))
+
+    def _run_jobs(self, jobs: list[ClassifyJob]) -> None:
+        ok: list[ClassifyJob] = []
+        for job in jobs:
+            if job.future.set_running_or_notify_cancel():
+                try:
+                    if job.validate is not None:
+                        job.validate()
+                    ok.append(job)
+                except BaseException as exc:
+                    self._finish(job, exc=exc)
+            else:
+                job.cleanup()
+        if not ok:
+            return
+        snap = self.holder.snapshot  # one snapshot for the whole batch
+        try:
+            if snap is None:
+                raise ClientError(503, "the model is not loaded yet")
+            if len(ok) == 1:
+                job = ok[0]
+                self._finish(job, (snap, snap.model.predict(job.paths, top_k=job.top_k, window=job.window,
+                                                            hop=job.hop, names=job.names, **job.unknown)))
+                return
+            paths = [p for job in ok for p in job.paths]
+            names = [n for job in ok for n in job.names]
+            k = max(job.top_k for job in ok)
+            preds = snap.model.predict(paths, top_k=k, names=names, **ok[0].unknown)
+        except BaseException as exc:
+            if len(ok) == 1:
+                self._finish(ok[0], exc=exc)
+                return
+            # one bad file must not fail its neighbours: run each request on its own
+            for job in ok:
+                try:
+                    self._finish(job, (snap, snap.model.predict(job.paths, top_k=job.top_k, names=job.names,
+                                                                **job.unknown)))
+                except BaseException as exc2:
+                    self._finish(job, exc=exc2)
+            return
+        at = 0
+        for job in ok:
+            part = preds[at: at + job.clips]
+            at += job.clips
+            self._finish(job, (snap, part))
+
+    @staticmethod
+    def _finish(job: ClassifyJob, result=None, exc: BaseException | None = None) -> None:
+        try:
+            job.cleanup()
+        except OSError:
+            log.warning("could not remove a request's temp files", exc_info=True)
+        if job.future.done():
+            return
+        if exc is not None:
+            job.future.set_exception(exc)
+        else:
+            job.future.set_result(result)

@@ -1,0 +1,202 @@
+"""Service pieces that need no server: config, token sources, upload names, the classify batcher."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from earmark.service.config import ConfigError, ServiceConfig, read_token  # noqa: E402
+from earmark.service.state import Classifier, ClassifyJob, ClientError, ModelHolder  # noqa: E402
+from earmark.service.uploads import Upload, Uploads, safe_name  # noqa: E402
+
+
+def test_mutating_mode_needs_a_token():
+    with pytest.raises(ConfigError, match="EARMARK_TOKEN"):
+        ServiceConfig(model="m").check()
+    with pytest.raises(ConfigError, match="too short"):
+        ServiceConfig(model="m", token="abc").check()
+    ServiceConfig(model="m", read_only=True).check()
+    ServiceConfig(model="m", token="x" * 16).check()
+    assert "x" * 16 not in repr(ServiceConfig(model="m", token="x" * 16))
+    with pytest.raises(ConfigError):
+        ServiceConfig(learn_queue=0)
+
+
+def test_token_sources(tmp_path):
+    f = tmp_path / "token"
+    f.write_text("  from-the-file-0123456789\n")
+    assert read_token(f, environ={}) == "from-the-file-0123456789"
+    assert read_token(None, environ={"EARMARK_TOKEN_FILE": str(f), "EARMARK_TOKEN": "env"}) == \
+        "from-the-file-0123456789"
+    assert read_token(None, environ={"EARMARK_TOKEN": " env-token "}) == "env-token"
+    assert read_token(None, environ={}) is None
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="empty"):
+        read_token(tmp_path / "empty", environ={})
+    with pytest.raises(ConfigError, match="not found"):
+        read_token(tmp_path / "missing", environ={})
+
+
+@pytest.mark.parametrize("given, want", [
+    ("dog bark.wav", "00-dog_bark.wav"),
+    ("../../etc/passwd", "00-passwd"),
+    ("C:\\Users\\me\\clip.flac", "00-clip.flac"),
+    ("...", "00-upload"),
+    ("", "00-upload"),
+    ("é.wav", "00-_.wav"),
+])
+def test_safe_name(given, want):
+    assert safe_name(given, 0) == want
+
+
+def test_safe_name_is_bounded_and_keeps_the_extension():
+    name = safe_name("a" * 500 + ".wav", 3)
+    assert name.startswith("03-") and name.endswith(".wav") and len(name) < 110
+
+
+def test_temp_paths_are_told_back_as_client_names(tmp_path):
+    up = Uploads(tmp_path / "earmark-req-x")
+    up.dir.mkdir()
+    up.files.append(Upload("my dog.wav", up.dir / "00-my_dog.wav"))
+    assert up.original(up.dir / "00-my_dog.wav") == "my dog.wav"
+    assert up.clean(f"Error opening '{up.dir / '00-my_dog.wav'}': Format not recognised.") == \
+        "Error opening 'my dog.wav': Format not recognised."
+    up.close()
+    assert not up.dir.exists()
+
+
+class _Pred:
+    def __init__(self, file):
+        self.file, self.start, self.end, self.top = file, None, None, [("a", 0.9), ("b", 0.1)]
+
+
+class _Model:
+    generation, labels = 1, ["a", "b"]
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    def predict(self, paths, top_k=5, window=None, hop=None, names=None):
+        self.calls.append(list(paths))
+        if any("bad" in p for p in paths):
+            raise ValueError("bad audio")
+        return [_Pred(p) for p in paths]
+
+    def counts(self):
+        return {"a": 1, "b": 1}
+
+    def info(self):
+        return {}
+
+
+def test_batcher_batches_queued_jobs_and_isolates_a_bad_one():
+    holder = ModelHolder(Path("."), 1)
+    model = _Model()
+    holder.publish(model)
+    clf = Classifier(holder, workers=1, batch=8, max_queue=16)
+    try:
+        # queue several jobs behind a slow validation so the worker finds them waiting
+        gate = threading.Event()
+        jobs = [ClassifyJob([f"f{i}"], [f"f{i}"], 1, None, None, Future(), lambda: None,
+                            validate=(gate.wait if i == 0 else None)) for i in range(4)]
+        jobs.append(ClassifyJob(["bad"], ["bad"], 1, None, None, Future(), lambda: None))
+        for j in jobs:
+            clf.submit(j)
+        gate.set()
+        results = [j.future.result(10) if "bad" not in j.paths[0] else None for j in jobs]
+        with pytest.raises(ValueError):
+            jobs[-1].future.result(10)
+        assert [r[1][0].file for r in results[:4]] == ["f0", "f1", "f2", "f3"]
+        assert any(len(c) > 1 for c in model.calls)  # batched
+    finally:
+        clf.close()
+        holder.close()
+
+
+def test_full_classify_queue_is_429():
+    holder = ModelHolder(Path("."), 1)
+    clf = Classifier(holder, workers=1, batch=1, max_queue=1)
+    gate = threading.Event()
+    try:
+        holder.publish(_Model())
+        clf.submit(ClassifyJob(["x"], ["x"], 1, None, None, Future(), lambda: None, validate=gate.wait))
+        deadline = time.monotonic() + 5
+        while not clf.queue.empty() and time.monotonic() < deadline:  # the worker took it and is blocked
+            time.sleep(0.01)
+        clf.submit(ClassifyJob(["y"], ["y"], 1, None, None, Future(), lambda: None))
+        with pytest.raises(ClientError) as err:
+            clf.submit(ClassifyJob(["z"], ["z"], 1, None, None, Future(), lambda: None))
+        assert err.value.status == 429
+    finally:
+        gate.set()
+        clf.close()
+        holder.close()
+
+
+class _Learner:
+    """A model stand-in for the writer: learn raises for a path containing 'bad', like Model.learn (no change)."""
+
+    def __init__(self):
+        self.data: dict[str, int] = {}
+        self.generation = 0
+        self.learn_calls = 0
+        self.saves = 0
+
+    def clone(self):
+        other = _Learner()
+        other.data, other.generation, other.learn_calls, other.saves = dict(self.data), self.generation, \
+            self.learn_calls, self.saves
+        return other
+
+    def learn(self, paths, labels, names=None):
+        self.learn_calls += 1
+        labels = [labels] * len(paths) if isinstance(labels, str) else labels
+        if any("bad" in p for p in paths):
+            raise ValueError("bad clip")
+        for lab in labels:
+            self.data[lab] = self.data.get(lab, 0) + 1
+        return {}
+
+    def save(self, path):
+        self.generation += 1
+        self.saves += 1
+
+    def counts(self):
+        return dict(self.data)
+
+    def info(self):
+        return {}
+
+
+def test_writer_groups_queued_learns_and_isolates_a_bad_one():
+    from earmark.service.state import WriteJob
+
+    holder = ModelHolder(Path("."), 10)
+    holder.publish(_Learner())
+    gate = threading.Event()
+    first = WriteJob(Future(), lambda: None, validate=gate.wait, learn=(["a0"], "a", ["a0"]))
+    rest = [WriteJob(Future(), lambda: None, learn=([f"{x}{i}" for i in range(2)], x, ["n", "n"]))
+            for x in ("b", "bad", "c")]
+    holder.start()
+    try:
+        holder.submit(first)  # holds the writer until the others are queued
+        for j in rest:
+            holder.submit(j)
+        gate.set()
+        report, snap = first.future.result(10)
+        assert report == {"learned": 1, "labels": {"a": 1}, "new": ["a"], "skipped": []}
+        b, c = rest[0].future.result(10), rest[2].future.result(10)
+        with pytest.raises(ValueError):
+            rest[1].future.result(10)
+        assert b[1] is c[1]  # one group: one save, one snapshot for both
+        assert c[1].counts == {"a": 1, "b": 2, "c": 2}  # the bad request changed nothing
+        assert c[1].model.saves <= 2  # "a" alone or in the group, then b+bad+c: never one save per request
+        assert b[0] == {"learned": 2, "labels": {"b": 2}, "new": ["b"], "skipped": []}
+    finally:
+        holder.close()
