@@ -209,6 +209,12 @@ def test_sharded_learning_refuses_what_one_process_refuses(ray_cluster, clips, e
     report = learn_with_ray(model, [clips["mid"][0], bad, clips["mid"][1]], "mid", num_workers=2, shard_size=1,
                             on_error="skip")
     assert report["learned"] == 2 and [s["file"] for s in report["skipped"]] == [str(bad)]
+    twin = model.clone()
+    want = twin.learn([clips["low"][0], clips["low"][3]], "low", on_error="skip")  # one clip learned before
+    got = learn_with_ray(model, [clips["low"][0], clips["low"][3]], "low", num_workers=2, shard_size=1,
+                         on_error="skip")
+    assert got["learned"] == want["learned"] == 1 and got["skipped"] == want["skipped"]
+    assert "already learned as 'low'" in got["skipped"][0]["reason"]
     teen = fresh(embedder, "teen")
     with pytest.raises(ModelError, match="cannot merge.*analytic, lda, ncm, ranpac"):
         learn_with_ray(teen, clips["mid"][:2], "mid")

@@ -274,17 +274,26 @@ def _learn_shard(shard: Any, paths: list[str], labels: list[str], names: list[st
         if on_error != "skip":
             raise
     decoded = shard.decode(paths, "skip", names)
-    seen, batch, valid = {e["clip"] for e in shard.journal}, set(), set()
-    for j, digest in enumerate(decoded.digests):
-        if digest not in seen and digest not in batch:
-            valid.add(labels[decoded.positions[j]])
+    seen = {e["clip"]: e["label"] for e in shard.journal}
+    reason: dict[int, str] = {}  # position in the shard -> why that clip is not learned
+    at = {pos: j for j, pos in enumerate(decoded.positions)}
+    failed = iter(r for _, r in decoded.skipped)
+    batch: set[str] = set()
+    valid = set()
+    for k in range(len(paths)):
+        if k not in at:
+            reason[k] = next(failed)
+            continue
+        digest = decoded.digests[at[k]]
+        if digest in seen or digest in batch:
+            reason[k] = f"clip already learned as {seen[digest]!r}" if digest in seen else \
+                "clip given twice in this request"
+        else:
+            valid.add(labels[k])
         batch.add(digest)
     keep = [k for k, label in enumerate(labels) if label in valid]
-    left = [k for k, label in enumerate(labels) if label not in valid]
-    skipped = dict(decoded.skipped)
-    reasons = [{"file": str(names[k] if names is not None else paths[k]),
-                "reason": skipped.get(str(names[k] if names is not None else paths[k]), "clip already learned")}
-               for k in left]
+    shown = names if names is not None else paths
+    reasons = [{"file": str(shown[k]), "reason": reason[k]} for k, label in enumerate(labels) if label not in valid]
     if not keep:
         return {"learned": 0, "labels": {}, "new": [], "skipped": reasons}
     report = shard.learn([paths[k] for k in keep], [labels[k] for k in keep], on_error="skip",
