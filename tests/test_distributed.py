@@ -1,11 +1,13 @@
 """The Ray engine on a local cluster: sharded embedding and sharded learning equal the single-process paths.
 
-One local Ray instance for the whole module (2 CPUs, no dashboard, loopback only). Without Ray
-installed these tests are skipped, except the one that checks the commands say how to install it.
+One local Ray instance for the whole module (2 CPUs, no dashboard, loopback only), under a watchdog:
+past ``WATCHDOG_S`` the run stops with every thread's traceback. Without Ray installed these tests
+are skipped, except the one that checks the commands say how to install it.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 from pathlib import Path
@@ -22,6 +24,7 @@ from earmark.model import Model, ModelError
 from tests.audio_fixtures import FREQS, write_class
 from tests.test_forget import FORGETTABLE
 
+WATCHDOG_S = 600  # the module takes about 80 s on a loaded 2-core machine
 MERGEABLE = {k: v for k, v in FORGETTABLE.items() if k != "teen"}  # ranpac with a pinned lambda
 
 
@@ -29,12 +32,16 @@ MERGEABLE = {k: v for k, v in FORGETTABLE.items() if k != "teen"}  # ranpac with
 def ray_cluster():
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
-    from earmark.distributed.ray_engine import _local_runtime_env
+    from earmark.distributed.ray_engine import init_local
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env=_local_runtime_env())
+    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)  # a hung cluster ends the run, with tracebacks
+    context = init_local(ray, num_cpus=2)  # loopback only, no dashboard
+    assert context.address_info["node_ip_address"] == "127.0.0.1"
+    assert context.address_info["gcs_address"].startswith("127.0.0.1:")
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="module")

@@ -54,13 +54,31 @@ def _local_runtime_env() -> dict[str, Any]:
     return {"env_vars": {"PYTHONPATH": path}}
 
 
+def init_local(ray: Any, num_cpus: int | None = None) -> Any:
+    """Start a local Ray instance on loopback only (127.0.0.1), without a dashboard; returns its context.
+
+    Ray binds a local instance to the machine's network address unless it believes it runs on a
+    laptop OS (``ray_constants.ENABLE_RAY_CLUSTER``); a throwaway instance for one command has no
+    business on the network, so that switch is turned off while it starts.
+    """
+    consts = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    saved = getattr(consts, "ENABLE_RAY_CLUSTER", None)
+    if saved is not None:
+        consts.ENABLE_RAY_CLUSTER = False
+    try:
+        return ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=_local_runtime_env())
+    finally:
+        if saved is not None:
+            consts.ENABLE_RAY_CLUSTER = saved
+
+
 @contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[Any]:
     """Ray, connected: to ``address`` (``auto``, ``HOST:PORT`` or ``ray://HOST:10001``), or a local instance.
 
     An instance already initialized in this process is used as it is and left running; one started
-    here is shut down on exit. A local instance gets ``num_cpus`` CPUs (default: this machine's) and
-    no dashboard.
+    here is shut down on exit. A local instance gets ``num_cpus`` CPUs (default: this machine's), no
+    dashboard, and listens on loopback only (:func:`init_local`).
     """
     ray = import_ray()
     if ray.is_initialized():
@@ -69,7 +87,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=_local_runtime_env())
+        init_local(ray, num_cpus)
     try:
         yield ray
     finally:
@@ -453,4 +471,4 @@ def learn_with_ray(
 
 
 __all__ = ["EmbedActor", "EmbedSummary", "embed_local", "embed_with_ray", "embedder_blob", "embedder_from_blob",
-           "fit_shard", "learn_with_ray", "ray_session"]
+           "fit_shard", "init_local", "learn_with_ray", "ray_session"]
