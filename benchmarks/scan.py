@@ -3,10 +3,14 @@
     python benchmarks/scan.py scan [--batch 8 --length 257 --channels 384 --state 16 --chunks 0,8,16]
     python benchmarks/scan.py encoder [--configs fast,tiny --batch 32 --frames 200]
     python benchmarks/scan.py encoder --configs embed_dim=96,depth=4,d_state=8 ...
+    python benchmarks/scan.py compile [--processes 2]
 
-``scan``: forward (no grad) and forward+backward of every implementation on random inputs.
+``scan``: forward (no grad) and forward+backward of every implementation on random inputs, and
+the numba kernel's speed-up over the PyTorch sequential scan (the kernel only where numba imports).
 ``encoder``: one training step (forward + backward + AdamW) at ``--batch`` and embedding
 throughput (forward only, no grad) for presets or ``field=value`` variants of EncoderConfig.
+``compile``: the numba kernel's first-call cost in fresh processes sharing an empty cache
+directory: the first process compiles forward and backward, the next ones load them from disk.
 Other processes on the machine inflate the numbers; the minimum over repeats is reported.
 """
 
@@ -14,6 +18,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -24,6 +32,8 @@ from earmark.encoders.scan import (
     block_steps,
     choose_impl,
     chunk_length,
+    numba_kernel,
+    selective_scan,
     selective_scan_chunked,
     selective_scan_reference,
     selective_scan_sequential,
@@ -52,18 +62,54 @@ def bench_scan(args: argparse.Namespace) -> None:
     params = [t.clone().requires_grad_() for t in (u, delta, A, B, C, D)]
     gy = torch.randn(b, L, E, generator=g)
 
-    def report(name: str, fn: Callable[..., torch.Tensor]) -> None:
+    def report(name: str, fn: Callable[..., torch.Tensor]) -> tuple[float, float]:
         with torch.no_grad():
             f = best_ms(lambda: fn(*params), args.repeats)
         fb = best_ms(lambda: fn(*params).backward(gy), args.repeats)
-        print(f"  {name:<24s} fwd {f:7.1f}   fwd+bwd {fb:7.1f}")
+        print(f"  {name:<24s} fwd {f:7.2f}   fwd+bwd {fb:7.2f}", flush=True)
+        return f, fb
 
     print(f"batch {b}, L {L}, E {E}, N {N}, threads {torch.get_num_threads()}  (ms, min of {args.repeats})")
-    report("reference loop", selective_scan_reference)
-    report(f"sequential (block {block_steps(b, E, N)})", selective_scan_sequential)
-    for chunk in (int(c) for c in args.chunks.split(",")):
+    if not args.skip_reference:
+        report("reference loop", selective_scan_reference)
+    seq = report(f"sequential (block {block_steps(b, E, N)})", selective_scan_sequential)
+    for chunk in (int(c) for c in args.chunks.split(",") if c):
         report(f"chunked Lc={chunk_length(L, chunk)}", lambda *xs, c=chunk: selective_scan_chunked(*xs, chunk=c))
-    print(f"  auto picks: {choose_impl(b, E, N, L)}")
+    if numba_kernel() is None:
+        print("  numba kernel: numba is not installed")
+    else:
+        kernel = report("numba kernel", lambda *xs: selective_scan(*xs, impl="numba"))
+        print(f"  numba vs sequential: {seq[0] / kernel[0]:.1f}x forward, {seq[1] / kernel[1]:.1f}x fwd+bwd")
+    print(f"  auto's torch choice: {choose_impl(b, E, N, L)}")
+
+
+FIRST_CALL = """
+import time
+t0 = time.perf_counter()
+import torch
+from earmark.encoders import scan_numba as K
+t_import = time.perf_counter() - t0
+u = torch.randn(2, 1, 33, 64)
+bc = (torch.randn(2, 1, 33, 4), torch.randn(2, 1, 33, 4))
+args = (u, torch.rand_like(u), -torch.rand(2, 64, 4), *bc, torch.ones(2, 64))
+t0 = time.perf_counter()
+y, states = K.forward(*args, (False, True), z=u[0], softplus=True, keep_states=True)
+t_forward = time.perf_counter() - t0
+t0 = time.perf_counter()
+K.backward(*args, (False, True), states, y, z=u[0], softplus=True)
+t_backward = time.perf_counter() - t0
+print(f"import torch + numba + kernel module {t_import:.2f} s, first forward {t_forward:.2f} s, "
+      f"first backward {t_backward:.2f} s (float32)")
+"""
+
+
+def bench_compile(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        for i in range(max(2, args.processes)):
+            out = subprocess.run([sys.executable, "-c", FIRST_CALL], env=env, capture_output=True, text=True)
+            label = "empty cache (compiles)" if i == 0 else "cached (loads)"
+            print(f"  process {i + 1}, {label}: {(out.stdout or out.stderr).strip().splitlines()[-1]}", flush=True)
 
 
 def parse_config(spec: str) -> tuple[str, EncoderConfig]:
@@ -123,7 +169,10 @@ def main() -> None:
     s.add_argument("--length", type=int, default=257)
     s.add_argument("--channels", type=int, default=384)
     s.add_argument("--state", type=int, default=16)
-    s.add_argument("--chunks", default="0,8,16", help="chunk lengths to try (0 = ~sqrt(L))")
+    s.add_argument("--chunks", default="0,8,16", help="chunk lengths to try (0 = ~sqrt(L); '' = none)")
+    s.add_argument("--skip-reference", action="store_true", help="leave out the (slow) reference loop")
+    c = sub.add_parser("compile")
+    c.add_argument("--processes", type=int, default=2)
     e = sub.add_parser("encoder")
     e.add_argument("--configs", default="fast;tiny", help="';'-separated presets or field=value,... specs")
     e.add_argument("--batch", type=int, default=32)
@@ -133,6 +182,9 @@ def main() -> None:
         q.add_argument("--repeats", type=int, default=5)
         q.add_argument("--threads", type=int, default=0)
     args = p.parse_args()
+    if args.what == "compile":
+        bench_compile(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     (bench_scan if args.what == "scan" else bench_encoder)(args)

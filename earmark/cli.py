@@ -370,7 +370,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
              "top": " ".join(f"{n}:{v:.3f}" for n, v in p.top)} for p in preds]
     if args.format == "json":
         print(json.dumps({"predictions": [p.to_dict() for p in preds],
-                          "skipped": [{"file": f, "reason": r} for f, r in model.skipped]}, indent=2))
+                          "skipped": [{"file": f, "reason": r} for f, r in preds.skipped]}, indent=2))
     elif args.format == "csv":
         writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["file"])
         writer.writeheader()
@@ -379,9 +379,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for r in rows:
             when = f"{r['start']:.2f}s\t" if r["start"] is not None else ""
             print(f"{r['file']}\t{when}{r['label']}\t{r['probability']:.3f}\t{r['top']}", flush=True)
-    for f, reason in model.skipped:
+    for f, reason in preds.skipped:
         print(f"skipped {f}: {reason}", file=sys.stderr)
-    return 1 if model.skipped and not preds else 0
+    return 1 if preds.skipped and not preds else 0
 
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")

@@ -31,6 +31,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -116,6 +117,14 @@ class Prediction:
                 "top": [{"label": name, "probability": p} for name, p in self.top]}
 
 
+class Predictions(list):
+    """The predictions of one call (a list of Prediction) and the files it skipped, as (name, reason)."""
+
+    def __init__(self, items=(), skipped: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(items)
+        self.skipped = list(skipped or [])
+
+
 @dataclass
 class Decoded:
     """Clips decoded for the model: waveforms, their names and digests, and what failed (name, reason)."""
@@ -178,6 +187,7 @@ class Model:
             raise ModelError(f"the {learner.name} learner trains its own encoder; a Model needs a learner on "
                              f"embeddings (e.g. {', '.join(_embedding_learners())})")
         self.embedder = embedder.to(device).eval()
+        self.embedder.pin_batch_invariant()  # the journal's digests need one embedding per clip
         self.learner = learner.to(device)
         self.device = device
         self._names: dict[int, str] = {}  # learner label id -> name
@@ -306,8 +316,7 @@ class Model:
         if len(waves) == 0:
             return torch.zeros(0, self.embedder.embed_dim)
         stacked = np.stack(list(waves)) if not isinstance(waves, np.ndarray) else waves
-        with self.embedder.batch_invariant():
-            parts = [self.embedder.embed(stacked[i : i + batch_size]) for i in range(0, len(stacked), batch_size)]
+        parts = [self.embedder.embed(stacked[i : i + batch_size]) for i in range(0, len(stacked), batch_size)]
         return torch.cat(parts).cpu()
 
     # ------------------------------------------------------------------ learn / predict / forget
@@ -374,8 +383,10 @@ class Model:
         self, paths: Sequence[str | Path], top_k: int = 5, window: float | None = None, hop: float | None = None,
         *, on_error: str = "fail", names: Sequence[str] | None = None, unknown_threshold: float | None = None,
         reject_unknown: bool = True,
-    ) -> list[Prediction]:
+    ) -> Predictions:
         """Top-k labels with probabilities per clip, or per window of each file when ``window`` is given.
+
+        With ``on_error="skip"`` bad files are left out and listed in the result's ``skipped``.
 
         Probabilities are calibrated (temperature fitted on held-out clips) when the model has a calibration.
         A clip whose known-ness score (its best calibrated probability) is below the threshold gets
@@ -390,14 +401,12 @@ class Model:
         top_k = min(top_k, self.learner.n_classes_)
         if window is None:
             decoded = self.decode(paths, on_error, names)
-            self.skipped = decoded.skipped
             if not decoded.waves:
-                return []
-            return [Prediction(name, top) for name, top in zip(decoded.names, self._top(decoded.waves, top_k, *reject),
-                                                                strict=True)]
+                return Predictions([], decoded.skipped)
+            tops = self._top(decoded.waves, top_k, *reject)
+            return Predictions((Prediction(n, t) for n, t in zip(decoded.names, tops, strict=True)), decoded.skipped)
         hop = hop or window
-        out: list[Prediction] = []
-        self.skipped = []
+        out = Predictions()
         for k, path in enumerate(paths):
             name = str(names[k]) if names is not None else str(path)
             try:
@@ -405,7 +414,7 @@ class Model:
             except AudioDecodeError as exc:
                 if on_error == "fail":
                     raise AudioDecodeError(name, exc.reason) from None
-                self.skipped.append((name, exc.reason))
+                out.skipped.append((name, exc.reason))
         return out
 
     def predict_stream(self, path: str | Path, name: str, window: float, hop: float, top_k: int = 5,
@@ -576,7 +585,7 @@ class Model:
         return {"held_out_clips": len(self.calibration.pool_y), "bytes": sum(t.numel() * t.element_size()
                                                                               for t in tensors.values()),
                 "temperature": cal.calibrator.temperature, "score": cal.detector.score,
-                "threshold": cal.detector.threshold}
+                "threshold": cal.detector.threshold if math.isfinite(cal.detector.threshold) else None}
 
     # ------------------------------------------------------------------ persistence
 

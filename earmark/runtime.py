@@ -4,9 +4,9 @@ PyTorch's CPU tensors come from the C library's ``malloc``. glibc serves blocks 
 threshold (128 KiB, raised only as far as the largest block freed) with fresh ``mmap`` pages and
 hands freed heap tops back to the OS; every reuse then page-faults its memory in again. An encoder
 forward allocates and frees tensors of a few MB hundreds of times, so on a CPU it spends up to half
-its time in page faults (measured: the Mamba encoder at 1k tokens, 0.85 s -> 0.40 s; the AST
-gains less). :func:`keep_freed_memory` raises both thresholds, so freed blocks stay in the heap
-and are reused warm - the caching behaviour PyTorch's GPU allocator has by default.
+its time in page faults (the Mamba encoder more than the AST). :func:`keep_freed_memory` raises
+both thresholds, so freed blocks stay in the heap and are reused warm - the caching behaviour
+PyTorch's GPU allocator has by default.
 
 It changes how the whole process allocates, so a library import never calls it; applications
 (the ``earmark`` CLI, ``benchmarks/``) do.

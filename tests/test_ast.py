@@ -108,3 +108,18 @@ def test_deterministic_for_a_seed() -> None:
         a, b, c = small(seed=3)(x), small(seed=3)(x), small(seed=4)(x)
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
+
+
+def test_explicit_attention_equals_sdpa() -> None:
+    """attention="explicit" (the n x n matrix materialised, as SSAST) computes the same function
+    with the same weights as the default scaled_dot_product_attention."""
+    torch.manual_seed(0)
+    cfg = EncoderConfig(arch="ast", embed_dim=64, depth=2, max_frames=64)
+    sdpa = build_encoder(cfg).eval()
+    explicit = build_encoder(dataclasses.replace(cfg, attention="explicit")).eval()
+    explicit.load_state_dict(sdpa.state_dict())
+    x = torch.randn(2, 128, 48)
+    with torch.no_grad():
+        assert torch.allclose(sdpa(x), explicit(x), atol=1e-5)
+    with pytest.raises(ValueError, match="attention"):
+        EncoderConfig(arch="ast", attention="flash")

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -11,6 +13,7 @@ from earmark.audio import (
     LogMel,
     load_audio,
     load_batch,
+    mel_filterbank,
 )
 
 
@@ -60,8 +63,10 @@ def test_downmix_averages_channels(tmp_path):
         (lambda p: p.write_text("this is not audio, just text"), "cannot be decoded"),
         (lambda p: sf.write(p, np.zeros((0,), np.float32), 16000), "no samples"),
         (lambda p: sf.write(p, np.full(1000, np.nan, np.float32), 16000, subtype="FLOAT"), "no finite samples"),
-        (lambda p: sf.write(p, np.r_[np.zeros(10), np.inf].astype(np.float32), 16000, subtype="FLOAT"),
-         "NaN or infinite"),
+        (
+            lambda p: sf.write(p, np.r_[np.zeros(10), np.inf].astype(np.float32), 16000, subtype="FLOAT"),
+            "NaN or infinite",
+        ),
         (lambda p: sf.write(p, np.zeros(1000, np.float32), 100), "sample rate 100 Hz"),
         (lambda p: sf.write(p, np.zeros((100, 80), np.float32), 16000), "80 channels"),
     ],
@@ -143,3 +148,75 @@ def test_load_many_fails_or_skips_and_reports(tmp_path):
         load_many([good, bad], AudioConfig(clip_seconds=0.1))
     with pytest.raises(ValueError, match="on_error"):
         load_many([good], on_error="ignore")
+
+
+def _reference_signal() -> torch.Tensor:
+    """0.25 s at 16 kHz: two sines, a chirp, a DC offset and LCG noise - pure arithmetic, so the
+    same samples on every machine and torch version."""
+    t = torch.arange(4000, dtype=torch.float64) / 16000
+    x = 0.5 * torch.sin(2 * math.pi * 440 * t) + 0.25 * torch.sin(2 * math.pi * 3000 * t + 0.3)
+    x = x + 0.1 * torch.sin(2 * math.pi * (100 + 2000 * t) * t) + 0.05
+    n = torch.arange(4000, dtype=torch.int64)
+    noise = ((n * 1103515245 + 12345) % 2**31).double() / 2**31 - 0.5
+    return (x + 0.02 * noise).float()
+
+
+# (mel bin, frame) -> log-mel value, computed once (torch 2.13, CPU) and pinned as the regression
+# reference. Version 2 = torchaudio.compliance.kaldi.fbank as AST / SSAST / AuM call it
+# (window_type="hanning", dither=0, 128 bins; pre-emphasis 0.97 and DC removal by default);
+# version 1 = earmark before pre-emphasis was added.
+REFERENCE_POINTS = [(0, 0), (10, 5), (40, 11), (64, 20), (100, 3), (127, 22)]
+REFERENCE = {
+    2: ([-8.39523, -8.62596, -6.05536, -7.68752, -6.44241, 0.6852], -6.15455),
+    1: ([-0.58599, -4.6479, -3.93156, -6.89901, -7.26274, -0.66896], -5.05432),
+}
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_logmel_reference_values(version: int) -> None:
+    feats = LogMel(FeatureConfig(version=version))(_reference_signal())[0]
+    assert feats.shape == (128, 23)
+    values, mean = REFERENCE[version]
+    got = [feats[i, j].item() for i, j in REFERENCE_POINTS]
+    assert got == pytest.approx(values, abs=2e-4)
+    assert feats.mean().item() == pytest.approx(mean, abs=2e-4)
+
+
+def test_preemphasis_is_kaldis() -> None:
+    """Version 2 differs from version 1 exactly by x[i] - 0.97 x[i - 1] within each DC-free frame
+    (x[0] - 0.97 x[0]), before the window: rebuilt here from the version-1 pipeline's steps."""
+    cfg = FeatureConfig()
+    assert cfg.version == 2 and cfg.preemphasis == 0.97 and FeatureConfig(version=1).preemphasis == 0.0
+    wave = _reference_signal()[None]
+    frames = wave.unfold(-1, cfg.win_length, cfg.hop_length)
+    frames = frames - frames.mean(-1, keepdim=True)
+    shifted = torch.cat([frames[..., :1], frames[..., :-1]], -1)
+    frames = (frames - 0.97 * shifted) * torch.hann_window(cfg.win_length, periodic=False)
+    power = torch.fft.rfft(frames, n=cfg.n_fft).abs().pow(2)
+    expected = torch.log((power @ mel_filterbank(cfg).T).clamp_min(cfg.log_floor)).transpose(1, 2)
+    assert torch.allclose(LogMel(cfg)(wave), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="version"):
+        FeatureConfig(version=3)
+
+
+def test_old_feature_config_loads_as_version_1(tmp_path) -> None:
+    """A checkpoint saved before the version field (its feature config has no "version") loads as
+    version 1 and gives the features it was trained on; new ones save and load version 2."""
+    from earmark.checkpoint import load_tensors, save_tensors
+    from earmark.encoders import EncoderConfig
+    from earmark.encoders.embedder import AudioEmbedder
+
+    embedder = AudioEmbedder(EncoderConfig(embed_dim=32, depth=1, d_state=4, max_frames=64))
+    new = tmp_path / "new.safetensors"
+    embedder.save(new)
+    assert AudioEmbedder.load(new).feature_config.version == 2
+    tensors, meta, _ = load_tensors(new, kind="embedder")
+    del meta["feature_config"]["version"]
+    old = tmp_path / "old.safetensors"
+    save_tensors(old, tensors, meta)
+    loaded = AudioEmbedder.load(old)
+    assert loaded.feature_config.version == 1
+    wave = _reference_signal()
+    feats = loaded.logmel(wave)[0]
+    values, _ = REFERENCE[1]
+    assert [feats[i, j].item() for i, j in REFERENCE_POINTS] == pytest.approx(values, abs=2e-4)

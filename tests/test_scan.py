@@ -163,7 +163,7 @@ def test_no_grad_and_low_precision_inputs() -> None:
 
 
 def test_dispatch_and_validation() -> None:
-    assert set(SCAN_IMPLS) == {"auto", "sequential", "chunked", "reference", "cuda"}
+    assert set(SCAN_IMPLS) == {"auto", "numba", "sequential", "chunked", "reference", "cuda"}
     assert choose_impl(2, 32, 4, 1000) == "chunked"  # tiny steps: per-op overhead dominates
     assert choose_impl(2, 32, 4, 8) == "sequential"  # too short for chunks to pay off
     assert choose_impl(2, 384, 16, 4097) == "sequential"

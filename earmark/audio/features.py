@@ -1,4 +1,14 @@
-"""Log-mel filterbank features in torch, batched, Kaldi-style as AST / SSAST / AuM use them."""
+"""Log-mel filterbank features in torch, batched, Kaldi-style as AST / SSAST / AuM use them.
+
+Version 2 (the default) matches ``torchaudio.compliance.kaldi.fbank`` as those models call it
+(``window_type="hanning"``, ``dither=0``, ``num_mel_bins=128``, other arguments at their Kaldi
+defaults): per frame the DC offset removed, then pre-emphasis 0.97 (the first sample against
+itself, as Kaldi), a symmetric Hann window, zero-padding to a power of two (512), the power
+spectrum, triangular filters on the mel scale 1127 ln(1 + f / 700) from 20 Hz to Nyquist (the
+Nyquist bin weighted 0), the log with a float32-eps floor; only whole frames (snip_edges).
+Version 1, what earmark computed before, is the same without pre-emphasis; checkpoints saved
+without a ``version`` in their feature config are version 1 and keep it.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +21,8 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class FeatureConfig:
-    """Kaldi-like fbank: 25 ms Hann window, 10 ms hop, 128 mel bins, no dither, mean removed."""
+    """Kaldi fbank: 25 ms Hann window, 10 ms hop, 128 mel bins, no dither, DC offset removed, and
+    (version 2) pre-emphasis 0.97. See the module docstring."""
 
     sample_rate: int = 16000
     n_mels: int = 128
@@ -21,6 +32,16 @@ class FeatureConfig:
     f_min: float = 20.0
     f_max: float | None = None  # None = Nyquist
     log_floor: float = 1.1920928955078125e-07  # float32 eps, as Kaldi
+    version: int = 2  # 1: no pre-emphasis (checkpoints saved before version 2)
+
+    def __post_init__(self) -> None:
+        if self.version not in (1, 2):
+            raise ValueError(f"feature config version must be 1 or 2, got {self.version}")
+
+    @property
+    def preemphasis(self) -> float:
+        """Kaldi's pre-emphasis coefficient (version 2); 0 = none (version 1)."""
+        return 0.97 if self.version >= 2 else 0.0
 
     @property
     def win_length(self) -> int:
@@ -39,6 +60,11 @@ class FeatureConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> FeatureConfig:
+        """A saved config; one without ``version`` predates it and is version 1."""
+        return cls(**{"version": 1, **d})
+
 
 def _mel(f: Tensor) -> Tensor:
     return 1127.0 * torch.log1p(f / 700.0)
@@ -50,7 +76,9 @@ def mel_filterbank(config: FeatureConfig) -> Tensor:
     n_bins = config.n_fft // 2 + 1
     freqs = torch.linspace(0, config.sample_rate / 2, n_bins, dtype=torch.float64)
     mel_pts = torch.linspace(
-        float(_mel(torch.tensor(config.f_min))), float(_mel(torch.tensor(f_max))), config.n_mels + 2,
+        float(_mel(torch.tensor(config.f_min))),
+        float(_mel(torch.tensor(f_max))),
+        config.n_mels + 2,
         dtype=torch.float64,
     )
     m = _mel(freqs)[None, :]
@@ -81,6 +109,9 @@ class LogMel(nn.Module):
             wave = nn.functional.pad(wave, (0, c.win_length - wave.shape[-1]))
         frames = wave.unfold(-1, c.win_length, c.hop_length)  # (B, T, win)
         frames = frames - frames.mean(dim=-1, keepdim=True)  # Kaldi removes the DC offset per frame
+        if c.preemphasis:  # x[i] - k x[i - 1] within the frame, x[0] - k x[0] (Kaldi)
+            prev = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
+            frames = frames - c.preemphasis * prev
         spec = torch.fft.rfft(frames * self.window, n=c.n_fft).abs().pow(2)  # (B, T, bins)
         mel = spec @ self.fbank.T  # (B, T, n_mels)
         return torch.log(mel.clamp_min(c.log_floor)).transpose(1, 2).contiguous()

@@ -30,20 +30,31 @@ def num_heads(embed_dim: int) -> int:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over all tokens (no mask: every token sees the whole clip)."""
+    """Multi-head self-attention over all tokens (no mask: every token sees the whole clip).
 
-    def __init__(self, dim: int, heads: int) -> None:
+    ``explicit``: softmax(Q K^T / sqrt(d)) V with the (n x n) attention matrix materialised, as
+    SSAST (timm's ViT) computes it - the memory baseline; otherwise PyTorch's
+    ``scaled_dot_product_attention``, which never holds the whole matrix. Same function, same weights.
+    """
+
+    def __init__(self, dim: int, heads: int, explicit: bool = False) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"embed_dim ({dim}) must be a multiple of the number of heads ({heads})")
         self.heads = heads
+        self.explicit = explicit
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, n, hd)
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if self.explicit:
+            attn = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+            y = attn.softmax(dim=-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(b, n, d))
 
 
@@ -54,7 +65,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         d = config.embed_dim
         self.norm1 = nn.LayerNorm(d, eps=1e-6)
-        self.attn = Attention(d, num_heads(d))
+        self.attn = Attention(d, num_heads(d), explicit=config.attention == "explicit")
         self.norm2 = nn.LayerNorm(d, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(d, MLP_RATIO * d), nn.GELU(), nn.Linear(MLP_RATIO * d, d))
 

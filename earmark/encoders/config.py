@@ -33,13 +33,16 @@ class EncoderConfig:
     max_frames: int = 1024  # position embeddings cover this many frames; longer inputs interpolate
     pool: str = "cls"  # "cls" (class token in the middle) or "mean" (mean of patch tokens)
     bidirectional: bool = True  # v2 bidirectional Mamba: a backward branch over the flipped sequence
-    scan_impl: str = "auto"  # selective scan: auto | sequential | chunked | reference | cuda
+    scan_impl: str = "auto"  # selective scan: auto | numba | sequential | chunked | reference | cuda
     scan_chunk: int = 0  # chunk length of the chunked scan; 0 -> ~sqrt(sequence length)
     recompute: bool = True  # training: recompute conv/projections in backward instead of keeping them
+    attention: str = "sdpa"  # AST only: "sdpa" (fused kernel) or "explicit" (softmax(QK^T) V materialised, as SSAST)
 
     def __post_init__(self) -> None:
         if self.pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.attention not in ("sdpa", "explicit"):
+            raise ValueError(f"attention must be 'sdpa' or 'explicit', got {self.attention!r}")
         if self.n_mels % self.patch:
             raise ValueError(f"n_mels ({self.n_mels}) must be a multiple of patch ({self.patch})")
         if self.max_frames < self.patch:
@@ -75,9 +78,9 @@ ENCODERS: Registry[type[nn.Module]] = Registry("encoder arch")
 # Audio Mamba / Vision Mamba sizes.
 ENCODER_CONFIGS.register("tiny")(EncoderConfig(embed_dim=192, depth=24))  # ~7M parameters
 ENCODER_CONFIGS.register("small")(EncoderConfig(embed_dim=384, depth=24))  # ~26M parameters
-# Trainable from scratch on 2 CPU cores in minutes: one AdamW step at batch 32 on 2 s clips
-# (8 x 13 patches + class token) takes ~0.24 s (benchmarks/scan.py encoder). The scan dominates the
-# cost (batch x tokens x E x N x depth x 2 directions), hence expand 1 and a small state.
+# Small enough to train from scratch on a few CPU cores (benchmarks/scan.py encoder times it). The
+# scan dominates the cost (batch x tokens x E x N x depth x 2 directions), hence expand 1 and a
+# small state.
 # Mean pooling over patch tokens for this shallow preset (tiny/small keep the published middle class token).
 ENCODER_CONFIGS.register("fast")(EncoderConfig(embed_dim=128, depth=3, d_state=4, expand=1, pool="mean"))
 # Transformer baselines (earmark/encoders/ast.py): ast-tiny is AST/DeiT-tiny (192 x 12, 3 heads, ~5.5M

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -49,24 +47,26 @@ class AudioEmbedder(nn.Module):
     def forward(self, wave: Tensor | np.ndarray) -> Tensor:
         return self.encoder(self.features(wave))
 
-    @contextmanager
-    def batch_invariant(self) -> Iterator[None]:
+    def pin_batch_invariant(self) -> None:
         """Pin the scan implementation so a clip's embedding has the same bits whatever batch it is in.
 
         ``auto`` picks the scan by the batch's size (a chunked scan for small steps), and two scans
         round differently; the product needs one embedding per clip (the journal's digest proves it),
-        so inside this context every mixer uses the sequential scan, whose rows are independent.
+        so every mixer left on ``auto`` gets one scan whose rows are independent: the numba kernel where it
+        runs (CPU, numba installed, not forced off with ``EARMARK_SCAN=torch``), else the sequential one.
+        Done once, not around each call, so that threads sharing a frozen embedder never see it half-switched.
         """
-        mixers = [m for m in self.encoder.modules() if getattr(m, "config", None) is not None
-                  and getattr(m.config, "scan_impl", None) == "auto"]
-        saved = [m.config for m in mixers]
-        try:
-            for m in mixers:
-                m.config = dataclasses.replace(m.config, scan_impl="sequential")
-            yield
-        finally:
-            for m, cfg in zip(mixers, saved, strict=True):
-                m.config = cfg
+        import os
+
+        from earmark.encoders.scan import SCAN_ENV, numba_kernel
+
+        on_cpu = self.normalizer.mean.device.type == "cpu"
+        numba_ok = on_cpu and os.environ.get(SCAN_ENV, "").strip().lower() != "torch" and numba_kernel() is not None
+        impl = "numba" if numba_ok else "sequential"
+        for m in self.encoder.modules():
+            cfg = getattr(m, "config", None)
+            if cfg is not None and getattr(cfg, "scan_impl", None) == "auto":
+                m.config = dataclasses.replace(cfg, scan_impl=impl)
 
     @torch.no_grad()
     def embed(self, wave: Tensor | np.ndarray) -> Tensor:
@@ -99,7 +99,7 @@ class AudioEmbedder(nn.Module):
         model = cls(
             EncoderConfig.from_dict(meta["encoder_config"]),
             AudioConfig(**meta["audio_config"]),
-            FeatureConfig(**meta["feature_config"]),
+            FeatureConfig.from_dict(meta["feature_config"]),
         )
         model.encoder.load_state_dict(unprefixed("encoder", tensors))
         model.normalizer.load_state_dict(unprefixed("normalizer", tensors))

@@ -23,7 +23,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from earmark.encoders.config import ENCODERS, EncoderConfig, build_encoder
-from earmark.encoders.scan import plan_scan, scan_backward, scan_forward, selective_scan, uses_own_scan
+from earmark.encoders.scan import (
+    ScanPlan,
+    numba_kernel,
+    plan_scan,
+    require_numba,
+    resolve_impl,
+    scan_backward,
+    scan_forward,
+    selective_scan,
+    uses_own_scan,
+)
 
 __all__ = ["MambaEncoder", "MambaMixer", "MambaBlock", "build_encoder"]
 
@@ -79,11 +89,10 @@ class _DepthwiseConv(torch.autograd.Function):
     bias b (G, E) -> (G, batch, L, E); direction g causal, or anti-causal where ``reverse[g]``.
 
     Written as K shifted multiply-adds into one output (no padding copy, no stack of directions,
-    no transposes) with a hand-written backward of the same shape. Against one padded conv per
-    direction plus a stack (+ silu, 257-4k tokens and 1 s clips x 32): 2.4-3.5x faster forward,
-    1.3-2.7x forward + backward; plain autograd through these in-place slices was 18-27% slower
-    than that old conv in training (its backward copies every slice). Tap K-1 multiplies the
-    current step, tap K-1-s the step s behind (or, reversed, s ahead)."""
+    no transposes) with a hand-written backward of the same shape: faster than one padded conv
+    per direction plus a stack, and than plain autograd through these in-place slices (whose
+    backward copies every slice). Tap K-1 multiplies the current step, tap K-1-s the step s
+    behind (or, reversed, s ahead)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor, reverse: tuple[bool, ...]) -> Tensor:
@@ -142,10 +151,11 @@ class _Branch:
     d_state: int
 
 
-def _front(branch: _Branch, x: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, ...]:
+def _front(branch: _Branch, x: Tensor, params: Sequence[Tensor], softplus: bool = True) -> tuple[Tensor, ...]:
     """The scan's inputs from x (batch, L, E) and each direction's :meth:`_Direction.params`
     (flattened): conv + silu, x_proj and dt_proj as batched matmuls over the stacked directions,
-    softplus. Returns grouped (u, delta, A, B, C, D) for :func:`selective_scan`."""
+    softplus (``softplus=False``: left to the numba kernel, which fuses it; delta is then the
+    pre-activation). Returns grouped (u, delta, A, B, C, D) for :func:`selective_scan`."""
     k = len(params) // len(branch.reverse)
     per = [params[i : i + k] for i in range(0, len(params), k)]
     r, n = branch.rank, branch.d_state
@@ -157,7 +167,8 @@ def _front(branch: _Branch, x: Tensor, params: Sequence[Tensor]) -> tuple[Tensor
     dt, b, c = dbc.split([r, n, n], dim=-1)
     w_dt = torch.stack([p[3] for p in per]).transpose(1, 2).to(x.dtype)  # (G, R, E)
     bias = torch.stack([p[4] for p in per])[:, None].to(x.dtype)
-    delta = F.softplus(torch.baddbmm(bias, dt, w_dt).float())
+    delta = torch.baddbmm(bias, dt, w_dt).float()
+    delta = F.softplus(delta) if softplus else delta
     a = -torch.exp(torch.stack([p[5] for p in per]).float())
     skip = torch.stack([p[6] for p in per]).float()
     shape = (g, bsz, length)
@@ -196,6 +207,57 @@ class _RecomputedBranch(torch.autograd.Function):
         return (None, None, *(next(got) if t.requires_grad else None for t in leaves))
 
 
+def _gated_scan(branch: _Branch, plan: ScanPlan, x: Tensor, z: Tensor, params: Sequence[Tensor], keep: bool):
+    """The numba kernel on the front's outputs with the gate fused: mean over directions of
+    y_g * silu(z), as one kernel pass plus a sum. Returns (output, the kernel's saved states)."""
+    u, delta, A, B, C, D = (t.detach() for t in _front(branch, x, params, softplus=False))
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    args = (t.to(dtype) for t in (u, delta, A, B, C, D))
+    y, states = numba_kernel().forward(
+        *args, plan.reverse, z=z, scale=1.0 / len(plan.reverse), softplus=True, keep_states=keep, chunk=plan.block
+    )
+    return (y[0] if y.shape[0] == 1 else y.sum(0)).to(x.dtype), states
+
+
+class _FusedBranch(torch.autograd.Function):
+    """conv -> projections -> scan -> average of the directions -> SiLU(z) gate, with the numba
+    kernel: as :class:`_RecomputedBranch` (only x, z and the kernel's chunk states are saved; the
+    front is recomputed in backward), and the gate inside the kernel, so one pass over memory
+    produces the gated output and one produces every scan gradient including dz."""
+
+    @staticmethod
+    def forward(ctx, branch: _Branch, plan: ScanPlan, x: Tensor, z: Tensor, *params: Tensor) -> Tensor:
+        y, states = _gated_scan(branch, plan, x, z, params, keep=True)
+        ctx.save_for_backward(x, z, *params, states)
+        ctx.branch, ctx.plan = branch, plan
+        device = x.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
+        x, z, *params, states = ctx.saved_tensors
+        plan = ctx.plan
+        needs = (ctx.needs_input_grad[2], *ctx.needs_input_grad[4:])
+        leaves = [t.detach().requires_grad_(need) for t, need in zip((x, *params), needs, strict=True)]
+        device, dtype, enabled = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            outs = _front(ctx.branch, leaves[0], leaves[1:], softplus=False)
+        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        args = [t.detach().to(cdt) for t in outs]
+        groups = len(plan.reverse)
+        gys = gy.to(cdt).expand(groups, *gy.shape)
+        *g_outs, g_z = numba_kernel().backward(
+            *args, plan.reverse, states, gys, z=z, scale=1.0 / groups, softplus=True, chunk=plan.block
+        )
+        pairs = [(o, g.to(o.dtype)) for o, g in zip(outs, g_outs, strict=True) if o.requires_grad]
+        wanted = [t for t in leaves if t.requires_grad]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
+        grads = [next(got) if t.requires_grad else None for t in leaves]
+        g_z = g_z.to(z.dtype) if ctx.needs_input_grad[3] else None
+        return (None, None, grads[0], g_z, *grads[1:])
+
+
 class MambaMixer(nn.Module):
     """Mamba mixer; with ``bidirectional`` the v2 form: shared in/out projections, a second
     direction over the reversed sequence, outputs averaged before out_proj.
@@ -204,9 +266,10 @@ class MambaMixer(nn.Module):
     (y_f + y_b_reversed) / 2 * g with g = silu(z). Both directions run as one grouped computation
     (stacked x_proj / dt_proj matmuls, one scan over both): half the per-step overhead of two scans.
     With ``config.recompute`` (the default) a training forward keeps only the branch's input and
-    recomputes conv and projections in backward (:class:`_RecomputedBranch`): 0.42-0.50x the bytes
-    kept for backward and 0.93-1.17x the time of a training step (benchmarks/recompute.py, 257-4k
-    tokens), 0.58-0.77x its peak memory (benchmarks/encoders.py, 1k-16k tokens).
+    recomputes conv and projections in backward (:class:`_RecomputedBranch`, or with the numba
+    kernel :class:`_FusedBranch`, which also fuses softplus, the direction average and the gate):
+    about half the bytes kept for backward at about the same step time (benchmarks/recompute.py
+    and benchmarks/encoders.py measure both).
     """
 
     def __init__(self, config: EncoderConfig) -> None:
@@ -229,6 +292,20 @@ class MambaMixer(nn.Module):
         cfg = self.config
         branch = _Branch(tuple(d.reverse for d in dirs), cfg.rank, cfg.d_state)
         params = [p for d in dirs for p in d.params()]
+        # the kernel with gate and softplus fused; not under low-precision autocast, where the
+        # unfused path rounds the scan output to x's dtype before the gate (kept identical)
+        gate_fused = cfg.recompute or not torch.is_grad_enabled()
+        if (
+            gate_fused
+            and x.dtype in (torch.float32, torch.float64)
+            and resolve_impl(x, dirs[0].A_log, cfg.scan_impl) == "numba"
+        ):
+            plan = ScanPlan(0, require_numba(x).CHUNK, branch.reverse, "numba")
+            if torch.is_grad_enabled() and any(t.requires_grad for t in (x, z, *params)):
+                y = _FusedBranch.apply(branch, plan, x, z, *params)
+            else:
+                y = _gated_scan(branch, plan, x, z, params, keep=False)[0]
+            return self.out_proj(y)
         fused = cfg.recompute and uses_own_scan(x, cfg.scan_impl)
         if fused and torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)):
             y = _RecomputedBranch.apply(branch, (cfg.scan_impl, cfg.scan_chunk), x, *params)

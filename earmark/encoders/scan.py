@@ -1,4 +1,5 @@
-"""Selective scan (the Mamba recurrence) in plain PyTorch, fast enough to train on a CPU.
+"""Selective scan (the Mamba recurrence) on a CPU: the compiled numba kernel where numba is
+installed, else plain PyTorch fast enough to train with; mamba-ssm's CUDA kernel on a GPU.
 
 The recurrence, per batch item, channel ``e`` and state ``n``::
 
@@ -12,6 +13,8 @@ time instead of two, which halves the per-step dispatch overhead).
 
 Implementations (``impl``):
 
+* ``numba`` - the compiled kernel in :mod:`earmark.encoders.scan_numba` (forward and backward of
+  every group in one call, one pass over memory; numba is imported only when this is used).
 * ``reference`` - :func:`selective_scan_reference`, a plain loop over time (``unbind``, autograd
   through every step). Slow but obviously right: the test oracle.
 * ``sequential`` - :func:`selective_scan_sequential`, the recurrence one step at a time over
@@ -20,29 +23,32 @@ Implementations (``impl``):
 * ``chunked`` - :func:`selective_scan_chunked`, a two-level chunked scan (below).
 * ``cuda`` - :func:`selective_scan_mamba_ssm`, mamba-ssm's fused CUDA kernel (optional; never
   required: only when that package is installed and the tensors are on a CUDA device).
-* ``auto`` (default) - ``cuda`` where it can run; else sequential, unless one step's state has
-  < 2048 elements and the sequence is >= 16 steps: then per-op overhead dominates and the chunked
-  scan's fewer, larger ops win (e.g. the ``fast`` preset at batch 1).
+* ``auto`` (default) - ``cuda`` where it can run; else ``numba`` for CPU tensors when numba
+  imports (``EARMARK_SCAN=torch`` or ``numba`` overrides this, see :func:`resolve_impl`); else
+  sequential, unless one step's state has < 2048 elements and the sequence is >= 16 steps: then
+  per-op overhead dominates and the chunked scan's fewer, larger ops win (e.g. the ``fast``
+  preset at batch 1). The PyTorch scans stay: the oracle the kernel is tested against, and the
+  fallback without numba or off the CPU.
 
-Both fast paths share a hand-written backward (:class:`_Scan`). The chunked scan saves only the
-inputs and recomputes all states; the sequential scan also keeps the state entering each block
-(1/k of the states), and its backward walks the blocks from the end, recomputing one block's
-states at a time and running the adjoint recurrence ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}``
-through it - no (L, batch, N, E) tensor is ever allocated. :func:`scan_forward` and
-:func:`scan_backward` expose the two halves to callers that fuse the scan into a larger autograd
-function (the Mamba mixer's branch that recomputes conv and projections in backward).
-``reverse=True`` scans from the last step to the first without flipping any state-sized tensor.
+All fast paths share one autograd function (:class:`_Scan`) with a hand-written backward. The
+chunked scan saves only the inputs and recomputes all states; the sequential scan (and the numba
+kernel, every 32 steps) also keeps the state entering each block (1/k of the states), and its
+backward walks the blocks from the end, recomputing one block's states at a time and running the
+adjoint recurrence ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}`` through it - no (L, batch, N, E)
+tensor is ever allocated. :func:`scan_forward` and :func:`scan_backward` expose the two halves to
+callers that fuse the scan into a larger autograd function (the Mamba mixer's branch that
+recomputes conv and projections in backward). ``reverse=True`` scans from the last step to the
+first without flipping any state-sized tensor.
 
-CPU facts this is built on (2-core AVX-512 machine, torch 2.13): ``torch.exp`` costs ~1 ns per
-float32 element, ``torch.exp2`` ~0.1 ns, so decays are ``exp2(delta * A / ln 2)``; one PyTorch op
-costs ~2-3 us however small, so a step of a batch-1 scan (12k elements) is dispatch-bound; creating
-a view costs ~1 us, so the per-step views are made once per call. Measured at batch 1, L 4096,
-E 384, N 16, both directions: 50-95 ms forward, 260-290 ms forward + backward, varying between
-runs on a shared machine (``benchmarks/encoders.py`` compares with mambapy's parallel scan).
-Tried and not used: the two directions on two Python threads (PyTorch ops release the GIL) - up
-to 2x faster for the scan alone at large steps, but slower inside the encoder (a GIL hand-off per
-step and two OpenMP teams on two cores); a ``torch.compile``'d block of 16 steps - 1.4-1.7x faster
-than this loop, after 8-20 s of C++ compilation per shape and with a compiler needed at run time.
+CPU facts the PyTorch scans are built on (AVX-512, torch 2.13): ``torch.exp2`` is an order of
+magnitude cheaper per element than ``torch.exp``, so decays are ``exp2(delta * A / ln 2)``; a
+PyTorch op has a fixed dispatch cost however small, so a step of a batch-1 scan is
+dispatch-bound; creating a view costs about as much, so the per-step views are made once per call
+(``benchmarks/scan.py`` and ``benchmarks/encoders.py`` measure all of it). Tried and not used: the
+two directions on two Python threads (faster for the scan alone at large steps, slower inside the
+encoder: a GIL hand-off per step and two OpenMP teams on the same cores); a ``torch.compile``'d
+block of steps (faster than this loop, but seconds of C++ compilation per shape and a compiler
+needed at run time - the numba kernel compiles once and caches to disk).
 
 Why the chunked scan is not the textbook closed form ``h_t = exp(S_t) (h_0 + sum_s exp(-S_s) x_s)``
 with ``S = cumsum(delta * A)``: on a CPU in eager PyTorch that form costs about twice the memory
@@ -68,13 +74,15 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-SCAN_IMPLS = ("auto", "sequential", "chunked", "reference", "cuda")
+SCAN_IMPLS = ("auto", "numba", "sequential", "chunked", "reference", "cuda")
+SCAN_ENV = "EARMARK_SCAN"  # "torch" or "numba": what ``auto`` runs on CPU tensors
 
 Reverse = bool | Sequence[bool]
 
@@ -156,7 +164,7 @@ def block_steps(rows: int, channels: int, state: int, budget: int = 1 << 19) -> 
 
 def choose_impl(rows: int, channels: int, state: int, length: int) -> str:
     """``auto``'s choice. The sequential scan, unless one step's state (rows x E x N) is so small
-    that the per-step dispatch (~2 us) outweighs its arithmetic and the sequence is long enough
+    that the per-step dispatch outweighs its arithmetic and the sequence is long enough
     for the chunked scan's extra passes to pay off."""
     return "chunked" if rows * channels * state < 2048 and length >= 16 else "sequential"
 
@@ -181,10 +189,12 @@ def selective_scan(
     ``reverse=True`` scans from the last step to the first: the same as flipping the time axis of
     u, delta, B, C and of the result, without the copies.
     """
-    if impl == "auto":
-        impl = "cuda" if _wants_kernel(u) else choose_impl(_rows(u), A.shape[-2], A.shape[-1], u.shape[-2])
+    impl = resolve_impl(u, A, impl)
     if impl == "cuda":
         return selective_scan_mamba_ssm(u, delta, A, B, C, D, reverse=reverse)
+    if impl == "numba":
+        _check_shapes(u, delta, A, B, C, D)
+        return _apply(u, delta, A, B, C, D, plan_scan(u, A, "numba", reverse=reverse))
     if impl == "chunked":
         return selective_scan_chunked(u, delta, A, B, C, D, chunk=chunk, reverse=reverse)
     if impl == "sequential":
@@ -197,8 +207,53 @@ def selective_scan(
 
 def uses_own_scan(u: Tensor, impl: str) -> bool:
     """Whether :func:`selective_scan` with ``impl`` runs one of this module's fast scans (the ones
-    :func:`scan_forward` / :func:`scan_backward` expose)."""
-    return impl in ("sequential", "chunked") or (impl == "auto" and not _wants_kernel(u))
+    :func:`scan_forward` / :func:`scan_backward` expose: numba, sequential, chunked)."""
+    return impl in ("numba", "sequential", "chunked") or (impl == "auto" and not _wants_kernel(u))
+
+
+def resolve_impl(u: Tensor, A: Tensor, impl: str = "auto") -> str:
+    """What ``impl`` runs for these inputs. ``auto``: mamba-ssm's kernel for CUDA tensors when
+    installed; the numba kernel for CPU tensors when numba imports; else :func:`choose_impl`.
+    The environment variable ``EARMARK_SCAN`` = ``torch`` or ``numba`` overrides ``auto``'s choice
+    on CPU tensors (``numba`` when numba is missing is an error, not a silent fallback)."""
+    if impl != "auto":
+        return impl
+    if _wants_kernel(u):
+        return "cuda"
+    forced = os.environ.get(SCAN_ENV, "").strip().lower()
+    if forced not in ("", "torch", "numba"):
+        raise ValueError(f"{SCAN_ENV} must be 'torch' or 'numba', got {forced!r}")
+    if forced == "numba" or (not forced and u.device.type == "cpu" and numba_kernel() is not None):
+        return "numba"
+    return choose_impl(_rows(u), A.shape[-2], A.shape[-1], u.shape[-2])
+
+
+def _import_numba_kernel():
+    """The kernel module; raises ImportError when numba is not installed."""
+    from earmark.encoders import scan_numba
+
+    return scan_numba
+
+
+@functools.cache
+def numba_kernel():
+    """:mod:`earmark.encoders.scan_numba`, or None when numba is not importable (looked up once)."""
+    try:
+        return _import_numba_kernel()
+    except ImportError:
+        return None
+
+
+def require_numba(u: Tensor):
+    kernel = numba_kernel()
+    if kernel is None:
+        raise RuntimeError(
+            f"selective scan impl 'numba' needs the numba package (pip install numba); "
+            f"{SCAN_ENV}=torch or another impl runs without it"
+        )
+    if u.device.type != "cpu":
+        raise RuntimeError(f"selective scan impl 'numba' runs on CPU tensors, got {u.device}")
+    return kernel
 
 
 def selective_scan_mamba_ssm(
@@ -298,30 +353,36 @@ def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
 
 @dataclass(frozen=True)
 class ScanPlan:
-    """How a grouped fast scan runs: ``chunk > 0`` chunked with that chunk length, ``chunk == 0``
-    sequential in blocks of ``block`` steps; ``reverse`` one flag per group."""
+    """How a grouped fast scan runs: ``impl`` numba (the compiled kernel, states saved every
+    ``block`` steps), else ``chunk > 0`` chunked with that chunk length, ``chunk == 0`` sequential
+    in blocks of ``block`` steps; ``reverse`` one flag per group."""
 
     chunk: int
     block: int
     reverse: tuple[bool, ...]
+    impl: str = "torch"
 
 
 def plan_scan(
     u: Tensor, A: Tensor, impl: str = "auto", *, chunk: int = 0, block: int = 0, reverse: Reverse = False
 ) -> ScanPlan:
-    """The :class:`ScanPlan` for grouped (or ungrouped) inputs and a fast ``impl`` (auto, sequential
-    or chunked); ``chunk`` / ``block`` 0 pick :func:`chunk_length` / :func:`block_steps`."""
+    """The :class:`ScanPlan` for grouped (or ungrouped) inputs and a fast ``impl`` (auto, numba,
+    sequential or chunked); ``chunk`` / ``block`` 0 pick :func:`chunk_length` / :func:`block_steps`
+    (numba: the kernel's state interval)."""
     groups = u.shape[0] if u.ndim == 4 else 1
     flags = _reverse_flags(reverse, groups)
     length, e, n = u.shape[-2], A.shape[-2], A.shape[-1]
     if impl == "auto":
-        impl = choose_impl(_rows(u), e, n, length)
+        impl = resolve_impl(u, A)
+    if impl == "numba":
+        kernel = require_numba(u)
+        return ScanPlan(0, block if block > 0 else kernel.CHUNK, flags, "numba")
     if impl == "chunked":
         return ScanPlan(chunk_length(length, chunk), 0, flags)
     if impl == "sequential":
         k = block if block > 0 else block_steps(_rows(u), e, n)
         return ScanPlan(0, max(1, min(k, length)), flags)
-    raise ValueError(f"no fast selective scan impl {impl!r}; known: auto, sequential, chunked")
+    raise ValueError(f"no fast selective scan impl {impl!r}; known: auto, numba, sequential, chunked")
 
 
 def _apply(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, plan: ScanPlan) -> Tensor:
@@ -647,6 +708,9 @@ def scan_forward(
     function: grouped inputs (see :class:`_Scan`), no autograd. Returns (y in the compute dtype,
     the block-start states for :func:`scan_backward` - sequential with ``keep_states`` only)."""
     dtype = _compute_dtype(u, delta, A, B, C, D)
+    if plan.impl == "numba":
+        args = (t.to(dtype) for t in (u, delta, A, B, C, D))
+        return numba_kernel().forward(*args, plan.reverse, keep_states=keep_states, chunk=plan.block)
     deltaT, duT, A2, BT, CT = _working_inputs(u, delta, A, B, C, dtype, plan.reverse)
     bounds = None
     if plan.chunk == 0:
@@ -686,6 +750,10 @@ def scan_backward(
     inputs, dL/dy and the states :func:`scan_forward` kept (recomputed from the inputs either way)."""
     rev = plan.reverse
     dtype = _compute_dtype(u, delta, A, B, C, D)
+    if plan.impl == "numba":
+        args = [t.to(dtype) for t in (u, delta, A, B, C, D)]
+        got = numba_kernel().backward(*args, rev, states, gy, chunk=plan.block)[:6]
+        return [g.to(t.dtype) if need else None for g, t, need in zip(got, (u, delta, A, B, C, D), needs, strict=True)]
     need_u, need_delta, need_A, need_B, need_C, need_D = needs
     u_, d_, gy_ = u.to(dtype), delta.to(dtype), gy.to(dtype)
     grads: list[Tensor | None] = [None] * 6

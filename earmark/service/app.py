@@ -172,13 +172,6 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
                 time.sleep(config.load_delay)
             api = _model_api()
             model = api.Model.load(path, device=config.device)
-            # Model.embed pins the scan implementation by swapping the (shared, frozen) embedder's mixer
-            # configs for the duration of each call; from several threads at once those swaps would
-            # interleave. Pin it once here for the server's lifetime: every later swap is then a no-op.
-            pin = getattr(model.embedder, "batch_invariant", None)
-            if pin is not None:
-                runtime["pinned"] = pin()
-                runtime["pinned"].__enter__()
             if model.labels:  # first call pays lazy initialisation: do it before saying ready
                 with tempfile.TemporaryDirectory(prefix="earmark-warm-", dir=config.temp_dir) as tmp:
                     model.predict([str(_write_tone(Path(tmp) / "warmup.wav"))], top_k=1)
