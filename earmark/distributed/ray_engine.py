@@ -6,9 +6,9 @@ an actor pool (``ActorPoolStrategy(size=num_workers)``) of ``num_workers`` actor
 ``cpus_per_worker`` CPUs each (``torch.set_num_threads`` matches inside). Rows come back in any
 order, so each carries its clip id and the file's content digest; the driver writes them into the
 same :class:`~earmark.encoders.cache.EmbeddingCache` the single-process path writes (shards keyed by
-audio digest), a shard per ``flush_rows`` rows. Embeddings are computed under
-``AudioEmbedder.batch_invariant``, so a clip has the same bits whichever actor and batch embedded
-it, and the same bits as ``--engine local``.
+audio digest), a shard per ``flush_rows`` rows. Embedders are pinned batch-invariant
+(``AudioEmbedder.pin_batch_invariant``, as ``Model`` pins its own), so a clip has the same bits
+whichever actor and batch embedded it, and the same bits as ``--engine local``.
 
 Learning (:func:`learn_with_ray`): the clips are cut into contiguous shards; each shard is a Ray
 task (at most ``num_workers`` in flight) that decodes and embeds its clips with the model's encoder,
@@ -137,6 +137,7 @@ class EmbedActor:
     def __init__(self, blob: Any, threads: int = 1, known: Any = None) -> None:
         torch.set_num_threads(max(1, int(threads)))
         self.embedder = embedder_from_blob(_resolve(blob))
+        self.embedder.pin_batch_invariant()
         self.known = set(_resolve(known) or ())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -161,9 +162,7 @@ class EmbedActor:
         for j, (_, reason) in zip(failed, bad, strict=True):
             status[todo[j]], reasons[todo[j]] = "error", reason
         if waves:
-            with self.embedder.batch_invariant():
-                emb = self.embedder.embed(np.stack(waves)).cpu().numpy()
-            out[[todo[j] for j in pos]] = emb
+            out[[todo[j] for j in pos]] = self.embedder.embed(np.stack(waves)).cpu().numpy()
         return {"id": ids, "digest": np.array(digests, dtype=object), "status": np.array(status, dtype=object),
                 "reason": np.array(reasons, dtype=object), "embedding": out}
 
@@ -194,14 +193,15 @@ def embed_local(
     embedder: AudioEmbedder, paths: Sequence[str | Path], cache_root: str | Path, *, batch_size: int = 32,
     on_error: str = "fail", progress: bool = True,
 ) -> EmbedSummary:
-    """The single-process path (``embed_paths``), batch-invariant so its bits equal the ray engine's."""
+    """The single-process path (``embed_paths``); pins ``embedder`` batch-invariant (as ``Model`` does), so its
+    bits equal the ray engine's."""
     from earmark.encoders.cache import embed_paths
 
     start = time.perf_counter()
+    embedder.pin_batch_invariant()
     fingerprint = embedder_fingerprint(embedder)
     cache = EmbeddingCache(cache_root, fingerprint)
-    with embedder.batch_invariant():
-        result = embed_paths(embedder, paths, cache, batch_size=batch_size, on_error=on_error, progress=progress)
+    result = embed_paths(embedder, paths, cache, batch_size=batch_size, on_error=on_error, progress=progress)
     return EmbedSummary("local", len(paths), result.computed, len(result.kept) - result.computed, result.skipped,
                         str(cache.dir), fingerprint, time.perf_counter() - start, 1)
 
@@ -225,6 +225,7 @@ def embed_with_ray(
     if num_workers < 1 or cpus_per_worker < 1 or batch_size < 1:
         raise ValueError("num_workers, cpus_per_worker and batch_size must be >= 1")
     start = time.perf_counter()
+    embedder.pin_batch_invariant()  # what the actors run; the fingerprint follows the pinned config
     fingerprint = embedder_fingerprint(embedder)
     cache = EmbeddingCache(cache_root, fingerprint)
     paths = [str(p) for p in paths]
