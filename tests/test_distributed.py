@@ -161,7 +161,7 @@ def test_sharded_learning_equals_one_process(ray_cluster, clips, embedder, learn
     paths, labels = request(clips)
     want = local.learn(paths, labels)
     got = learn_with_ray(sharded, paths, labels, num_workers=2, shard_size=4)
-    assert got["shards"] == 3 and got["learned"] == want["learned"] and got["labels"] == want["labels"]
+    assert got["shards"] == 4 and got["learned"] == want["learned"] and got["labels"] == want["labels"]
     assert got["new"] == want["new"]
     assert sharded.labels == local.labels and sharded.counts() == local.counts()
     assert same_journal(sharded.journal, local.journal)

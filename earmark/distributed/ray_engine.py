@@ -379,7 +379,7 @@ def _shard_model(model: Any, result: dict[str, Any]) -> Any:
 
 def learn_with_ray(
     model: Any, paths: Sequence[str | Path], labels: str | Sequence[str], *, num_workers: int = 1,
-    cpus_per_worker: int = 1, shard_size: int = 256, on_error: str = "fail", names: Sequence[str] | None = None,
+    cpus_per_worker: int = 1, shard_size: int = 1024, on_error: str = "fail", names: Sequence[str] | None = None,
     address: str | None = None, max_retries: int = 3, shard_fn: Callable[..., dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """``model.learn(paths, labels)`` computed on Ray: shards fitted on workers, merged here. On any error
@@ -409,7 +409,9 @@ def learn_with_ray(
     if num_workers < 1 or cpus_per_worker < 1 or shard_size < 1:
         raise ValueError("num_workers, cpus_per_worker and shard_size must be >= 1")
     names = [str(x) for x in names] if names is not None else None
-    bounds = _shard_bounds(len(paths), max(num_workers, math.ceil(len(paths) / shard_size)))
+    # a multiple of num_workers shards of at most shard_size clips (a shard's decoded clips sit in its worker's memory)
+    rounds = math.ceil(math.ceil(len(paths) / shard_size) / num_workers)
+    bounds = _shard_bounds(len(paths), rounds * num_workers)
     fn = shard_fn or fit_shard
     results: list[dict[str, Any] | None] = [None] * len(bounds)
     with ray_session(address, None if address else _local_cpus(num_workers, cpus_per_worker)) as ray:
