@@ -35,13 +35,17 @@ def ray_cluster():
     from earmark.distributed.ray_engine import init_local
 
     faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)  # a hung cluster ends the run, with tracebacks
-    context = init_local(ray, num_cpus=2)  # loopback only, no dashboard
-    assert context.address_info["node_ip_address"] == "127.0.0.1"
-    assert context.address_info["gcs_address"].startswith("127.0.0.1:")
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-    faulthandler.cancel_dump_traceback_later()
+    try:
+        context = init_local(ray, num_cpus=2)  # loopback only, no dashboard
+        try:
+            assert context.address_info["node_ip_address"] == "127.0.0.1"
+            assert context.address_info["gcs_address"].startswith("127.0.0.1:")
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            yield ray
+        finally:
+            ray.shutdown()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +103,13 @@ def test_sharded_embedding_equals_single_process_bitwise(ray_cluster, clips, emb
     from earmark.distributed.ray_engine import embed_local, embed_with_ray
 
     paths = [p for name in FREQS for p in clips[name]]
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"not audio at all")
     local = embed_local(embedder, paths, tmp_path / "local", batch_size=7, progress=False)
-    sharded = embed_with_ray(embedder, paths, tmp_path / "ray", num_workers=2, batch_size=5, progress=False,
-                             flush_rows=8)
+    sharded = embed_with_ray(embedder, [*paths[:5], bad, *paths[5:]], tmp_path / "ray", num_workers=2, batch_size=5,
+                             progress=False, flush_rows=8, on_error="skip")
     assert (local.computed, sharded.computed, sharded.cached) == (len(paths), len(paths), 0)
+    assert [p for p, _ in sharded.skipped] == [str(bad)]  # reported as the local path reports it
     fp = embedder_fingerprint(embedder)
     a, b = EmbeddingCache(tmp_path / "local", fp), EmbeddingCache(tmp_path / "ray", fp)
     assert len(b) == len(paths) and len(list(b.dir.glob("shard-*.safetensors"))) > 1  # several shards, one format
@@ -126,26 +133,16 @@ def test_a_killed_embedding_actor_is_restarted_and_its_batch_rerun(ray_cluster, 
             return super().__call__(batch)
 
     paths = [p for name in ("low", "whistle") for p in clips[name]]
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"RIFF nonsense")
     embed_local(embedder, paths, tmp_path / "local", progress=False)
-    summary = embed_with_ray(embedder, paths, tmp_path / "ray", num_workers=2, batch_size=4, progress=False,
-                             actor=CrashOnce)
-    assert marker.exists() and summary.computed == len(paths) and not summary.skipped
+    with pytest.raises(AudioDecodeError, match="broken.wav"):  # on_error="fail": raised once the rest is written
+        embed_with_ray(embedder, [*paths[:3], bad, *paths[3:]], tmp_path / "ray", num_workers=2, batch_size=4,
+                       progress=False, actor=CrashOnce)
+    assert marker.exists()
     fp = embedder_fingerprint(embedder)
     a, b = EmbeddingCache(tmp_path / "local", fp), EmbeddingCache(tmp_path / "ray", fp)
     assert len(b) == len(paths) and all(torch.equal(a.get(audio_digest(p)), b.get(audio_digest(p))) for p in paths)
-
-
-def test_sharded_embedding_reports_bad_files_like_the_local_path(ray_cluster, clips, embedder, tmp_path):
-    from earmark.distributed.ray_engine import embed_with_ray
-
-    bad = tmp_path / "broken.wav"
-    bad.write_bytes(b"not audio at all")
-    paths = [clips["low"][0], bad, clips["mid"][0]]
-    summary = embed_with_ray(embedder, paths, tmp_path / "c", num_workers=2, on_error="skip", progress=False)
-    assert summary.computed == 2 and [p for p, _ in summary.skipped] == [str(bad)]
-    with pytest.raises(AudioDecodeError, match="broken.wav"):
-        embed_with_ray(embedder, paths, tmp_path / "d", num_workers=1, progress=False)
-    assert len(EmbeddingCache(tmp_path / "d", embedder_fingerprint(embedder))) == 2  # the good ones were kept
 
 
 # ----------------------------------------------------------------------------- learning
