@@ -421,18 +421,17 @@ def learn_with_ray(
         cfg = model.learner.config_dict()
         pending: dict[Any, int] = {}
 
-        def collect(block: bool) -> None:
-            ready, _ = ray.wait(list(pending), num_returns=1 if block else len(pending), timeout=None if block else 0)
-            for ref in ready:
-                results[pending.pop(ref)] = ray.get(ref)
+        def collect_one() -> None:  # a result counts when it arrives here, once, whatever retries ran before
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            results[pending.pop(ref)] = ray.get(ref)
 
         for k, (a, b) in enumerate(bounds):
             while len(pending) >= num_workers:
-                collect(True)
+                collect_one()
             pending[task.remote(blob, model.learner.name, cfg, known, paths[a:b], labels[a:b],
                                 names[a:b] if names is not None else None, on_error, cpus_per_worker)] = k
         while pending:
-            collect(True)
+            collect_one()
     for result in results:  # the first error in file order, as one process would raise it
         assert result is not None
         if "error" in result:
