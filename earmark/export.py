@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from earmark.audio.features import LogMel
+from earmark.audio.features import LogMel, prepare_frames
 from earmark.encoders.embedder import AudioEmbedder
 from earmark.encoders.mamba import MambaMixer, _Branch, _front
 from earmark.learners.base import IncrementalLearner
@@ -324,8 +324,7 @@ class DFTLogMel(nn.Module):
     def forward(self, wave: Tensor) -> Tensor:
         if self.pad:
             wave = F.pad(wave, (0, self.pad))
-        frames = wave[:, self.index]  # (B, T, win)
-        frames = frames - frames.mean(dim=-1, keepdim=True)
+        frames = prepare_frames(wave[:, self.index], self.config)  # (B, T, win)
         spec = (frames @ self.cos).square() + (frames @ self.sin).square()
         mel = spec @ self.fbank
         return torch.log(mel.clamp_min(self.config.log_floor)).transpose(1, 2)

@@ -88,6 +88,19 @@ def mel_filterbank(config: FeatureConfig) -> Tensor:
     return torch.clamp(torch.minimum(up, down), min=0.0).to(torch.float32)
 
 
+def prepare_frames(frames: Tensor, config: FeatureConfig) -> Tensor:
+    """Kaldi's per-frame steps before the window: remove the DC offset, then pre-emphasis (version 2).
+
+    Pre-emphasis is ``x[i] - k x[i - 1]`` within the frame and ``x[0] - k x[0]`` for the first sample.
+    Shared by :class:`LogMel` and the ONNX export's DFT front end, so the two cannot drift apart.
+    """
+    frames = frames - frames.mean(dim=-1, keepdim=True)
+    if config.preemphasis:
+        prev = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
+        frames = frames - config.preemphasis * prev
+    return frames
+
+
 class LogMel(nn.Module):
     """Waveforms (batch, samples) -> log-mel (batch, n_mels, frames)."""
 
@@ -107,11 +120,7 @@ class LogMel(nn.Module):
         wave = wave.to(self.window.dtype)
         if wave.shape[-1] < c.win_length:
             wave = nn.functional.pad(wave, (0, c.win_length - wave.shape[-1]))
-        frames = wave.unfold(-1, c.win_length, c.hop_length)  # (B, T, win)
-        frames = frames - frames.mean(dim=-1, keepdim=True)  # Kaldi removes the DC offset per frame
-        if c.preemphasis:  # x[i] - k x[i - 1] within the frame, x[0] - k x[0] (Kaldi)
-            prev = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
-            frames = frames - c.preemphasis * prev
+        frames = prepare_frames(wave.unfold(-1, c.win_length, c.hop_length), c)  # (B, T, win)
         spec = torch.fft.rfft(frames * self.window, n=c.n_fft).abs().pow(2)  # (B, T, bins)
         mel = spec @ self.fbank.T  # (B, T, n_mels)
         return torch.log(mel.clamp_min(c.log_floor)).transpose(1, 2).contiguous()
