@@ -224,6 +224,10 @@ def _print_next_steps(model: Path) -> None:
 def cmd_learn(args: argparse.Namespace) -> int:
     from earmark.model import Model
 
+    if args.engine == "ray":
+        from earmark.distributed import import_ray
+
+        import_ray()  # before touching the model: say how to install it
     if args.folder:
         paths, labels = _folder_clips(args.folder)
         if args.files:
@@ -234,7 +238,13 @@ def cmd_learn(args: argparse.Namespace) -> int:
         paths, labels = list(args.files), args.label
     with Model.lock(args.model):
         model = Model.load(args.model, args.device)
-        report = model.learn(paths, labels, on_error=args.on_error)
+        if args.engine == "ray":
+            from earmark.distributed.ray_engine import learn_with_ray
+
+            report = learn_with_ray(model, paths, labels, on_error=args.on_error, address=args.address,
+                                    num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker)
+        else:
+            report = model.learn(paths, labels, on_error=args.on_error)
         model.save()
     for item in report["skipped"]:
         print(f"skipped {item['file']}: {item['reason']}", file=sys.stderr)
@@ -242,6 +252,43 @@ def cmd_learn(args: argparse.Namespace) -> int:
     learned = ", ".join(f"{k} +{v}" for k, v in report["labels"].items())
     print(f"learned {report['learned']} clip(s): {learned}{new}; {args.model} now knows {len(model.labels)} labels")
     return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from earmark.data import load_dataset
+    from earmark.distributed import import_ray
+    from earmark.distributed.ray_engine import embed_local, embed_with_ray
+    from earmark.model import Model
+
+    if args.engine == "ray":
+        import_ray()  # before reading anything: say how to install it
+    if args.dataset and not args.root:
+        raise ValueError("--dataset needs --root PATH (the dataset's folder)")
+    ds = load_dataset("folder", args.folder) if args.folder else load_dataset(args.dataset, args.root)
+    embedder = Model.load(args.model).embedder
+    kw = {"batch_size": args.batch_size, "on_error": args.on_error, "progress": not args.no_progress}
+    if args.engine == "ray":
+        summary = embed_with_ray(embedder, list(ds.paths), args.out, num_workers=args.num_workers,
+                                 cpus_per_worker=args.cpus_per_worker, address=args.address, **kw)
+    else:
+        summary = embed_local(embedder, list(ds.paths), args.out, **kw)
+    for path, reason in summary.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    print(f"embedded {summary.clips} clip(s) with --engine {summary.engine} ({summary.workers} worker(s)): "
+          f"{summary.computed} computed, {summary.cached} already cached, {len(summary.skipped)} skipped, "
+          f"{summary.seconds:.1f}s; cache {summary.cache_dir}")
+    return 0
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process (default); ray: a Ray cluster (pip install 'earmark[ray]')")
+    p.add_argument("--address", default=None,
+                   help="--engine ray: the cluster to connect to (auto, HOST:PORT or ray://HOST:10001); "
+                        "default: start a local Ray instance on this machine")
+    p.add_argument("--num-workers", type=int, default=2, help="--engine ray: workers (actors or tasks), default 2")
+    p.add_argument("--cpus-per-worker", type=int, default=1,
+                   help="--engine ray: CPUs per worker (its torch thread count), default 1")
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
@@ -473,7 +520,21 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--on-error", choices=["fail", "skip"], default="fail",
                        help="a bad file: fail and learn nothing (default), or skip it and learn the rest")
     learn.add_argument("--device", default="cpu")
+    _add_engine_options(learn)
     learn.set_defaults(func=cmd_learn)
+    embed = sub.add_parser("embed", help="embed a dataset or folder into an embedding cache with a model's encoder "
+                                         "(--engine ray: on a Ray cluster)")
+    esrc = embed.add_mutually_exclusive_group(required=True)
+    esrc.add_argument("--folder", help="a folder of label sub-folders of audio files")
+    esrc.add_argument("--dataset", help="a dataset loader name (with --root), e.g. esc50")
+    embed.add_argument("--root", help="dataset folder for --dataset")
+    embed.add_argument("--model", required=True, help="a model directory: its encoder embeds")
+    embed.add_argument("-o", "--out", required=True, help="the embedding cache root (shards under <root>/<encoder>)")
+    embed.add_argument("--batch-size", type=int, default=32)
+    embed.add_argument("--on-error", choices=["fail", "skip"], default="fail")
+    embed.add_argument("--no-progress", action="store_true")
+    _add_engine_options(embed)
+    embed.set_defaults(func=cmd_embed)
     pred = sub.add_parser("predict", help="label audio files (or windows of long recordings) with a model")
     pred.add_argument("model", help="a model directory (earmark train, or MODEL written by demo/run)")
     pred.add_argument("files", nargs="+")
