@@ -66,16 +66,21 @@ class ClassFactors(ResizableBuffersModule):
         start = int(self.sizes[:col].sum())
         return self.rows[start : start + int(self.sizes[col])]
 
-    def _replace(self, col: int, new: Tensor) -> None:
-        start = int(self.sizes[:col].sum())
-        end = start + int(self.sizes[col])
-        self.rows = torch.cat([self.rows[:start], new, self.rows[end:]])
-        self.sizes[col] = new.shape[0]
+    def _split(self) -> list[Tensor]:
+        return list(torch.split(self.rows, self.sizes.tolist())) if len(self.sizes) else []
+
+    def _rebuild(self, parts: list[Tensor]) -> None:
+        """One concatenation per operation (not per class), so work stays linear in the class count."""
+        width = self.rows.shape[1]
+        self.rows = torch.cat(parts) if parts else self.rows.new_zeros(0, width)
+        self.sizes = torch.as_tensor([p.shape[0] for p in parts], dtype=torch.long, device=self.sizes.device)
 
     def add(self, H: Tensor, cols: Tensor) -> None:
         """Fold rows ``H`` (float64) into the factors of their classes."""
+        parts = self._split()
         for col in torch.unique(cols).tolist():
-            self._replace(col, _factor(torch.cat([self.factor(col), H[cols == col]])))
+            parts[col] = _factor(torch.cat([parts[col], H[cols == col]]))
+        self._rebuild(parts)
 
     def remove(self, H: Tensor, cols: Tensor) -> None:
         """Take rows that were added earlier out of their classes' factors.
@@ -84,13 +89,15 @@ class ClassFactors(ResizableBuffersModule):
         small eigendecomposition of ``I - Z'Z`` (r x r) gives the new factor; eigenvalues that
         rounding pushes below zero are the directions the removal emptied.
         """
+        parts = self._split()
         for col in torch.unique(cols).tolist():
-            F = self.factor(col)
+            F = parts[col]
             Z = H[cols == col] @ F.T @ _pinv_psd(F @ F.T)  # (k, r): H = Z F
             M = torch.eye(F.shape[0], dtype=F.dtype, device=F.device) - Z.T @ Z
             vals, vecs = torch.linalg.eigh(0.5 * (M + M.T))
             keep = vals > 1e-10
-            self._replace(col, (vecs[:, keep] * vals[keep].sqrt()).T @ F)
+            parts[col] = (vecs[:, keep] * vals[keep].sqrt()).T @ F
+        self._rebuild(parts)
 
     def gram(self, col: int) -> Tensor:
         F = self.factor(col)
@@ -98,17 +105,18 @@ class ClassFactors(ResizableBuffersModule):
 
     def drop(self, col: int) -> Tensor:
         """Remove class ``col``; returns its Gram."""
-        G = self.gram(col)
-        self._replace(col, self.rows.new_zeros(0, self.rows.shape[1]))
-        self.sizes = torch.cat([self.sizes[:col], self.sizes[col + 1 :]])
+        parts = self._split()
+        G = parts[col].T @ parts[col]
+        self._rebuild(parts[:col] + parts[col + 1 :])
         return G
 
     def merge(self, other: ClassFactors, cols: Tensor) -> None:
         """Fold another set of factors in; ``cols[j]`` is our column for the other's class j."""
+        parts, theirs = self._split(), other._split()
         for j, col in enumerate(cols.tolist()):
-            theirs = other.factor(j)
-            if theirs.shape[0]:
-                self._replace(col, _factor(torch.cat([self.factor(col), theirs.to(self.rows.device)])))
+            if theirs[j].shape[0]:
+                parts[col] = _factor(torch.cat([parts[col], theirs[j].to(self.rows.device)]))
+        self._rebuild(parts)
 
     def nbytes(self) -> int:
         return self.rows.numel() * self.rows.element_size() + self.sizes.numel() * self.sizes.element_size()
