@@ -224,11 +224,9 @@ def test_compare_reports_open_set_per_session(tmp_path, monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def tone_clips(tmp_path_factory):
-    from tests.audio_fixtures import FREQS, write_class
-
     import soundfile as sf
 
-    from tests.audio_fixtures import RATE
+    from tests.audio_fixtures import FREQS, RATE, write_class
 
     root = tmp_path_factory.mktemp("tones")
     clips = {name: write_class(root, name, freq, 40) for name, freq in FREQS.items()}

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from earmark.cli import main
 from earmark.data import RenderConfig
@@ -237,3 +238,18 @@ def test_pretrain_cli_then_base_training_starts_from_it(tiny_run, tmp_path):
     for name, value in pre.state_dict().items():
         assert __import__("torch").equal(trained.encoder.state_dict()[name], value), name
     assert main(["pretrain", "--audio", str(tmp_path / "nothing"), "--out", str(ckpt)]) == 2
+
+
+def test_the_run_seed_drives_base_training_in_the_library_too(tiny_run, tmp_path):
+    """run(RunConfig(seed=1)) trains the encoder with seed 1, as the CLI does (no copying into train.seed)."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    a = run(tiny_run)
+    b = run(replace(tiny_run, seed=1, out=str(tmp_path / "seed1"), class_order=a["scenario"]["class_order"]))
+    assert a["encoder"]["training"]["reused"] is False and b["encoder"]["training"]["reused"] is False
+    wa, wb = (load_file(r["encoder"]["training"]["checkpoint"]) for r in (a, b))
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)
+    c = run(replace(tiny_run, seed=1, out=str(tmp_path / "again"), class_order=a["scenario"]["class_order"]))
+    assert c["encoder"]["training"]["checkpoint"] == b["encoder"]["training"]["checkpoint"]
