@@ -611,6 +611,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory()  # reuse freed tensor memory warm instead of page-faulting it in again
     try:
         return args.func(args)
+    except BrokenPipeError:  # `earmark info MODEL | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
     except (AudioDecodeError, DatasetLayoutError, CheckpointError, FileNotFoundError, KeyError, ValueError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"earmark: error: {msg}", file=sys.stderr)
