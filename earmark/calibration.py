@@ -465,16 +465,21 @@ class HeldOutCalibration:
         self.refit()
 
     @torch.no_grad()
-    def merge(self, other: HeldOutCalibration, mapping: dict[int, int]) -> None:
-        """Fold in another model's calibration (its labels renamed by ``mapping``): shadows merge, pools join."""
+    def merge(self, other: HeldOutCalibration, mapping: dict[int, int], *, solve: bool = True) -> None:
+        """Fold in another model's calibration (its labels renamed by ``mapping``): shadows merge, pools join.
+
+        ``solve=False`` defers the shadow's solve and the refit to a later merge with ``solve=True``.
+        """
         if other.shadow.is_fitted:
-            self.shadow.merge(other.shadow.relabeled(mapping))
+            self.shadow.merge(other.shadow.relabeled(mapping), solve=solve)
         if len(other.pool_y):
             y = torch.as_tensor([mapping[int(c)] for c in other.pool_y.tolist()], dtype=torch.long)
             self.pool_X = other.pool_X.clone() if self.pool_X.numel() == 0 else torch.cat([self.pool_X, other.pool_X])
             self.pool_y = torch.cat([self.pool_y, y])
         self._cap_pool()
-        self.refit()
+        if solve:
+            self.shadow.refresh()
+            self.refit()
 
     @torch.no_grad()
     def refit(self) -> OpenSetCalibration:

@@ -502,10 +502,11 @@ class Model:
         self.history.append({"op": "forget", "time": now, "clips": len(rows), "labels": counts})
         return {"forgot": len(rows), "labels": counts, "removed_labels": gone}
 
-    def merge(self, other: Model) -> dict[str, Any]:
+    def merge(self, other: Model, *, solve: bool = True) -> dict[str, Any]:
         """Fold in a model trained on other data with the same encoder and learner settings: the union's model.
 
-        Labels match by name. Refused when the encoders or settings differ, or when a clip (same decoded
+        ``solve=False`` adds the statistics only (many shards: solve once, with the last merge). Labels match
+        by name. Refused when the encoders or settings differ, or when a clip (same decoded
         audio) was learned by both, so nothing is counted twice; the journals join, so forget still works.
         """
         ours = _sha256(tensors_bytes(self.embedder.state_tensors(), self.embedder.describe()))
@@ -524,12 +525,12 @@ class Model:
         names_before, next_before = dict(self._names), self._next_id
         try:
             mapping = {i: self._id_of(name, create=True) for i, name in other._names.items()}
-            self.learner.merge(other.learner.relabeled(mapping))
+            self.learner.merge(other.learner.relabeled(mapping), solve=solve)
         except Exception:
             self._names, self._next_id = names_before, next_before
             raise
         if self.calibration is not None and other.calibration is not None:
-            self.calibration.merge(other.calibration, mapping)
+            self.calibration.merge(other.calibration, mapping, solve=solve)
         new = sorted(set(other._names.values()) - set(names_before.values()))
         self.journal += other.journal
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

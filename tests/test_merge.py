@@ -71,3 +71,14 @@ def test_merge_refuses_other_settings_and_widths():
         a.merge(make_learner("ncm").partial_fit(X, y))
     with pytest.raises(ValueError, match="features"):
         a.merge(make_learner("analytic", buffer_size=16).partial_fit(X[:, :4], y))
+
+
+@pytest.mark.parametrize("name", ["analytic", "ranpac"])
+def test_many_shards_merged_without_solving_then_solved_once_equal_one_fit(name):
+    X, y, _ = blobs([0, 1, 2, 3], 12, d=10, seed=16)
+    X = X.double()
+    whole = make_learner(name, **MERGEABLE[name]).partial_fit(X, y)
+    merged = make_learner(name, **MERGEABLE[name]).partial_fit(X[0::4], y[0::4])
+    for k in (1, 2, 3):
+        merged.merge(make_learner(name, **MERGEABLE[name]).partial_fit(X[k::4], y[k::4]), solve=k == 3)
+    assert rel_err(scores(merged, X), scores(whole, X)) < 1e-9

@@ -13,7 +13,8 @@ whichever actor and batch embedded it, and the same bits as ``--engine local``.
 Learning (:func:`learn_with_ray`): the clips are cut into contiguous shards; each shard is a Ray
 task (at most ``num_workers`` in flight) that decodes and embeds its clips with the model's encoder,
 fits a fresh learner of the model's settings, and returns its state, label names and journal entries.
-The driver merges the shard models into the model in shard order (``Model.merge``: labels match by
+The driver merges the shard models into the model in shard order, solving once after the last
+(``Model.merge``: labels match by
 name, statistics add), so the labels get the ids and columns they get from one ``Model.learn`` call
 and the merged learner equals the single-process one to float64 rounding. Tasks have ``max_retries``:
 a worker that dies is re-run by Ray, and since a task's result is only counted when the driver
@@ -455,10 +456,10 @@ def learn_with_ray(
     history = list(model.history)
     trial = model.clone()  # merge into a copy: a failure leaves the model as it was
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    for r in done:
+    for k, r in enumerate(done):
         for e in r["journal"]:
             e["time"] = now
-        trial.merge(_shard_model(model, r))
+        trial.merge(_shard_model(model, r), solve=k == len(done) - 1)  # statistics add up; one solve at the end
     counts: dict[str, int] = {}
     for r in done:
         for label, n in r["report"]["labels"].items():

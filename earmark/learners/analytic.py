@@ -221,6 +221,8 @@ class AnalyticLearner(IncrementalLearner):
     def _merge(self, other: IncrementalLearner, cols: Tensor) -> None:
         check_same_buffer(self.buffer, other.buffer)
         self.stats.merge(other.stats, cols)
+
+    def _refresh(self) -> None:
         self._solve()
 
     def _solve(self) -> None:

@@ -168,10 +168,12 @@ class IncrementalLearner(ResizableBuffersModule):
         return self
 
     @torch.no_grad()
-    def merge(self, other: IncrementalLearner) -> IncrementalLearner:
+    def merge(self, other: IncrementalLearner, *, solve: bool = True) -> IncrementalLearner:
         """Add another learner's statistics (same kind and settings, other data): the learner of the union.
 
         Labels are matched by value; labels only ``other`` has are appended in its column order.
+        ``solve=False`` only adds the statistics (merging many shards: solve once, with the last merge or
+        ``refresh()``); until then the learner's scores are stale.
         """
         if not self.can_merge:
             able = ", ".join(n for n in LEARNERS.names() if LEARNERS.get(n).can_merge)
@@ -183,7 +185,7 @@ class IncrementalLearner(ResizableBuffersModule):
             raise ValueError(f"cannot merge a {other.name} learner with settings {other.config_dict()} into a "
                              f"{self.name} learner with settings {self.config_dict()}")
         if not other.is_fitted:
-            return self
+            return self.refresh() if solve and self.is_fitted else self
         if not self.is_fitted:
             self.load_state_dict({k: v.to(self.device) for k, v in other.state_dict().items()})
             return self
@@ -192,7 +194,18 @@ class IncrementalLearner(ResizableBuffersModule):
         cols = self._register_labels(other.class_labels.cpu()).to(self.device)
         self._merge(other, cols)
         self.class_counts.index_add_(0, cols, other.class_counts.to(self.device))
+        if solve:
+            self.refresh()
         return self
+
+    @torch.no_grad()
+    def refresh(self) -> IncrementalLearner:
+        """Solve again from the statistics (after merges with ``solve=False``); a no-op for most learners."""
+        self._refresh()
+        return self
+
+    def _refresh(self) -> None:
+        """Recompute what is derived from the statistics (e.g. a ridge solve)."""
 
     def relabeled(self, mapping: dict[int, int]) -> IncrementalLearner:
         """A copy whose labels are renamed by ``mapping`` (every label must be mapped, to distinct values)."""

@@ -208,6 +208,8 @@ class RanPACLearner(IncrementalLearner):
         """Statistics add; solved with our last lambda (so exact when lambda is pinned)."""
         check_same_buffer(self.buffer, other.buffer)
         self.stats.merge(other.stats, cols)
+
+    def _refresh(self) -> None:
         self.weights = self.stats.solve(float(self.ridges[-1]))
 
     def _remove_class(self, col: int) -> None:
