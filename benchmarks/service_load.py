@@ -222,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                     acked[name] = acked.get(name, 0) + n
                 ok &= sum(run.errors.values()) == 0 and run.visibility_failures == 0
             ok &= check_counts(srv.url, base, acked)
+        except BaseException:
+            print("server log (last 3000 characters):\n" + srv.log()[-3000:], file=sys.stderr)
+            raise
         finally:
             srv.stop()
         return 0 if ok else 1

@@ -227,3 +227,34 @@ def test_unwritable_cache_dir_still_runs(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_kernel_launches_from_several_python_threads_do_not_abort_the_process():
+    """Numba's workqueue layer kills the process on concurrent launches (the service classifies on
+    several threads); launches are serialised. Run in a subprocess: the failure mode is an abort."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import threading, torch
+        from earmark.encoders import scan_numba as k
+        g = torch.Generator().manual_seed(0)
+        u = torch.randn(2, 2, 65, 70, generator=g)
+        dl = torch.rand(2, 2, 65, 70, generator=g)
+        A = -torch.rand(2, 70, 4, generator=g)
+        B, C = torch.randn(2, 2, 65, 4, generator=g), torch.randn(2, 2, 65, 4, generator=g)
+        D = torch.randn(2, 70, generator=g)
+        want = k.forward(u, dl, A, B, C, D, (False, True))[0]
+        bad = []
+        def work():
+            for _ in range(20):
+                if not torch.equal(k.forward(u, dl, A, B, C, D, (False, True))[0], want):
+                    bad.append(1)
+        ts = [threading.Thread(target=work) for _ in range(4)]
+        [t.start() for t in ts]; [t.join() for t in ts]
+        print("ok", len(bad))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "ok 0"

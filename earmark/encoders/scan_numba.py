@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -415,6 +416,12 @@ last_threads = 0  # numba's thread count for the last forward call
 last_workers: set[int] = set()  # distinct worker ids that ran its tasks
 
 
+# Numba's workqueue threading layer (the default here, see _configure) aborts the whole process when
+# two Python threads launch parallel kernels at once (the HTTP service classifies on several threads).
+# One launch at a time: the kernel itself already uses every thread it is given.
+_LAUNCH = threading.Lock()
+
+
 def threads_for(threads: int | None = None) -> int:
     """Worker threads for a call: ``threads``, else torch's, capped at numba's pool size."""
     want = threads if threads else torch.get_num_threads()
@@ -465,23 +472,24 @@ def forward(
     states = u.new_empty(g, bsz, nck, n, e) if keep_states else None
     ntask = g * bsz * (-(-e // WIDTH))
     tid = np.zeros(ntask, dtype=np.int64)
-    numba.set_num_threads(threads_for(threads))
-    last_threads = numba.get_num_threads()
-    _forward(
-        _np(u),
-        _np(delta),
-        _np(A),
-        _np(B),
-        _np(C),
-        _np(D),
-        _empty(dtype) if z is None else _np(z.to(dtype)),
-        np.array(reverse, dtype=np.bool_),
-        _dims(u, n, chunk, softplus),
-        float(scale),
-        y.view(-1).numpy(),
-        _empty(dtype) if states is None else states.view(-1).numpy(),
-        tid,
-    )
+    with _LAUNCH:
+        numba.set_num_threads(threads_for(threads))
+        last_threads = numba.get_num_threads()
+        _forward(
+            _np(u),
+            _np(delta),
+            _np(A),
+            _np(B),
+            _np(C),
+            _np(D),
+            _empty(dtype) if z is None else _np(z.to(dtype)),
+            np.array(reverse, dtype=np.bool_),
+            _dims(u, n, chunk, softplus),
+            float(scale),
+            y.view(-1).numpy(),
+            _empty(dtype) if states is None else states.view(-1).numpy(),
+            tid,
+        )
     last_workers = set(tid.tolist())
     return y, states
 
@@ -515,28 +523,29 @@ def backward(
     dD = torch.empty(g, bsz, e, dtype=torch.float64)
     dB = u.new_empty(g, bsz, nb, length, n)
     dC = u.new_empty(g, bsz, nb, length, n)
-    numba.set_num_threads(threads_for(threads))
-    _backward(
-        _np(u),
-        _np(delta),
-        _np(A),
-        _np(B),
-        _np(C),
-        _np(D),
-        _empty(dtype) if z is None else _np(z.to(dtype)),
-        np.array(reverse, dtype=np.bool_),
-        _dims(u, n, chunk, softplus),
-        float(scale),
-        _np(states),
-        _np(gy.to(dtype)),
-        du.view(-1).numpy(),
-        ddl.view(-1).numpy(),
-        dA.view(-1).numpy(),
-        dB.view(-1).numpy(),
-        dC.view(-1).numpy(),
-        dD.view(-1).numpy(),
-        _empty(dtype) if dz is None else dz.view(-1).numpy(),
-    )
+    with _LAUNCH:
+        numba.set_num_threads(threads_for(threads))
+        _backward(
+            _np(u),
+            _np(delta),
+            _np(A),
+            _np(B),
+            _np(C),
+            _np(D),
+            _empty(dtype) if z is None else _np(z.to(dtype)),
+            np.array(reverse, dtype=np.bool_),
+            _dims(u, n, chunk, softplus),
+            float(scale),
+            _np(states),
+            _np(gy.to(dtype)),
+            du.view(-1).numpy(),
+            ddl.view(-1).numpy(),
+            dA.view(-1).numpy(),
+            dB.view(-1).numpy(),
+            dC.view(-1).numpy(),
+            dD.view(-1).numpy(),
+            _empty(dtype) if dz is None else dz.view(-1).numpy(),
+        )
     return (
         du,
         ddl,
