@@ -68,13 +68,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     The temporary file is ``.<name>.<pid>.<random>.tmp``; ones left by a crashed writer (its pid gone)
     are removed by the next write of the same file.
     """
+    atomic_write_with(path, lambda fh: fh.write(data))
+
+
+def atomic_write_with(path: str | Path, write) -> None:
+    """``write(fh)`` into a temporary file in the target's folder, fsync, then ``os.replace`` it over the
+    target: a crash leaves the old file or the new one, never a truncated one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

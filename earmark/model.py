@@ -99,6 +99,18 @@ def _check_label(label: object) -> str:
     return label
 
 
+def learn_request(paths: Sequence[str | Path], labels: str | Sequence[str]) -> tuple[list, list[str]]:
+    """Files and one label per file (a single label applies to all), checked: what every learn path takes."""
+    paths = list(paths)
+    labels = [labels] * len(paths) if isinstance(labels, str) else list(labels)
+    if len(labels) != len(paths):
+        raise ModelError(f"{len(paths)} files but {len(labels)} labels")
+    labels = [_check_label(x) for x in labels]
+    if not paths:
+        raise ModelError("no files to learn from")
+    return paths, labels
+
+
 @dataclass
 class Prediction:
     """Top labels for one clip, or for one window of a long file (``start``/``end`` in seconds)."""
@@ -330,13 +342,7 @@ class Model:
         ``names`` are what errors and the journal call the files (e.g. an upload's filename).
         A clip already learned (same decoded audio) is refused, so nothing is ever counted twice.
         """
-        paths = list(paths)
-        labels = [labels] * len(paths) if isinstance(labels, str) else list(labels)
-        if len(labels) != len(paths):
-            raise ModelError(f"{len(paths)} files but {len(labels)} labels")
-        labels = [_check_label(x) for x in labels]
-        if not paths:
-            raise ModelError("no files to learn from")
+        paths, labels = learn_request(paths, labels)
         decoded = self.decode(paths, on_error, names)
         seen = {e["clip"]: e["label"] for e in self.journal}
         keep, batch = [], set()

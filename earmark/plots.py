@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -40,16 +38,8 @@ def plot_sessions(results: dict, path: str | Path) -> Path:
 def save_figure(fig, path: str | Path) -> Path:
     """``fig.savefig`` atomically: into a temporary file in the same folder, fsync, then ``os.replace``,
     so a crash leaves the old image or the new one, never a truncated file."""
+    from earmark.checkpoint import atomic_write_with
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format=path.suffix.lstrip(".") or "png")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_with(path, lambda fh: fig.savefig(fh, format=path.suffix.lstrip(".") or "png"))
     return path

@@ -394,19 +394,13 @@ def learn_with_ray(
     ``shard_fn`` replaces :func:`fit_shard` (same signature), for tests that kill a worker.
     """
     from earmark.learners.base import LEARNERS
-    from earmark.model import ModelError, _check_label
+    from earmark.model import ModelError, learn_request
 
     if not model.learner.can_merge:
         able = ", ".join(n for n in LEARNERS.names() if LEARNERS.get(n).can_merge)
         raise ModelError(f"--engine ray learns shards and merges them; the {model.learner.name} learner cannot "
                          f"merge (learners that can: {able}); use --engine local")
-    paths = [str(p) for p in paths]
-    labels = [labels] * len(paths) if isinstance(labels, str) else list(labels)
-    if len(labels) != len(paths):
-        raise ModelError(f"{len(paths)} files but {len(labels)} labels")
-    labels = [_check_label(x) for x in labels]
-    if not paths:
-        raise ModelError("no files to learn from")
+    paths, labels = learn_request([str(p) for p in paths], labels)
     if num_workers < 1 or cpus_per_worker < 1 or shard_size < 1:
         raise ValueError("num_workers, cpus_per_worker and shard_size must be >= 1")
     names = [str(x) for x in names] if names is not None else None
