@@ -110,6 +110,26 @@ def read_json(path: str | Path, what: str = "JSON") -> object:
         raise ValueError(f"{path}: not valid JSON ({exc}); the file is damaged or was cut short") from None
 
 
+def read_yaml_mapping(path: str | Path, what: str, expected: str) -> dict:
+    """Parse a YAML file that must hold a mapping; a missing, corrupt or non-mapping file names itself.
+
+    ``what`` names the file in the not-found message, ``expected`` says what the mapping should be.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} file not found")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid YAML ({exc})") from None
+    loaded = {} if loaded is None else loaded
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of {expected}, got {type(loaded).__name__}")
+    return loaded
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> str:
     """Save tensors with a JSON description; returns the sha256 of the file written."""
     data = tensors_bytes(tensors, meta)

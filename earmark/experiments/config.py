@@ -60,19 +60,9 @@ class RunConfig:
 
 def load_config_file(path: str | Path) -> dict:
     """A YAML file of run options, as a mapping; a missing, corrupt or non-mapping file names itself."""
-    import yaml
+    from earmark.checkpoint import read_yaml_mapping
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: config file not found")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid YAML ({exc})") from None
-    loaded = {} if loaded is None else loaded
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a mapping of run options, got {type(loaded).__name__}")
-    return loaded
+    return read_yaml_mapping(path, "config", "run options")
 
 
 def run_config_from_dict(values: dict) -> RunConfig:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import yaml
 
+from earmark.checkpoint import read_yaml_mapping
 from earmark.experiments.config import RunConfig
 from earmark.experiments.evaluate import evaluate_learner
 from earmark.experiments.prepare import encoder_summary, prepare
@@ -123,23 +124,9 @@ def check_learner_params(name: str, params: Mapping[str, Any], source: str) -> N
         raise ValueError(f"{source}: invalid options {dict(params)} for learner {name!r}: {exc}") from None
 
 
-def _load_yaml_mapping(path: str | Path, what: str) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} file not found")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from None
-    loaded = {} if loaded is None else loaded
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a mapping of learner name -> {what}, got {type(loaded).__name__}")
-    return loaded
-
-
 def load_params(path: str | Path) -> dict[str, dict[str, Any]]:
     """A params.yaml (learner -> options, as ``RunConfig.learner_params``), checked against the learners."""
-    loaded = _load_yaml_mapping(path, "learner params")
+    loaded = read_yaml_mapping(path, "learner params", "learner name -> learner params")
     for name, params in loaded.items():
         check_learner_params(str(name), params if params is not None else {}, str(path))
     return {str(name): dict(params or {}) for name, params in loaded.items()}
@@ -159,7 +146,7 @@ def merge_learner_params(base: Mapping[str, Mapping] | None, params: Mapping[str
 
 def load_grid(path: str | Path) -> dict[str, Grid]:
     """A grid YAML file (learner -> grid), every point checked against the learner's config."""
-    loaded = _load_yaml_mapping(path, "search grid")
+    loaded = read_yaml_mapping(path, "search grid", "learner name -> search grid")
     grid = {str(name): g if g is not None else {} for name, g in loaded.items()}
     for name, g in grid.items():
         try:
