@@ -261,7 +261,14 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
             raise ClientError(403, "wrong bearer token")
 
     async def receive(request: Request) -> Uploads:
-        return await receive_uploads(request, config.max_request_bytes, config.max_files, config.temp_dir)
+        """The request's uploads, prechecked; on a refusal the temporary files are removed at once."""
+        uploads = await receive_uploads(request, config.max_request_bytes, config.max_files, config.temp_dir)
+        try:
+            precheck(uploads)
+        except BaseException:
+            uploads.close()
+            raise
+        return uploads
 
     async def write(change=None, uploads: Uploads | None = None, validate=None, learn=None) -> tuple[dict, Snapshot]:
         """Admitted already; queue a write for the writer thread and wait until it is saved and published."""
@@ -318,7 +325,6 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
                 raise ClientError(400, f"hop must be at least {config.min_window_seconds:g} s")
         uploads = await receive(request)
         try:
-            precheck(uploads)
             longest = config.max_long_file_seconds if window is not None else config.max_clip_seconds
             if window is not None:
                 longest = min(longest, window + hop * (config.max_windows - 1))
@@ -371,11 +377,6 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
 
         async def run():
             uploads = await receive(request)
-            try:
-                precheck(uploads)
-            except BaseException:
-                uploads.close()
-                raise
             report, snap = await write(uploads=uploads, validate=lambda: check_audio(uploads, config.max_clip_seconds),
                                        learn=(uploads.paths, name, uploads.names))
             return written(snap, report, label=name)
@@ -405,11 +406,6 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
 
         async def run():
             uploads = await receive(request)
-            try:
-                precheck(uploads)
-            except BaseException:
-                uploads.close()
-                raise
 
             def change(m):
                 report = m.forget(files=uploads.paths, names=uploads.names)
