@@ -132,4 +132,5 @@ def test_class_factors_hold_at_most_min_n_d_rows_and_round_trip():
     clone.load_state_dict(learner.state_dict())
     clone.forget_class(3)
     learner.forget_class(3)
-    assert torch.equal(scores(clone, X), scores(learner, X))
+    # The clone solves afresh, the learner updates its cached factorization: equal up to rounding.
+    assert rel_err(scores(clone, X), scores(learner, X)) < 1e-12

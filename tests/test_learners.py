@@ -167,7 +167,12 @@ def test_state_dict_round_trip_into_fresh_learner(name):
     a, b = trained.state_dict(), fresh.state_dict()
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        if a[k].is_floating_point() and hasattr(trained, "stats"):
+            # The ridge learners answer from a cached factorization that a load does not carry (it is not
+            # state): the fresh learner solves afresh, so the two agree to rounding, not bit for bit.
+            assert rel_err(a[k], b[k]) < 1e-11, k
+        else:
+            assert torch.equal(a[k], b[k]), k
 
 
 @pytest.mark.parametrize("name", NAMES)

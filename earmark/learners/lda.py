@@ -127,7 +127,8 @@ class StreamingLDALearner(IncrementalLearner):
 
     def _remove_class(self, col: int) -> None:
         self._cache = None
-        G = self.gram - self.factors.drop(col)
+        F = self.factors.drop(col)
+        G = self.gram - F.T @ F
         self.gram = 0.5 * (G + G.T)
         self.class_sums = torch.cat([self.class_sums[:col], self.class_sums[col + 1 :]])
 

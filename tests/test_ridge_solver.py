@@ -1,0 +1,83 @@
+"""The ridge learners' cached low-rank solver: fast answers that stay equal to a fresh Cholesky of the statistics."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from earmark.learners import make_learner
+from earmark.learners.statistics import LowRankSolver, RidgeStatistics
+from tests.learner_data import blobs, rel_err
+from tests.test_forget import fit, sessions
+
+
+def fresh_solve(stats: RidgeStatistics, lam: float) -> torch.Tensor:
+    A = stats.gram.clone()
+    A.diagonal().add_(lam)
+    return torch.linalg.solve(A, stats.targets)
+
+
+def test_learns_and_forgets_reuse_one_factorization_and_equal_a_fresh_solve():
+    X, y, _ = blobs(list(range(8)), 30, d=12, seed=0)
+    learner = make_learner("analytic", buffer_size=96, gamma=10.0).partial_fit(X, y)
+    solver = learner.stats.solver
+    assert solver.factorizations == 1
+    X2, y2, _ = blobs([8, 9, 3], 4, d=12, seed=1)  # two new classes and a recurring one
+    learner.partial_fit(X2, y2)
+    learner.forget_samples(X2[:2], y2[:2])
+    learner.forget_class(5)
+    assert solver.factorizations == 1, "small changes must not refactor"
+    assert len(solver.U) > 0
+    assert rel_err(learner.weights, fresh_solve(learner.stats, 10.0)) < 1e-10
+
+
+def test_the_error_probe_sends_an_inaccurate_low_rank_answer_back_to_a_full_solve():
+    # A weak ridge and a class that dominates its directions: removing it makes Woodbury's capacitance
+    # ill-conditioned (its answer is off by about 1e-10 here), so the probe must refuse it.
+    _, _, batches = sessions(seed=7)
+    learner = fit("analytic", batches)
+    solver = learner.stats.solver
+    learner.forget_class(3)
+    assert solver.rejected == 1
+    ref = fresh_solve(learner.stats, learner.config.gamma)
+    assert rel_err(learner.weights, ref) < 1e-11
+
+
+def test_a_probe_that_always_fails_means_every_solve_is_a_fresh_cholesky():
+    X, y, _ = blobs(list(range(4)), 20, d=8, seed=2)
+    learner = make_learner("analytic", buffer_size=32, gamma=5.0).partial_fit(X, y)
+    learner.stats.solver.tol = 0.0
+    X2, y2, _ = blobs([1], 3, d=8, seed=3)
+    learner.partial_fit(X2, y2)
+    assert learner.stats.solver.rejected == 1
+    assert learner.stats.solver.factorizations == 2
+    assert len(learner.stats.solver.U) == 0
+
+
+def test_too_many_changed_rows_refactor_and_a_load_or_merge_invalidates():
+    X, y, _ = blobs(list(range(4)), 20, d=8, seed=4)
+    learner = make_learner("analytic", buffer_size=32, gamma=5.0).partial_fit(X, y)
+    learner.stats.solver.max_rows = 5
+    X2, y2, _ = blobs([0, 1], 3, d=8, seed=5)  # 6 rows > 5
+    learner.partial_fit(X2, y2)
+    assert learner.stats.solver.factorizations == 2
+    other = copy.deepcopy(learner)
+    other.load_state_dict(learner.state_dict())
+    assert not other.stats.solver.ready
+    learner.merge(make_learner("analytic", buffer_size=32, gamma=5.0).partial_fit(*blobs([7], 4, d=8, seed=6)[:2]))
+    assert rel_err(learner.weights, fresh_solve(learner.stats, 5.0)) < 1e-11
+
+
+def test_a_new_lambda_refactors_and_the_solver_is_not_state():
+    stats = RidgeStatistics()
+    stats.reset(6)
+    stats.grow(2)
+    H = torch.randn(10, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    stats.learn(H, torch.tensor([0, 1] * 5))
+    a = stats.solve(1.0)
+    b = stats.solve(2.0)
+    assert stats.solver.factorizations == 2 and stats.solver.lam == 2.0
+    assert not torch.allclose(a, b)
+    assert set(stats.state_dict()) == {"gram", "targets", "factors.rows", "factors.sizes"}
+    assert isinstance(stats.solver, LowRankSolver)
