@@ -138,21 +138,27 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict)
     return hashlib.sha256(data).hexdigest()
 
 
-def load_tensors(path: str | Path, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict, str]:
-    """Load tensors, their JSON description and the file's sha256; checks ``meta['kind']``."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    data = path.read_bytes()
+def tensors_from_bytes(data: bytes, where: str, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and their JSON description from safetensors bytes; ``where`` names the source in errors."""
     try:
         tensors = st_load(data)
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8 : 8 + header_len])
         meta = json.loads(header.get("__metadata__", {})[META_KEY])
     except (SafetensorError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: not an earmark checkpoint ({exc})") from exc
+        raise CheckpointError(f"{where}: not an earmark checkpoint ({exc})") from exc
     if kind is not None and meta.get("kind") != kind:
-        raise CheckpointError(f"{path}: holds a {meta.get('kind')!r}, expected a {kind!r}")
+        raise CheckpointError(f"{where}: holds a {meta.get('kind')!r}, expected a {kind!r}")
+    return tensors, meta
+
+
+def load_tensors(path: str | Path, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """Load tensors, their JSON description and the file's sha256; checks ``meta['kind']``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    data = path.read_bytes()
+    tensors, meta = tensors_from_bytes(data, str(path), kind)
     return tensors, meta, hashlib.sha256(data).hexdigest()
 
 

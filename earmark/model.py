@@ -8,12 +8,18 @@ A model directory::
 
     model.json                  manifest: format and earmark versions, labels, learner, files with sha256
     blobs/embedder-<h>.safetensors, blobs/learner-<h>.safetensors, blobs/journal-<h>.json
+    changes-<generation>.log    changes logged since that generation was saved (optional, see ``log``)
     .lock                       inter-process writer lock (flock)
 
 Blobs are content-addressed and never rewritten; ``save`` writes the new blobs, fsyncs them, then
 replaces ``model.json`` in one ``os.replace``, and only then removes blobs nothing refers to. A crash
 at any instant leaves the previous manifest or the new one, each with all its blobs. Loading checks
 every blob's sha256 and the manifest's own content hash, and never unpickles.
+
+``log()`` is the cheap way to make a change durable: it appends the change (labels, the embeddings it
+applied, its journal rows; never audio) to ``changes-<generation>.log`` and fsyncs, without rewriting the
+statistics. ``load`` replays that log on top of its generation; the next ``save`` folds it in and removes
+it. The HTTP service acknowledges learns this way and saves from time to time.
 
 The journal records, per learned clip, the content hash of the decoded audio, the label, a digest of
 the embedding that was learned and the time. ``forget(files=...)`` decodes and embeds the files again
@@ -46,7 +52,15 @@ import torch
 from earmark.audio import AudioConfig, AudioDecodeError, load_audio
 from earmark.audio.stream import iter_windows
 from earmark.calibration import HeldOutCalibration, default_score
-from earmark.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, load_tensors, tensors_bytes
+from earmark.changelog import ChangeLogError, append_log, read_log
+from earmark.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    atomic_write_text,
+    load_tensors,
+    tensors_bytes,
+    tensors_from_bytes,
+)
 from earmark.encoders.embedder import AudioEmbedder
 from earmark.learners import IncrementalLearner, make_learner
 from earmark.learners.base import LEARNERS
@@ -148,6 +162,37 @@ class Decoded:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
+CHANGE_OPS = ("learn", "forget-label", "forget-clips")
+
+
+@dataclass
+class Change:
+    """One learn or forget as the learner sees it: all that replaying it needs, and no audio.
+
+    ``labels``: one per row of ``X`` (learn, forget-clips) or the one label forgotten (forget-label);
+    ``entries``: the journal rows a learn adds, or the clip digests a forget-clips removes.
+    """
+
+    op: str
+    labels: list[str]
+    X: torch.Tensor | None = None
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    time: str = ""
+
+    def to_bytes(self) -> bytes:
+        tensors = {} if self.X is None else {"X": self.X.to(torch.float32)}
+        return tensors_bytes(tensors, {"kind": "change", "op": self.op, "labels": self.labels,
+                                       "entries": self.entries, "time": self.time})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> Change:
+        tensors, meta = tensors_from_bytes(data, where, kind="change")
+        if meta.get("op") not in CHANGE_OPS or not isinstance(meta.get("labels"), list):
+            raise ModelError(f"{where}: not a change record")
+        return cls(meta["op"], list(meta["labels"]), tensors.get("X"), list(meta.get("entries", [])),
+                   str(meta.get("time", "")))
+
+
 # ----------------------------------------------------------------------------- locking
 
 _HELD: dict[str, int] = {}  # model directory -> lock file descriptor held by this process
@@ -207,8 +252,13 @@ class Model:
         self.journal: list[dict[str, Any]] = []
         self.generation = 0  # the manifest generation this state corresponds to (0: never saved)
         self.path: Path | None = None
-        self.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.created = _now()
         self.history: list[dict[str, Any]] = []  # what was done: learn / forget, with counts
+        self.version = 0  # changes applied since the model was created (learns, forgets, merges)
+        self.unlogged: list[Change] = []  # applied since the last save or log, not yet durable
+        self.logged = 0  # changes in the log on top of this generation
+        self._log_end = 0  # byte offset where this model's view of that log ends
+        self._unloggable = False  # a merge happened: only a full save makes it durable
         # Calibrated probabilities and `unknown` (earmark.calibration): a shadow learner without a held-out fifth of
         # every learn call, and those held-out clips' embeddings; only for a model that learns from its first clip.
         self.calibration: HeldOutCalibration | None = None
@@ -268,6 +318,7 @@ class Model:
         other._names = dict(self._names)
         other.journal = list(self.journal)
         other.history = list(self.history)
+        other.unlogged = list(self.unlogged)
         other.calibration = copy.deepcopy(self.calibration)
         return other  # the embedder is frozen and shared
 
@@ -361,28 +412,61 @@ class Model:
             raise ModelError(f"no valid clip for label(s) {', '.join(map(repr, empty))}: nothing learned "
                              f"({'; '.join(f'{n}: {r}' for n, r in decoded.skipped) or 'no files'})")
         X = self.embed([decoded.waves[j] for j in keep])
+        now = _now()
+        entries = [{"clip": decoded.digests[j], "label": kept_labels[row], "embedding": embedding_digest(X[row]),
+                    "source": Path(decoded.names[j]).name, "time": now} for row, j in enumerate(keep)]
         before = set(self._names.values())
-        names_before, next_before = dict(self._names), self._next_id
-        try:
-            ids = [self._id_of(x, create=True) for x in kept_labels]
-            self.learner.partial_fit(X, torch.as_tensor(ids))
-        except Exception:
-            self._names, self._next_id = names_before, next_before
-            raise
-        if self.calibration is not None:
-            self.calibration.update(X, torch.as_tensor(ids))
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        for row, j in enumerate(keep):
-            self.journal.append({"clip": decoded.digests[j], "label": kept_labels[row],
-                                 "embedding": embedding_digest(X[row]), "source": Path(decoded.names[j]).name,
-                                 "time": now})
+        counts = self._commit(Change("learn", kept_labels, X, entries, now))
+        return {"learned": len(keep), "labels": counts, "new": sorted(set(counts) - before),
+                "skipped": [{"file": n, "reason": r} for n, r in decoded.skipped]}
+
+    def _commit(self, change: Change) -> dict[str, int]:
+        counts = self._apply(change)
+        self.unlogged.append(change)
+        return counts
+
+    def _apply(self, change: Change) -> dict[str, int]:
+        """Apply one change to the learner, the calibration, the journal and the history: what ``learn`` and
+        ``forget`` do once their clips are embedded and checked, and what ``load`` replays from the change log.
+        Returns the clips per label it touched. On an error in the learner nothing has changed."""
         counts: dict[str, int] = {}
-        for x in kept_labels:
+        for x in change.labels:
             counts[x] = counts.get(x, 0) + 1
-        report = {"learned": len(keep), "labels": counts, "new": sorted(set(counts) - before),
-                  "skipped": [{"file": n, "reason": r} for n, r in decoded.skipped]}
-        self.history.append({"op": "learn", "time": now, "clips": len(keep), "labels": counts})
-        return report
+        if change.op == "learn":
+            names_before, next_before = dict(self._names), self._next_id
+            try:
+                ids = torch.as_tensor([self._id_of(x, create=True) for x in change.labels])
+                self.learner.partial_fit(change.X, ids)
+            except Exception:
+                self._names, self._next_id = names_before, next_before
+                raise
+            if self.calibration is not None:
+                self.calibration.update(change.X, ids)
+            self.journal.extend(change.entries)
+            self.history.append({"op": "learn", "time": change.time, "clips": len(change.labels), "labels": counts})
+        elif change.op == "forget-label":
+            label = change.labels[0]
+            i = self._id_of(label)
+            self.learner.forget_class(i)
+            if self.calibration is not None:
+                self.calibration.forget(label=i)
+            counts = {label: sum(1 for e in self.journal if e["label"] == label)}
+            self.journal = [e for e in self.journal if e["label"] != label]
+            del self._names[i]
+            self.history.append({"op": "forget", "time": change.time, "label": label, "clips": counts[label]})
+        else:  # forget-clips
+            labels_before = set(self.labels)
+            ids = torch.as_tensor([self._id_of(x) for x in change.labels])
+            self.learner.forget_samples(change.X, ids)
+            if self.calibration is not None:
+                self.calibration.forget(change.X, ids)
+            chosen = {e["clip"] for e in change.entries}
+            self.journal = [e for e in self.journal if e["clip"] not in chosen]
+            for name in labels_before - set(self.labels):
+                del self._names[self._id_of(name)]
+            self.history.append({"op": "forget", "time": change.time, "clips": len(change.labels), "labels": counts})
+        self.version += 1
+        return counts
 
     @torch.no_grad()
     def predict(
@@ -467,17 +551,9 @@ class Model:
         if not self.learner.can_forget:
             able = ", ".join(n for n in LEARNERS.names() if LEARNERS.get(n).can_forget)
             raise ModelError(f"the {self.learner.name} learner cannot forget exactly; learners that can: {able}")
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         if label is not None:
-            i = self._id_of(label)
-            self.learner.forget_class(i)
-            if self.calibration is not None:
-                self.calibration.forget(label=i)
-            removed = sum(1 for e in self.journal if e["label"] == label)
-            self.journal = [e for e in self.journal if e["label"] != label]
-            del self._names[i]
-            self.history.append({"op": "forget", "time": now, "label": label, "clips": removed})
-            return {"forgot": removed, "labels": {label: removed}, "removed_labels": [label]}
+            counts = self._commit(Change("forget-label", [self._names[self._id_of(label)]], time=_now()))
+            return {"forgot": counts[label], "labels": counts, "removed_labels": [label]}
         decoded = self.decode(list(files), "fail", names)
         entries = {e["clip"]: e for e in self.journal}
         rows, chosen = [], set()
@@ -494,19 +570,9 @@ class Model:
                 raise ModelError(f"{name}: its embedding now differs from the one learned (another encoder build, "
                                  "thread count or CPU?); it cannot be removed exactly. Forget its label instead.")
         labels_before = set(self.labels)
-        ids = torch.as_tensor([self._id_of(e["label"]) for e in rows])
-        self.learner.forget_samples(X, ids)
-        if self.calibration is not None:
-            self.calibration.forget(X, ids)
-        self.journal = [e for e in self.journal if e["clip"] not in chosen]
-        gone = sorted(labels_before - set(self.labels))
-        for name in gone:
-            del self._names[self._id_of(name)]
-        counts: dict[str, int] = {}
-        for e in rows:
-            counts[e["label"]] = counts.get(e["label"], 0) + 1
-        self.history.append({"op": "forget", "time": now, "clips": len(rows), "labels": counts})
-        return {"forgot": len(rows), "labels": counts, "removed_labels": gone}
+        counts = self._commit(Change("forget-clips", [e["label"] for e in rows], X,
+                                     [{"clip": e["clip"]} for e in rows], _now()))
+        return {"forgot": len(rows), "labels": counts, "removed_labels": sorted(labels_before - set(self.labels))}
 
     def merge(self, other: Model, *, solve: bool = True) -> dict[str, Any]:
         """Fold in a model trained on other data with the same encoder and learner settings: the union's model.
@@ -539,8 +605,9 @@ class Model:
             self.calibration.merge(other.calibration, mapping, solve=solve)
         new = sorted(set(other._names.values()) - set(names_before.values()))
         self.journal += other.journal
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self.history.append({"op": "merge", "time": now, "clips": len(other.journal), "new_labels": new})
+        self.history.append({"op": "merge", "time": _now(), "clips": len(other.journal), "new_labels": new})
+        self.version += 1
+        self._unloggable = True  # a merge is no change record: only a full save makes it durable
         return {"merged": len(other.journal), "new": new}
 
     def _require_labels(self) -> None:
@@ -569,6 +636,8 @@ class Model:
             "earmark": _version(),
             "path": str(self.path) if self.path else None,
             "generation": self.generation,
+            "version": self.version,
+            "log": {"changes": self.logged, "bytes": self._log_end, "unsaved": len(self.unlogged)},
             "created": self.created,
             "labels": self.counts(),
             "clips": len(self.journal),
@@ -609,7 +678,8 @@ class Model:
             "earmark": _version(),
             "generation": generation,
             "created": self.created,
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "updated": _now(),
+            "version": self.version,
             "learner": {"name": self.learner.name, "config": dataclasses.asdict(self.learner.config)},
             "labels": {str(i): name for i, name in sorted(self._names.items())},
             "next_label_id": self._next_id,
@@ -630,6 +700,9 @@ class Model:
                 raise ModelError(f"{path}: the model changed on disk since it was loaded (generation "
                                  f"{on_disk.get('generation')}, loaded {self.generation}): another writer saved it; "
                                  "load it again and redo the change")
+            if on_disk is not None and same and read_log(path / _log_name(self.generation))[1] > self._log_end:
+                raise ModelError(f"{path}: another writer logged changes since this model was loaded; load it again "
+                                 "and redo the change")
             generation = (int(on_disk.get("generation", 0)) if on_disk else 0) + 1
             blobs = path / "blobs"
             blobs.mkdir(parents=True, exist_ok=True)
@@ -658,8 +731,37 @@ class Model:
             self.generation = generation
             self.embedder.digest = _sha256(embedder_bytes)
             self.path = path
+            self.unlogged, self.logged, self._log_end, self._unloggable = [], 0, 0, False
             _collect_garbage(path, {f["path"] for f in files.values()})
         return path
+
+    def log(self) -> int:
+        """Make the changes since the last save or log durable cheaply: append them to the change log and fsync.
+
+        The statistics are not rewritten (``save`` does that, and folds the log in); ``load`` replays the log.
+        Returns how many changes were logged. Needs the model saved to its directory first.
+        """
+        if self.path is None or self.generation == 0:
+            raise ModelError("log needs a model saved to a directory first (save it once)")
+        if self._unloggable:
+            raise ModelError("this model was merged since it was saved: only save() makes a merge durable")
+        if not self.unlogged:
+            return 0
+        with _lock(self.path):
+            on_disk = _read_manifest(self.path)
+            if int(on_disk.get("generation", -1)) != self.generation:
+                raise ModelError(f"{self.path}: the model changed on disk since it was loaded (generation "
+                                 f"{on_disk.get('generation')}, loaded {self.generation}); load it again and redo "
+                                 "the change")
+            try:
+                self._log_end = append_log(self.path / _log_name(self.generation),
+                                           [c.to_bytes() for c in self.unlogged], self._log_end)
+            except ChangeLogError as exc:
+                raise ModelError(f"{exc}; load it again and redo the change") from None
+        n = len(self.unlogged)
+        self.logged += n
+        self.unlogged = []
+        return n
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> Model:
@@ -706,13 +808,26 @@ class Model:
         model.journal = list(journal.get("clips", []))
         model.history = list(journal.get("history", []))
         model.generation = int(body.get("generation", 0))
+        model.version = int(body.get("version", len(model.history)))
         model.created = body.get("created", model.created)
         model.path = path
         ids = set(learner.classes_.tolist())
         if ids != set(model._names):
             raise ModelError(f"{path / MANIFEST}: labels {sorted(model._names)} do not match the learner's classes "
                              f"{sorted(ids)}")
+        model._replay_log()
         return model
+
+    def _replay_log(self) -> None:
+        """Apply the changes logged on top of this generation (a torn last record was never acknowledged)."""
+        file = self.path / _log_name(self.generation)
+        payloads, end = read_log(file)
+        for k, data in enumerate(payloads):
+            try:
+                self._apply(Change.from_bytes(data, f"{file} (record {k + 1})"))
+            except (CheckpointError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+                raise ModelError(f"{file}: change {k + 1} cannot be replayed ({exc})") from exc
+        self.logged, self._log_end = len(payloads), end
 
     def export_onnx(self, out: str | Path, **kwargs: Any) -> dict[str, Any]:
         """Encoder and head as one ONNX file, checked against PyTorch with onnxruntime (see earmark.export)."""
@@ -723,6 +838,14 @@ class Model:
         report["labels"] = self.labels
         atomic_write_text(Path(str(out) + ".labels.json"), json.dumps(self.labels, indent=2) + "\n")
         return report
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _log_name(generation: int) -> str:
+    return f"changes-{generation}.log"
 
 
 def _embedding_learners() -> list[str]:
@@ -752,6 +875,8 @@ def _collect_garbage(path: Path, keep: set[str]) -> None:
         if rel not in keep:
             file.unlink(missing_ok=True)
     for file in path.glob(f".{MANIFEST}.*.tmp"):
+        file.unlink(missing_ok=True)
+    for file in path.glob("changes-*.log"):  # folded into the generation just saved
         file.unlink(missing_ok=True)
 
 
