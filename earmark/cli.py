@@ -444,7 +444,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token=None if args.read_only else read_token(args.token_file), device=args.device,
         max_request_bytes=args.max_request_bytes, max_files=args.max_files, max_clip_seconds=args.max_clip_seconds,
         learn_queue=args.learn_queue, classify_workers=args.workers, torch_threads=args.torch_threads,
-        load_delay=args.load_delay, temp_dir=args.temp_dir,
+        load_delay=args.load_delay, temp_dir=args.temp_dir, compact_every=args.compact_every,
     )
     try:
         serve(config, access_log=not args.no_access_log, log_level=args.log_level)
@@ -589,6 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--workers", type=int, default=2, help="classify worker threads")
     srv.add_argument("--torch-threads", type=int, default=1, help="torch threads per worker")
     srv.add_argument("--temp-dir", help="where uploads are written while a request runs (default: the system's)")
+    srv.add_argument("--compact-every", type=int, default=64,
+                     help="changes acknowledged through the model's change log before a full save folds it in")
     srv.add_argument("--no-access-log", action="store_true")
     srv.add_argument("--log-level", default="info")
     srv.add_argument("--load-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: see "not ready"

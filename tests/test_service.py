@@ -69,7 +69,7 @@ def test_classify_base_sounds(client, work):
         probs = [t["probability"] for t in res["top"]]
         assert len(probs) == 2 and probs == sorted(probs, reverse=True) and 0 <= probs[-1] <= probs[0] <= 1
         assert res["top"][0]["label"] == name, res
-    assert isinstance(body["generation"], int)
+    assert isinstance(body["version"], int)
 
 
 def test_learn_new_label_classify_then_forget(client, work):
@@ -83,7 +83,7 @@ def test_learn_new_label_classify_then_forget(client, work):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["learned"] == 5 and body["counts"][name] == 5 and name in body["new"]
-    assert body["generation"] > before["generation"]
+    assert body["version"] > before["version"]
     # visible to the very next request
     labels = {lab["name"]: lab["clips"] for lab in client.get("/labels").json()["labels"]}
     assert labels[name] == 5
@@ -235,7 +235,8 @@ def test_learn_queue_full_is_429(client, server, work):
 
 def test_model_info_docs_and_page(client):
     info = client.get("/model").json()
-    assert info["read_only"] is False and info["limits"]["max_files"] == 8 and "generation" in info
+    assert info["read_only"] is False and info["limits"]["max_files"] == 8
+    assert "version" in info and "generation" in info
     assert "path" not in info
     spec = client.get("/openapi.json").json()
     for path in ("/classify", "/labels/{name}/examples", "/labels/{name}", "/labels/{name}/forget", "/labels",
@@ -277,7 +278,7 @@ def test_metrics_count_requests(client, work):
     assert _sample(text, "earmark_requests_total", endpoint="/labels/{name}", method="DELETE", status="404") >= 1
     assert _sample(text, "earmark_request_seconds_count", endpoint="/classify", method="POST") >= n0 + 3
     assert _sample(text, "earmark_model_ready") == 1
-    assert _sample(text, "earmark_model_generation") >= 1
+    assert _sample(text, "earmark_model_version") >= 1
     assert _sample(text, "earmark_label_clips", label="low") == 6
     assert _sample(text, "earmark_model_labels") == len(client.get("/labels").json()["labels"])
     assert "/labels/absent" not in text  # endpoints are route templates, not raw paths

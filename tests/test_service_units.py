@@ -77,7 +77,7 @@ class _Pred:
 
 
 class _Model:
-    generation, labels = 1, ["a", "b"]
+    version, labels = 1, ["a", "b"]
 
     def __init__(self):
         self.calls: list[list[str]] = []
@@ -144,14 +144,16 @@ class _Learner:
 
     def __init__(self):
         self.data: dict[str, int] = {}
-        self.generation = 0
+        self.version = 0
         self.learn_calls = 0
-        self.saves = 0
+        self.saves = 0  # commits: log appends and full saves
+        self.logged, self.unlogged, self._unloggable = 0, [], False
 
     def clone(self):
         other = _Learner()
-        other.data, other.generation, other.learn_calls, other.saves = dict(self.data), self.generation, \
+        other.data, other.version, other.learn_calls, other.saves = dict(self.data), self.version, \
             self.learn_calls, self.saves
+        other.logged, other.unlogged = self.logged, list(self.unlogged)
         return other
 
     def learn(self, paths, labels, names=None):
@@ -161,11 +163,18 @@ class _Learner:
             raise ValueError("bad clip")
         for lab in labels:
             self.data[lab] = self.data.get(lab, 0) + 1
+        self.version += 1
+        self.unlogged.append(labels)
         return {}
 
-    def save(self, path):
-        self.generation += 1
+    def log(self):
         self.saves += 1
+        self.logged += len(self.unlogged)
+        self.unlogged = []
+
+    def save(self, path):
+        self.saves += 1
+        self.logged, self.unlogged = 0, []
 
     def counts(self):
         return dict(self.data)
@@ -198,5 +207,35 @@ def test_writer_groups_queued_learns_and_isolates_a_bad_one():
         assert c[1].counts == {"a": 1, "b": 2, "c": 2}  # the bad request changed nothing
         assert c[1].model.saves <= 2  # "a" alone or in the group, then b+bad+c: never one save per request
         assert b[0] == {"learned": 2, "labels": {"b": 2}, "new": ["b"], "skipped": []}
+    finally:
+        holder.close()
+
+
+def test_writer_acknowledges_through_the_log_and_compacts_when_long_or_idle():
+    from earmark.service.state import WriteJob
+
+    holder = ModelHolder(Path("."), 10, compact_every=3, compact_idle=0.3)
+    start = _Learner()
+    holder.publish(start)
+    holder.start()
+    try:
+        for k in range(2):
+            job = WriteJob(Future(), lambda: None, learn=([f"x{k}"], "x", ["n"]))
+            holder.submit(job)
+            _, snap = job.future.result(10)
+        assert snap.model.logged == 2 and snap.version == 2  # two log appends, no save yet
+        job = WriteJob(Future(), lambda: None, learn=(["x2"], "x", ["n"]))
+        holder.submit(job)
+        _, snap = job.future.result(10)
+        assert snap.model.logged == 0  # the third change reached compact_every: a full save
+        job = WriteJob(Future(), lambda: None, learn=(["x3"], "x", ["n"]))
+        holder.submit(job)
+        _, snap = job.future.result(10)
+        assert snap.model.logged == 1
+        deadline = time.monotonic() + 10
+        while holder.snapshot.model.logged and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert holder.snapshot.model.logged == 0  # writes paused: folded into a save
+        assert holder.snapshot.counts == {"x": 4}
     finally:
         holder.close()

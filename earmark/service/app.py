@@ -161,7 +161,8 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
     the caller already holds it (``locked=True``, as `earmark serve` does, to fail before binding a port)."""
     config.check()
     path = Path(config.model)
-    holder = ModelHolder(path, config.learn_queue)
+    holder = ModelHolder(path, config.learn_queue, compact_every=config.compact_every,
+                         compact_idle=config.compact_idle)
     metrics = Metrics(lambda: holder.snapshot.metrics() if holder.snapshot else None)
     token = (config.token or "").encode()
     runtime: dict[str, Any] = {}
@@ -176,7 +177,7 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
                 with tempfile.TemporaryDirectory(prefix="earmark-warm-", dir=config.temp_dir) as tmp:
                     model.predict([str(_write_tone(Path(tmp) / "warmup.wav"))], top_k=1)
             snap = holder.publish(model)
-            log.info("model %s loaded: %d labels, generation %d", path, len(snap.counts), snap.generation)
+            log.info("model %s loaded: %d labels, version %d", path, len(snap.counts), snap.version)
         except BaseException as exc:  # reported by /health/ready; the process stays up to say so
             holder.load_error = f"{type(exc).__name__}: {exc}"
             log.error("model %s failed to load: %s", path, holder.load_error)
@@ -296,7 +297,7 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
             metrics.learn_queue.set(holder.pending)
 
     def written(snap: Snapshot, report: dict, **extra) -> dict:
-        return {**extra, **report, "counts": snap.counts, "generation": snap.generation}
+        return {**extra, **report, "counts": snap.counts, "version": snap.version}
 
     # -- reading
     @app.post("/classify", openapi_extra=UPLOAD_BODY, responses=ERRORS, tags=["classify"])
@@ -347,24 +348,24 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
             if mapped is None:
                 raise
             raise mapped from None
-        return {"generation": snap.generation,
+        return {"version": snap.version,
                 "results": format_predictions(preds, top_k, window is not None)}
 
     @app.get("/labels", tags=["inspect"], responses={503: ERRORS[503]})
     async def labels():
         """Every label and its number of learned clips."""
         snap = ready()
-        return {"labels": [{"name": n, "clips": c} for n, c in snap.counts.items()], "generation": snap.generation}
+        return {"labels": [{"name": n, "clips": c} for n, c in snap.counts.items()], "version": snap.version}
 
     @app.get("/model", tags=["inspect"], responses={503: ERRORS[503]})
     async def model_info():
-        """The model's description (classes, learner, encoder, bytes, format, generation) and the limits."""
+        """The model's description (classes, learner, encoder, bytes, format, version) and the limits."""
         snap = ready()
         limits = {k: getattr(config, k) for k in ("max_request_bytes", "max_files", "max_clip_seconds",
                                                     "max_long_file_seconds", "max_windows", "max_top_k",
                                                     "learn_queue")}
         info = {k: json_safe(v) for k, v in snap.info.items() if k != "path"}  # no server paths to anonymous clients
-        return {**info, "generation": snap.generation, "read_only": config.read_only, "limits": limits}
+        return {**info, "version": snap.version, "read_only": config.read_only, "limits": limits}
 
     # -- writing
     @app.post("/labels/{name}/examples", dependencies=[Depends(authorize)], openapi_extra=UPLOAD_BODY,
@@ -430,11 +431,11 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
     async def is_ready():
         """200 once the model is loaded (it loads in the background at startup), 503 before."""
         snap = ready()
-        return {"status": "ready", "generation": snap.generation, "labels": len(snap.counts)}
+        return {"status": "ready", "version": snap.version, "labels": len(snap.counts)}
 
     @app.get("/metrics", tags=["operations"], response_class=Response)
     async def prometheus():
-        """Prometheus text: requests and latencies per endpoint, labels, clip counts, model generation."""
+        """Prometheus text: requests and latencies per endpoint, labels, clip counts, model version."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     # -- the page

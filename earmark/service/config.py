@@ -40,11 +40,15 @@ class ServiceConfig:
     torch_threads: int = 1  # intra-op threads per worker: 1 avoids spin contention on a shared CPU
     classify_queue: int = 256  # classify requests waiting for a worker; more -> 429
     temp_dir: str | None = None  # where uploads are written (default: the system temp dir)
+    # durability: a change is acknowledged once its record is fsynced to the model's change log; the log is
+    # folded into a full save after this many changes, or once no write came for compact_idle seconds
+    compact_every: int = 64
+    compact_idle: float = 5.0
     load_delay: float = 0.0  # seconds to wait before loading the model (tests use it to see "not ready")
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_files", "learn_queue", "classify_workers", "classify_batch",
-                     "torch_threads", "classify_queue", "max_windows", "max_top_k"):
+                     "torch_threads", "classify_queue", "max_windows", "max_top_k", "compact_every"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.max_clip_seconds <= 0 or self.max_long_file_seconds <= 0:

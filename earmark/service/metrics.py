@@ -26,8 +26,8 @@ class _ModelCollector:
         yield ready
         if not snap:
             return
-        gen = GaugeMetricFamily("earmark_model_generation", "model version: saves since it was created")
-        gen.add_metric([], float(snap.get("generation", 0)))
+        gen = GaugeMetricFamily("earmark_model_version", "model version: changes applied since it was created")
+        gen.add_metric([], float(snap.get("version", 0)))
         yield gen
         labels = GaugeMetricFamily("earmark_model_labels", "number of labels the model knows")
         labels.add_metric([], float(len(snap.get("counts", {}))))

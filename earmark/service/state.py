@@ -1,8 +1,10 @@
 """The live model and the two kinds of work on it.
 
 Readers never see a model being changed: the published model is an immutable snapshot. A write (learn
-or forget) runs on the single writer thread: clone the snapshot, change the clone, save it (atomic, so
-it is on disk before anyone is told), then publish it by swapping one reference. Classification runs
+or forget) runs on the single writer thread: clone the snapshot, change the clone, make the change
+durable before anyone is told (an fsynced append to the model's change log; every ``compact_every``
+changes, and when writes pause, a full atomic save that folds the log in), then publish it by swapping
+one reference. Classification runs
 on a few worker threads that each take whatever requests are queued (up to a batch of clips) and
 predict them together against the snapshot current when the batch starts.
 """
@@ -37,12 +39,12 @@ class Snapshot:
     """What readers get without touching the model: taken once at publish time."""
 
     model: Any
-    generation: int
+    version: int  # changes applied since the model was created: grows with every acknowledged write
     counts: dict[str, int]
     info: dict
 
     def metrics(self) -> dict:
-        return {"generation": self.generation, "counts": self.counts}
+        return {"version": self.version, "counts": self.counts}
 
 
 @dataclass
@@ -67,8 +69,11 @@ class ModelHolder:
     relying on ``Model.learn`` changing nothing when it raises.
     """
 
-    def __init__(self, path: Path, learn_queue: int, max_group: int = 32) -> None:
+    def __init__(self, path: Path, learn_queue: int, max_group: int = 32, compact_every: int = 64,
+                 compact_idle: float = 5.0) -> None:
         self.path = path
+        self.compact_every = compact_every
+        self.compact_idle = compact_idle
         self.snapshot: Snapshot | None = None
         self.load_error: str | None = None
         self.learn_queue = learn_queue
@@ -87,7 +92,7 @@ class ModelHolder:
         return self.snapshot is not None
 
     def publish(self, model) -> Snapshot:
-        snap = Snapshot(model, int(model.generation), dict(model.counts()), model.info())
+        snap = Snapshot(model, int(model.version), dict(model.counts()), model.info())
         self.snapshot = snap  # one reference swap: readers see the old snapshot or the new, never a mix
         return snap
 
@@ -119,8 +124,13 @@ class ModelHolder:
     # -- the writer thread
     def _run(self) -> None:
         while True:
-            job = self._carry.pop() if self._carry else self._jobs.get()
+            try:
+                job = self._carry.pop() if self._carry else self._jobs.get(timeout=self.compact_idle)
+            except queue.Empty:
+                self._compact()  # writes paused: fold the log into a full save
+                continue
             if job is None:
+                self._compact()
                 return
             group = [job]
             if job.learn is not None:
@@ -172,7 +182,7 @@ class ModelHolder:
             except BaseException as exc:
                 _finish(group[0].future, exc=exc)  # the clone is dropped: nothing applied
                 return
-            new.save(self.path)
+            self._commit(new)
             _finish(group[0].future, (report, self.publish(new)))
             return
         new = base.model.clone()
@@ -197,10 +207,29 @@ class ModelHolder:
                 done.append((j, _learn_report(j, known)))
         if not done:
             return
-        new.save(self.path)
+        self._commit(new)
         snap = self.publish(new)
         for j, report in done:
             _finish(j.future, (report, snap))
+
+
+    def _commit(self, model) -> None:
+        """On disk before anyone is told: an fsynced log append, or a full save once the log is long."""
+        if model.logged + len(model.unlogged) >= self.compact_every or model._unloggable:
+            model.save(self.path)
+        else:
+            model.log()
+
+    def _compact(self) -> None:
+        snap = self.snapshot
+        if snap is None or not snap.model.logged:
+            return
+        try:
+            new = snap.model.clone()
+            new.save(self.path)
+            self.publish(new)
+        except Exception:  # the log stays and is replayed on the next start: nothing acknowledged is lost
+            log.exception("compacting the change log failed")
 
 
 def _learn_report(job: WriteJob, known: set[str]) -> dict:

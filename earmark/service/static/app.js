@@ -170,7 +170,7 @@ async function refreshLabels() {
     return tr;
   });
   $("#labels").replaceChildren(...rows);
-  $("#status").textContent = `ready · ${body.labels.length} labels · model v${body.generation}`;
+  $("#status").textContent = `ready · ${body.labels.length} labels · model v${body.version}`;
 }
 
 async function waitReady() {
