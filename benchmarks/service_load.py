@@ -7,7 +7,7 @@ Starts the real server in a subprocess on 127.0.0.1 (a small model built on synt
 --model is given; the model is copied, never changed in place), then prints requests/s, p50/p95/p99
 latency per endpoint and errors, and checks that
   * the final labels and clip counts equal what the acknowledged learn requests imply, and
-  * every learn is visible to the next classify its client sends (its generation is at least the learn's).
+  * every learn is visible to the next classify its client sends (its version is at least the learn's).
 Bounded: at most --seconds per run (120 at most) and --max-requests per run; loopback only.
 """
 
@@ -80,7 +80,7 @@ class Run:
         import httpx
 
         rng = np.random.default_rng(1000 + k)
-        pending_generation: int | None = None
+        pending_version: int | None = None
         interval = self.clients / self.rate if self.rate else 0.0
         next_at = start + rng.uniform(0, interval) if interval else start
         with httpx.Client(base_url=self.url, timeout=30.0) as c:
@@ -117,7 +117,7 @@ class Run:
                     with self.lock:
                         self.lat["learn"].append(dt)
                         self.acked[name] = self.acked.get(name, 0) + 1
-                    pending_generation = r.json()["generation"]
+                    pending_version = r.json()["version"]
                 else:
                     clip = self.classify_clips[int(rng.integers(len(self.classify_clips)))]
                     t0 = time.perf_counter()
@@ -132,11 +132,11 @@ class Run:
                         continue
                     with self.lock:
                         self.lat["classify"].append(dt)
-                        if pending_generation is not None:
+                        if pending_version is not None:
                             self.visibility_checks += 1
-                            if r.json()["generation"] < pending_generation:
+                            if r.json()["version"] < pending_version:
                                 self.visibility_failures += 1
-                    pending_generation = None
+                    pending_version = None
 
     def go(self) -> float:
         start = time.perf_counter()

@@ -150,15 +150,19 @@ class LowRankSolver:
     Holds the Cholesky factor ``L`` of ``A0 = G0 + lam I`` at its last factorization and the rows ``U`` (r x D,
     signs ``s``) added to or removed from the Gram since, so ``A = A0 + U' diag(s) U``. With ``K = A0^-1 U'``
     and ``Z = A0^-1 Q`` (both kept up to date: each change costs one triangular solve per changed row),
-    Woodbury gives ``A^-1 Q = Z - K (diag(s) + U K)^-1 U Z``: O(D r (C + r)) instead of O(D^3). Each answer
+    Woodbury gives ``A^-1 Q = Z - K (diag(s) + U K)^-1 U Z``: O(D r (C + r)) instead of O(D^3). It is used
+    only while the capacitance ``M = diag(s) + U K`` has a condition number under ``max_cond``. Each answer
     is checked along a fixed vector v: residual ``r = Q v - A W v`` (one D x D product), error ``A^-1 r``.
-    An estimated error above ``tol`` relative, a change of lam, a merge, a load, or more than ``max_rows``
+    An estimated error above ``tol`` relative (or above ``slack`` times what the fresh solve itself reached
+    along the probe, when that is worse), a change of lam, a merge, a load, or more than ``max_rows``
     rows in U make the next solve a full Cholesky of the current statistics. Not state: nothing here is saved.
     """
 
-    def __init__(self, max_rows: int = 256, tol: float = 1e-11) -> None:
+    def __init__(self, max_rows: int = 256, tol: float = 1e-11, slack: float = 10.0, max_cond: float = 1e4) -> None:
         self.max_rows = max_rows
+        self.max_cond = max_cond
         self.tol = tol
+        self.slack = slack
         self.invalidate()
         self.factorizations = 0  # full Cholesky solves so far (tests and benchmarks read it)
         self.rejected = 0  # low-rank answers the error probe sent back to a full solve
@@ -186,7 +190,19 @@ class LowRankSolver:
         self.K = gram.new_zeros(width, 0)
         self.signs = gram.new_zeros(0)
         self.UK = gram.new_zeros(0, 0)
+        # What a fresh solve itself achieves along the probe: on an ill-conditioned system even Cholesky's
+        # answer is off by more than tol, and a low-rank answer need not beat it, only stay near it.
+        self.floor = self._probe_error(gram, targets, lam, self.Z, lambda r: chol_solve(r, L))
         return self.Z.clone()
+
+    @staticmethod
+    def _probe_error(gram: Tensor, targets: Tensor, lam: float, W: Tensor, inverse) -> float:
+        """Relative error of W along a fixed probe v: ``|A^-1 (Q v - A W v)| / |W v|``, with ``inverse`` for A^-1."""
+        g = torch.Generator(device="cpu").manual_seed(0)
+        v = torch.randn(W.shape[1], 1, generator=g, dtype=W.dtype).to(W.device)
+        w = W @ v
+        r = targets @ v - gram @ w - lam * w
+        return float(inverse(r).norm() / w.norm().clamp_min(torch.finfo(W.dtype).tiny))
 
     def rows(self, H: Tensor, cols: Tensor | None, sign: float) -> None:
         """The Gram gains ``sign * H'H``; ``cols`` (or None) are the rows' target columns in Q."""
@@ -219,20 +235,19 @@ class LowRankSolver:
             return self.Z.clone()
         M = self.UK.clone()
         M.diagonal().add_(self.signs)
+        # Removing rows that dominated some directions makes the capacitance M ill-conditioned, and Woodbury
+        # loses about cond(M) ulps: then a fresh Cholesky answers instead.
+        if not float(torch.linalg.cond(M)) <= self.max_cond:
+            self.rejected += 1
+            return self._start(gram, targets, lam)
         lu, piv = torch.linalg.lu_factor(M)
 
         def apply(B: Tensor, A0_inv_B: Tensor) -> Tensor:  # A^-1 B, given A0^-1 B
             return A0_inv_B - self.K @ torch.linalg.lu_solve(lu, piv, self.U @ A0_inv_B)
 
         W = apply(targets, self.Z)
-        # Error probe: e = A^-1 (Q v - A W v) along a fixed v. Removing rows that dominated some directions
-        # makes the capacitance M ill-conditioned; then e is large and a fresh Cholesky answers instead.
-        g = torch.Generator(device="cpu").manual_seed(0)
-        v = torch.randn(W.shape[1], 1, generator=g, dtype=W.dtype).to(W.device)
-        w = W @ v
-        r = targets @ v - gram @ w - lam * w
-        e = apply(r, chol_solve(r, self.L))
-        if not bool(e.norm() <= self.tol * w.norm()):
+        err = self._probe_error(gram, targets, lam, W, lambda r: apply(r, chol_solve(r, self.L)))
+        if not err <= max(self.tol, self.slack * self.floor):
             self.rejected += 1
             return self._start(gram, targets, lam)
         return W
