@@ -81,3 +81,15 @@ def test_a_new_lambda_refactors_and_the_solver_is_not_state():
     assert not torch.allclose(a, b)
     assert set(stats.state_dict()) == {"gram", "targets", "factors.rows", "factors.sizes"}
     assert isinstance(stats.solver, LowRankSolver)
+
+
+def test_a_deep_copy_shares_the_factor_but_not_what_changes_in_place():
+    X, y, _ = blobs(list(range(4)), 20, d=8, seed=8)
+    learner = make_learner("analytic", buffer_size=32, gamma=50.0).partial_fit(X, y)
+    twin = copy.deepcopy(learner)
+    assert twin.stats.solver.L is learner.stats.solver.L
+    X2, y2, _ = blobs([9], 3, d=8, seed=9)
+    twin.partial_fit(X2, y2)
+    assert learner.n_classes_ == 4 and len(learner.stats.solver.U) == 0  # the original is untouched
+    assert rel_err(twin.weights, fresh_solve(twin.stats, 50.0)) < 1e-10
+    assert rel_err(learner.weights, fresh_solve(learner.stats, 50.0)) < 1e-10

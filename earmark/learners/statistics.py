@@ -20,6 +20,8 @@ residual says the fast answer is not as accurate as a fresh Cholesky. The statis
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor
 
@@ -166,6 +168,14 @@ class LowRankSolver:
         self.invalidate()
         self.factorizations = 0  # full Cholesky solves so far (tests and benchmarks read it)
         self.rejected = 0  # low-rank answers the error probe sent back to a full solve
+
+    def __deepcopy__(self, memo: dict) -> LowRankSolver:
+        """Copies share the factor L (never changed in place, only replaced); the rest is small and copied."""
+        other = copy.copy(self)
+        for name in ("Z", "U", "K", "signs", "UK"):
+            if hasattr(self, name):
+                setattr(other, name, getattr(self, name).clone())
+        return other
 
     def invalidate(self) -> None:
         self.L: Tensor | None = None
