@@ -38,14 +38,14 @@ def main() -> None:
     labels = torch.arange(n) % args.classes
     train = TrainConfig(epochs=1)
     saves: list[float] = []
-    real_save = supervised._save_checkpoint
+    real_save = supervised.save_training_checkpoint
 
     def timed_save(*a, **k):
         t = time.perf_counter()
         real_save(*a, **k)
         saves.append(time.perf_counter() - t)
 
-    supervised._save_checkpoint = timed_save
+    supervised.save_training_checkpoint = timed_save
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
