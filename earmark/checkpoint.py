@@ -27,6 +27,18 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt or of the wrong kind."""
 
 
+class FingerprintError(CheckpointError):
+    """A checkpoint of another computation: its fingerprint differs from the one about to be resumed."""
+
+
+def fingerprint_differences(theirs: dict, ours: dict) -> list[str]:
+    """Keys of ``ours`` whose value differs in ``theirs`` (or is missing there), compared as JSON
+    (tuples equal lists); extra keys in ``theirs`` count too."""
+    ours = json.loads(json.dumps(ours))
+    keys = [k for k in ours if k not in theirs or theirs[k] != ours[k]]
+    return keys + sorted(k for k in theirs if k not in ours)
+
+
 def remove_stale_temporaries(path: str | Path) -> list[Path]:
     """Delete ``.<name>.<pid>.*.tmp`` files beside ``path`` left by writers that no longer run
     (and pre-pid ``.<name>.*.tmp`` files older than an hour)."""

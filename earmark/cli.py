@@ -103,7 +103,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=S, help="embedding/encoder cache (default: $EARMARK_DATA/cache)")
     p.add_argument("--retrain", action="store_true", default=S, help="train the encoder even if a cached one matches")
     p.add_argument("--no-resume", dest="resume", action="store_false", default=S,
-                   help="start base training over instead of continuing an interrupted one from its checkpoint")
+                   help="start base training and the backbone learners' sessions over instead of continuing an "
+                        "interrupted run from its checkpoints")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=S,
                    help="plain log lines instead of progress bars")
 

@@ -18,7 +18,14 @@ import numpy as np
 
 from earmark.experiments.config import RunConfig
 from earmark.experiments.evaluate import evaluate, evaluate_open_set
-from earmark.experiments.prepare import build_learner, encoder_summary, module_bytes, prepare
+from earmark.experiments.prepare import (
+    build_learner,
+    encoder_summary,
+    learner_checkpoints,
+    module_bytes,
+    prepare,
+    remove_learner_checkpoints,
+)
 from earmark.experiments.report import jsonable, log, nan_to_none
 from earmark.experiments.rundir import RunWriter
 from earmark.metrics import format_table
@@ -54,15 +61,17 @@ def compare(config: RunConfig, trials: int = 3) -> dict:
         raise ValueError("trials must be at least 1")
     t_start = time.perf_counter()
     with RunWriter(config.out) as writer:  # the folder is replaced as a whole when the block ends
-        results, per_learner = _compare(config, trials, writer, t_start)
+        results, per_learner, checkpoints = _compare(config, trials, writer, t_start)
+    remove_learner_checkpoints(checkpoints)  # only now: a crash before the folder is in place resumes from them
     print(render_compare(per_learner, trials, config.memory_budget))
     if any(entry.get("open_set_mean") for entry in per_learner.values()):
         print(render_open_set(per_learner))
     return results
 
 
-def _compare(config: RunConfig, trials: int, writer: RunWriter, t_start: float) -> tuple[dict, dict]:
+def _compare(config: RunConfig, trials: int, writer: RunWriter, t_start: float) -> tuple[dict, dict, Path]:
     prep = prepare(config, embed_train_pool=trials > 1, writer=writer)
+    checkpoints = learner_checkpoints(config, prep)
     scenario, row_of = prep.scenario, prep.row_of
     per_learner: dict[str, dict] = {}
     encoder_bytes = module_bytes(prep.embedder.encoder)
@@ -77,7 +86,8 @@ def _compare(config: RunConfig, trials: int, writer: RunWriter, t_start: float) 
                                                               seed=config.seed)
                 online = {}
             else:
-                matrix, seconds, online = evaluate(config, learner, scenario.with_trial(trial), inputs, row_of)
+                matrix, seconds, online = evaluate(config, learner, scenario.with_trial(trial), inputs, row_of,
+                                                   checkpoints / f"{name}-trial{trial}")
             runs.append({"trial": trial, "matrix": matrix, "seconds": seconds, "nbytes": prep.total_bytes(learner),
                          "online": online, "open_set": open_set})
         per_learner[name] = {
@@ -114,7 +124,7 @@ def _compare(config: RunConfig, trials: int, writer: RunWriter, t_start: float) 
     table.writerows(rows)
     writer.write_text("compare.csv", buf.getvalue())
     plot_compare(results, writer.folder)
-    return results, per_learner
+    return results, per_learner, checkpoints
 
 
 def open_set_mean(trials: list[list[dict] | None]) -> list[dict] | None:

@@ -52,7 +52,9 @@ class RunConfig:
     device: str = "cpu"
     batch_size: int = 64  # for embedding
     retrain: bool = False  # ignore a cached trained encoder
-    resume: bool = True  # continue an interrupted base training from its checkpoint (<cache>/encoders/*.partial.*)
+    # Continue an interrupted run from its checkpoints: base training (<cache>/encoders/<key>.partial.*) and the
+    # backbone learners' sessions (<cache>/encoders/<key>.sessions/<run key>/, deleted once the run is written).
+    resume: bool = True
     progress: bool = True
     render: RenderConfig = field(default_factory=RenderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

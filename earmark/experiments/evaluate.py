@@ -1,17 +1,34 @@
-"""Evaluation loops: a learner through a scenario's sessions, the online protocol and the joint bound."""
+"""Evaluation loops: a learner through a scenario's sessions, the online protocol and the joint bound.
+
+With a ``checkpoint_dir``, a learner that checkpoints (``can_checkpoint``: the backbone learners)
+trains each session with checkpoints in that folder, and after each session its whole state, the
+accuracy matrix so far and the fit times go to ``<checkpoint_dir>/sessions.safetensors``. With
+``resume`` a later call with the same learner (config and state before the first session), scenario
+and inputs restores the sessions done and continues in the session that was interrupted, so the
+matrix and the learner end bit-identical to an uninterrupted run on the same machine. A file of
+another learner, scenario or data is ignored and overwritten.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from earmark.checkpoint import fingerprint_differences, load_tensors, prefixed, save_tensors, unprefixed
 from earmark.experiments.config import RunConfig
 from earmark.learners import AnalyticLearner, IncrementalLearner, joint_ridge
 from earmark.learners.analytic import RandomReLUBuffer
 from earmark.metrics import AccuracyMatrix
 from earmark.scenarios import ClassIncremental, evaluate_online
+from earmark.training.supervised import data_digest, state_digest
+
+SESSIONS_CHECKPOINT = "sessions.safetensors"
+SESSIONS_KIND = "learner-sessions"
 
 
 def embedded(indices: np.ndarray, row_of: dict[int, int]) -> np.ndarray:
@@ -21,11 +38,15 @@ def embedded(indices: np.ndarray, row_of: dict[int, int]) -> np.ndarray:
 
 def evaluate(
     config: RunConfig, learner: IncrementalLearner, scenario: ClassIncremental, X: torch.Tensor,
-    row_of: dict[int, int],
+    row_of: dict[int, int], checkpoint_dir: str | Path | None = None,
 ) -> tuple[AccuracyMatrix, list[float], dict]:
-    """Session by session, or test-then-train over a single-pass stream when ``config.online_batch``."""
+    """Session by session, or test-then-train over a single-pass stream when ``config.online_batch``.
+
+    ``checkpoint_dir`` (sessions only; the online protocol does not checkpoint): see the module docstring,
+    resumed when ``config.resume``.
+    """
     if config.online_batch is None:
-        matrix, seconds = evaluate_learner(learner, scenario, X, row_of)
+        matrix, seconds = evaluate_learner(learner, scenario, X, row_of, checkpoint_dir, config.resume)
         return matrix, seconds, {}
     t0 = time.perf_counter()
     result = evaluate_online(learner, scenario, X, row_of, config.online_batch, seed=config.seed)
@@ -35,19 +56,84 @@ def evaluate(
 
 
 def evaluate_learner(
-    learner: IncrementalLearner, scenario: ClassIncremental, X: torch.Tensor, row_of: dict[int, int]
+    learner: IncrementalLearner, scenario: ClassIncremental, X: torch.Tensor, row_of: dict[int, int],
+    checkpoint_dir: str | Path | None = None, resume: bool = True,
 ) -> tuple[AccuracyMatrix, list[float]]:
-    """Run the sessions in order: fit on each session's data, test on all classes seen so far."""
+    """Run the sessions in order: fit on each session's data, test on all classes seen so far.
+
+    ``checkpoint_dir`` / ``resume``: checkpoints of a learner that ``can_checkpoint`` (module docstring).
+    The caller deletes the folder when it no longer needs it. ``seconds`` of a session restored from
+    the checkpoint are the ones measured when it ran.
+    """
     matrix = AccuracyMatrix.empty(len(scenario))
-    seconds = []
+    seconds: list[float] = []
+    done = 0
+    path = Path(checkpoint_dir) / SESSIONS_CHECKPOINT if checkpoint_dir is not None and learner.can_checkpoint else None
+    if path is not None:
+        fingerprint = sessions_fingerprint(learner, scenario, X, row_of)
+        if resume and path.exists():
+            restored = load_sessions(path, learner, fingerprint)
+            if restored is not None:
+                done, matrix, seconds = restored
+        learner.checkpoint_dir, learner.resume = path.parent, resume
+    try:
+        for session in scenario:
+            if session.index < done:
+                continue
+            train, test = embedded(session.train_indices, row_of), embedded(session.test_indices, row_of)
+            t0 = time.perf_counter()
+            learner.partial_fit(X[[row_of[i] for i in train]], scenario.dense_targets(train))
+            seconds.append(time.perf_counter() - t0)
+            pred = learner.predict(X[[row_of[i] for i in test]]).cpu().numpy()
+            matrix.record(session.index, scenario.dense_targets(test), pred, scenario.session_classes)
+            if path is not None:
+                save_sessions(path, learner, fingerprint, session.index + 1, matrix, seconds)
+                for p in (learner.train_checkpoint, learner.train_checkpoint.with_suffix(".json")):
+                    p.unlink(missing_ok=True)  # that session's training checkpoint is not needed any more
+    finally:
+        if path is not None:
+            learner.checkpoint_dir = None
+    return matrix, seconds
+
+
+def sessions_fingerprint(
+    learner: IncrementalLearner, scenario: ClassIncremental, X: torch.Tensor, row_of: dict[int, int]
+) -> dict:
+    """What a learner's pass through the scenario depends on: its kind, config and state before the first
+    session (e.g. the encoder it starts from), the scenario, the rows of ``X`` and labels of every session."""
+    rows = []
     for session in scenario:
         train, test = embedded(session.train_indices, row_of), embedded(session.test_indices, row_of)
-        t0 = time.perf_counter()
-        learner.partial_fit(X[[row_of[i] for i in train]], scenario.dense_targets(train))
-        seconds.append(time.perf_counter() - t0)
-        pred = learner.predict(X[[row_of[i] for i in test]]).cpu().numpy()
-        matrix.record(session.index, scenario.dense_targets(test), pred, scenario.session_classes)
-    return matrix, seconds
+        rows.append([[row_of[int(i)] for i in idx] + scenario.dense_targets(idx).tolist() for idx in (train, test)])
+    return {
+        "learner": learner.name,
+        "config": learner.config.result_dict(),
+        "state": state_digest(learner.state_dict()),
+        "scenario": scenario.to_dict(),
+        "sessions": hashlib.sha256(json.dumps(rows).encode()).hexdigest(),
+        "data": data_digest(X),
+    }
+
+
+def save_sessions(
+    path: Path, learner: IncrementalLearner, fingerprint: dict, done: int, matrix: AccuracyMatrix, seconds: list[float]
+) -> None:
+    """The learner's whole state after ``done`` sessions, with the matrix and fit times so far (atomically)."""
+    meta = {"kind": SESSIONS_KIND, "fingerprint": fingerprint, "sessions": done, "matrix": matrix.to_dict(),
+            "seconds": seconds}
+    save_tensors(path, prefixed("learner", learner.state_dict()), meta)
+
+
+def load_sessions(
+    path: Path, learner: IncrementalLearner, fingerprint: dict
+) -> tuple[int, AccuracyMatrix, list[float]] | None:
+    """Inverse of :func:`save_sessions` into ``learner``: (sessions done, matrix, seconds), or None (the
+    learner untouched) when the file is of another learner, scenario or data."""
+    tensors, meta, _ = load_tensors(path, kind=SESSIONS_KIND)
+    if fingerprint_differences(meta.get("fingerprint", {}), fingerprint):
+        return None
+    learner.load_state_dict({k: v.to(learner.device) for k, v in unprefixed("learner", tensors).items()})
+    return int(meta["sessions"]), AccuracyMatrix.from_dict(meta["matrix"]), [float(s) for s in meta["seconds"]]
 
 
 def evaluate_joint(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
+import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +206,28 @@ def prepare(config: RunConfig, embed_train_pool: bool = False, writer: RunWriter
         computed=result.computed, timings=timings, progress=config.progress,
     )
 
+
+
+# RunConfig fields that change nothing a learner computes (left out of the key of its session checkpoints).
+NOT_IN_SESSIONS = ("resume", "progress", "retrain")
+
+
+def learner_checkpoints(config: RunConfig, prep: Prepared) -> Path:
+    """The folder of this run's learner session checkpoints (one sub-folder per learner and trial).
+
+    It lies beside the base-training checkpoint, ``<cache>/encoders/<key>.sessions/<run key>``, the run
+    key a digest of the run's config (its output folder included), so that another run on the same
+    encoder keeps its own. Deleted by :func:`remove_learner_checkpoints` once the run folder is written.
+    """
+    key = _digest({k: v for k, v in asdict(config).items() if k not in NOT_IN_SESSIONS})
+    return Path(prep.training["checkpoint"]).with_suffix(".sessions") / key[:16]
+
+
+def remove_learner_checkpoints(folder: Path) -> None:
+    """Delete a finished run's learner checkpoints (and the encoder's ``.sessions`` folder once empty)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):  # other runs' checkpoints are still there, or it is gone
+        folder.parent.rmdir()
 
 
 def encoder_summary(prep: Prepared) -> dict:

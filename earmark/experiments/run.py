@@ -14,7 +14,15 @@ import yaml
 
 from earmark.experiments.config import RunConfig
 from earmark.experiments.evaluate import evaluate, evaluate_joint
-from earmark.experiments.prepare import Prepared, build_learner, encoder_summary, module_bytes, prepare
+from earmark.experiments.prepare import (
+    Prepared,
+    build_learner,
+    encoder_summary,
+    learner_checkpoints,
+    module_bytes,
+    prepare,
+    remove_learner_checkpoints,
+)
 from earmark.experiments.report import jsonable, log, nan_to_none, render_report
 from earmark.experiments.rundir import RunWriter
 from earmark.learners import LEARNERS, IncrementalLearner
@@ -26,7 +34,8 @@ def run(config: RunConfig) -> dict:
     """Run the whole job and write results.json, a plot and the encoder checkpoint under config.out."""
     t_start = time.perf_counter()
     with RunWriter(config.out) as writer:  # the folder is replaced as a whole when the block ends
-        results = _run(config, writer, t_start)
+        results, checkpoints = _run(config, writer, t_start)
+    remove_learner_checkpoints(checkpoints)  # only now: a crash before the folder is in place resumes from them
     print(render_report(results))
     if "model" in results:
         print(f"\nmodel: {results['model']} ({config_model_learner(config)} on the trained encoder, every training "
@@ -34,8 +43,9 @@ def run(config: RunConfig) -> dict:
     return results
 
 
-def _run(config: RunConfig, writer: RunWriter, t_start: float) -> dict:
+def _run(config: RunConfig, writer: RunWriter, t_start: float) -> tuple[dict, Path]:
     prep = prepare(config, writer=writer)
+    checkpoints = learner_checkpoints(config, prep)
     timings = prep.timings
     dataset, scenario, embedder, X, row_of = prep.dataset, prep.scenario, prep.embedder, prep.X, prep.row_of
 
@@ -48,7 +58,7 @@ def _run(config: RunConfig, writer: RunWriter, t_start: float) -> dict:
         learner = build_learner(config, name, module_bytes(embedder.encoder))
         t = time.perf_counter()
         matrices[name], fit_seconds[name], online[name] = evaluate(
-            config, learner, scenario, prep.inputs_for(learner), row_of)
+            config, learner, scenario, prep.inputs_for(learner), row_of, checkpoints / name)
         timings[f"learner:{name}"] = time.perf_counter() - t
         nbytes[name] = prep.total_bytes(learner)
         learners[name] = learner
@@ -81,7 +91,7 @@ def _run(config: RunConfig, writer: RunWriter, t_start: float) -> dict:
     writer.write_text("config.yaml", yaml.safe_dump(results["config"], sort_keys=False))
     writer.write_text("results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
     plot_sessions(results, writer.path("accuracy.png"))
-    return results
+    return results, checkpoints
 
 
 def config_model_learner(config: RunConfig) -> str | None:

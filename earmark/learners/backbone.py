@@ -14,13 +14,27 @@ train from scratch by setting ``base_epochs``.
 Subclasses change one thing each, through hooks: what is trained on (``_training_set``), an extra
 loss term (``_extra_loss``), what happens around a session (``_before_session``,
 ``_after_session``) and how scores are made (``_scores``).
+
+A session's encoder training checkpoints when ``checkpoint_dir`` is set (the experiment harness sets
+it; it is not part of the config): every ``checkpoint_every`` epochs and after the last one,
+``<checkpoint_dir>/train.safetensors`` holds the encoder and head weights (and any other trained
+parameter, e.g. FSA's FiLM), the AdamW moments, the learner's generator, the global RNG, session,
+epoch and step, with a fingerprint of the session's inputs (the learner's state when training starts,
+the training data, the config and the session index). A later ``partial_fit`` of the same session
+with ``resume`` (the default) continues from it, bit-identically to an uninterrupted run on the same
+machine; a checkpoint with another fingerprint (another session, config or data) is ignored and
+overwritten. Everything else a learner keeps between sessions (exemplars, Fisher, the head) is in
+``state_dict``: the harness saves that at each session end (see ``earmark.experiments.evaluate``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -28,10 +42,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from earmark.checkpoint import FingerprintError
 from earmark.encoders.config import EncoderConfig, resolve_config
 from earmark.encoders.mamba import build_encoder
 from earmark.learners.base import LEARNERS, ArrayLike, IncrementalLearner, LearnerConfig
-from earmark.training.supervised import TrainConfig, lr_factor, no_decay_names, spec_augment
+from earmark.training.supervised import (
+    TrainConfig,
+    TrainHistory,
+    data_digest,
+    load_training_checkpoint,
+    lr_factor,
+    no_decay_names,
+    save_training_checkpoint,
+    spec_augment,
+    state_digest,
+)
+
+CHECKPOINT_KIND = "backbone-session-partial"
+TRAIN_CHECKPOINT = "train.safetensors"  # in ``checkpoint_dir``
+# BackboneConfig fields that do not change what is learned (left out of checkpoint fingerprints).
+NOT_IN_RESULT = ("checkpoint_every",)
 
 
 @dataclass
@@ -55,9 +85,10 @@ class BackboneConfig(LearnerConfig):
     augment: bool = True  # SpecAugment masks during encoder training
     eval_batch_size: int = 128
     seed: int = 0
+    checkpoint_every: int = 1  # epochs between checkpoints when checkpoint_dir is set; 0: only after the last
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "base_epochs", "head_epochs"):
+        for name in ("epochs", "base_epochs", "head_epochs", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "eval_batch_size"):
@@ -68,6 +99,10 @@ class BackboneConfig(LearnerConfig):
 
     def encoder_config(self) -> EncoderConfig:
         return EncoderConfig.from_dict(self.encoder) if isinstance(self.encoder, dict) else resolve_config(self.encoder)
+
+    def result_dict(self) -> dict:
+        """The fields that decide what is learned (for checkpoint fingerprints)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IN_RESULT}
 
 
 class BackboneLearner(IncrementalLearner):
@@ -80,6 +115,7 @@ class BackboneLearner(IncrementalLearner):
 
     Config = BackboneConfig
     input_ndim: ClassVar[int] = 3
+    can_checkpoint: ClassVar[bool] = True
 
     def __init__(self, config: BackboneConfig | None = None) -> None:
         super().__init__(config)
@@ -91,6 +127,10 @@ class BackboneLearner(IncrementalLearner):
         self.register_buffer("sessions_seen", torch.zeros((), dtype=torch.long))
         self._new_classes = 0  # classes added by the batch being learned (not state)
         self.n_old_classes = 0  # classes known before the current session: the distillation targets
+        # Where a session's training checkpoints (None: nowhere), and whether a matching checkpoint there
+        # is continued; set by the caller, not state. See the module docstring.
+        self.checkpoint_dir: Path | None = None
+        self.resume: bool = True
 
     # ----------------------------------------------------------------- public
 
@@ -108,6 +148,11 @@ class BackboneLearner(IncrementalLearner):
     def embed(self, X: ArrayLike) -> Tensor:
         """Encoder embeddings ``(n, D)`` of log-mel inputs, in eval mode and in batches."""
         return self._embed(self._as_features(X))
+
+    @property
+    def train_checkpoint(self) -> Path | None:
+        """The file a session's training checkpoints to (None without ``checkpoint_dir``)."""
+        return None if self.checkpoint_dir is None else Path(self.checkpoint_dir) / TRAIN_CHECKPOINT
 
     # ----------------------------------------------------------------- protocol hooks
 
@@ -248,13 +293,27 @@ class BackboneLearner(IncrementalLearner):
         # SpecAugment widths of base training (20 mel bands, 30 frames), capped at a sixth of each axis.
         augment = TrainConfig(seed=cfg.seed, freq_mask_width=min(20, X.shape[1] // 6),
                               time_mask_width=min(30, X.shape[2] // 6))
+        path = self.train_checkpoint
+        others = {name: p for name, p in self.named_parameters()
+                  if not name.startswith("encoder.") and any(p is q for q in trainable)}
+        trained = _Trained(self.encoder, w, b, others)
+        history = TrainHistory()
+        start_epoch, step = 0, 0
+        if path is not None:
+            fingerprint = self._train_fingerprint(X, cols, epochs, trained)
+            if self.resume and path.exists():
+                # Another session's or run's training is not resumed: this one starts over and overwrites it.
+                with contextlib.suppress(FingerprintError):
+                    start_epoch, step = load_training_checkpoint(path, trained, opt, gen, history, fingerprint,
+                                                                 kind=CHECKPOINT_KIND)
+        t0 = time.perf_counter() - history.seconds
         self.encoder.train()
         for p in trainable:
             p.requires_grad_(True)
-        step = 0
         try:
             with torch.enable_grad():
-                for _ in range(epochs):
+                for epoch in range(start_epoch, epochs):
+                    loss_sum, correct = 0.0, 0
                     order = torch.randperm(n, generator=gen).to(self.device)
                     for s in range(steps_per_epoch):
                         idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
@@ -276,6 +335,16 @@ class BackboneLearner(IncrementalLearner):
                         nn.utils.clip_grad_norm_([*trainable, w, b], 1.0)
                         opt.step()
                         step += 1
+                        loss_sum += loss.item() * len(idx)
+                        correct += int((logits.argmax(1) == cols[idx]).sum())
+                    history.loss.append(loss_sum / n)
+                    history.accuracy.append(correct / n)
+                    history.seconds = time.perf_counter() - t0
+                    done = epoch + 1
+                    every = cfg.checkpoint_every
+                    if path is not None and (done == epochs or (every and done % every == 0)):
+                        save_training_checkpoint(path, trained, opt, gen, done, step, history, fingerprint,
+                                                 kind=CHECKPOINT_KIND)
         finally:
             for p in trainable:
                 p.requires_grad_(False)
@@ -284,10 +353,38 @@ class BackboneLearner(IncrementalLearner):
         self.head_weight.copy_(w.detach())
         self.head_bias.copy_(b.detach())
 
+    def _train_fingerprint(self, X: Tensor, cols: Tensor, epochs: int, trained: nn.Module) -> dict:
+        """What a session's training depends on: a checkpoint with another fingerprint is not resumed.
+
+        The learner's whole state when training starts stands for everything before it (earlier
+        sessions, the head warm-start, exemplars, penalties, the old model distilled from).
+        """
+        return {
+            "learner": self.name,
+            "config": self.config.result_dict(),
+            "session": int(self.sessions_seen),
+            "epochs": epochs,
+            "data": data_digest(X, cols),
+            "state": state_digest(self.state_dict()),
+            "parameters": {n: list(p.shape) for n, p in trained.named_parameters()},
+        }
+
     def _frozen_copy(self) -> FrozenModel:
         """A detached copy of the model before this session (encoder + the old classes' head rows)."""
         k = self.n_old_classes
         return FrozenModel(self.encoder, self.head_weight[:k], self.head_bias[:k])
+
+
+class _Trained(nn.Module):
+    """What a session's training changes, as one module for the checkpoint's state dict (not state):
+    the learner's encoder, the head being trained and other trained parameters of the learner."""
+
+    def __init__(self, encoder: nn.Module, weight: nn.Parameter, bias: nn.Parameter,
+                 extra: dict[str, nn.Parameter]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head_weight, self.head_bias = weight, bias
+        self.extra = nn.ParameterDict({n.replace(".", "__"): p for n, p in extra.items()})
 
 
 class FrozenModel(nn.Module):

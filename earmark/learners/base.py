@@ -44,6 +44,11 @@ class MergeUnsupportedError(ValueError):
 class LearnerConfig:
     """Base for learner configs: plain JSON-friendly fields only, so ``dataclasses.asdict`` round-trips."""
 
+    def result_dict(self) -> dict:
+        """The fields that decide what is learned (for checkpoint fingerprints): all of them, unless a
+        config has fields that only say how (e.g. a checkpoint interval)."""
+        return dataclasses.asdict(self)
+
 
 class ResizableBuffersModule(nn.Module):
     """A module whose buffers may change shape as data arrive; loading resizes them to the stored shape.
@@ -108,6 +113,9 @@ class IncrementalLearner(ResizableBuffersModule):
     can_forget: ClassVar[bool] = False  # forget_class / forget_samples give exactly the retrained-without state
     can_merge: ClassVar[bool] = False  # statistics from two learners add up to the learner of the union
     takes_budget: ClassVar[bool] = False  # a memory budget sizes its exemplar memory (compare --memory-budget)
+    # Its session training checkpoints (backbone learners: attributes checkpoint_dir, resume, train_checkpoint);
+    # the harness then also saves its state at each session end, so an interrupted run resumes.
+    can_checkpoint: ClassVar[bool] = False
 
     @classmethod
     def needs_encoder(cls) -> bool:

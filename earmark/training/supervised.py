@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from earmark.checkpoint import (
-    CheckpointError,
+    FingerprintError,
+    fingerprint_differences,
     load_optimizer,
     load_tensors,
     optimizer_tensors,
@@ -157,13 +158,20 @@ def mixup_lambda(alpha: float, gen: torch.Generator) -> float:
     return float(np.random.default_rng(seed).beta(alpha, alpha))
 
 
-def data_digest(features: Tensor, labels: Tensor) -> str:
+def data_digest(*tensors: Tensor) -> str:
+    """sha256 over the tensors' dtypes, shapes and bytes, in order (e.g. features and labels)."""
     h = hashlib.sha256()
-    for t in (features, labels):
+    for t in tensors:
         t = t.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def state_digest(state: dict[str, Tensor]) -> str:
+    """sha256 of a state dict: its names, in sorted order, then :func:`data_digest` of the tensors."""
+    names = sorted(state)
+    return hashlib.sha256(json.dumps(names).encode() + data_digest(*(state[n] for n in names)).encode()).hexdigest()
 
 
 def _fingerprint(model: nn.Module, features: Tensor, labels: Tensor, num_classes: int, config: TrainConfig) -> dict:
@@ -175,29 +183,32 @@ def _fingerprint(model: nn.Module, features: Tensor, labels: Tensor, num_classes
     }
 
 
-def _save_checkpoint(
+def save_training_checkpoint(
     path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, epoch: int, step: int,
-    history: TrainHistory, fingerprint: dict,
+    history: TrainHistory, fingerprint: dict, kind: str = CHECKPOINT_KIND,
 ) -> None:
+    """Write the whole state of a training loop atomically: ``model``'s state dict, the optimizer, the
+    batch generator and the global RNG, epoch, step, history and the ``fingerprint`` of what is trained."""
     opt_tensors, opt_meta = optimizer_tensors(opt)
     tensors = prefixed("model", model.state_dict()) | prefixed("optim", opt_tensors)
     tensors |= {"rng.generator": gen.get_state(), "rng.torch": torch.get_rng_state()}
-    meta = {"kind": CHECKPOINT_KIND, "epoch": epoch, "step": step, "fingerprint": fingerprint,
+    meta = {"kind": kind, "epoch": epoch, "step": step, "fingerprint": fingerprint,
             "optimizer": opt_meta, "history": {"loss": history.loss, "accuracy": history.accuracy,
                                                "seconds": history.seconds}}
     save_tensors(path, tensors, meta)
 
 
-def _load_checkpoint(
+def load_training_checkpoint(
     path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, history: TrainHistory,
-    fingerprint: dict,
+    fingerprint: dict, kind: str = CHECKPOINT_KIND,
 ) -> tuple[int, int]:
-    tensors, meta, _ = load_tensors(path, kind=CHECKPOINT_KIND)
-    theirs = meta.get("fingerprint", {})
-    if theirs != json.loads(json.dumps(fingerprint)):
-        what = [k for k in fingerprint if theirs.get(k) != json.loads(json.dumps(fingerprint[k]))]
-        raise CheckpointError(f"{path}: a checkpoint of another training ({', '.join(what)} differ); "
-                              "delete it or train with resume=False (CLI: --no-resume)")
+    """Inverse of :func:`save_training_checkpoint`; returns (epoch, step). A checkpoint whose fingerprint
+    differs is a :class:`FingerprintError`, raised before anything is changed."""
+    tensors, meta, _ = load_tensors(path, kind=kind)
+    what = fingerprint_differences(meta.get("fingerprint", {}), fingerprint)
+    if what:
+        raise FingerprintError(f"{path}: a checkpoint of another training ({', '.join(what)} differ); "
+                               "delete it or train with resume=False (CLI: --no-resume)")
     model.load_state_dict(unprefixed("model", tensors))
     load_optimizer(opt, unprefixed("optim", tensors), meta["optimizer"])
     gen.set_state(tensors["rng.generator"])
@@ -271,7 +282,7 @@ def _train(
     start_epoch, step = 0, 0
     fingerprint = _fingerprint(model, features, labels, num_classes, config) if path is not None else {}
     if path is not None and resume and path.exists():
-        start_epoch, step = _load_checkpoint(path, model, opt, gen, history, fingerprint)
+        start_epoch, step = load_training_checkpoint(path, model, opt, gen, history, fingerprint)
     t0 = time.perf_counter() - history.seconds
     bar = tqdm(total=total, initial=step, desc="base training", unit="step", disable=not progress)
     try:
@@ -312,7 +323,7 @@ def _train(
             done = epoch + 1
             if path is not None and (done == config.epochs
                                      or (config.checkpoint_every and done % config.checkpoint_every == 0)):
-                _save_checkpoint(path, model, opt, gen, done, step, history, fingerprint)
+                save_training_checkpoint(path, model, opt, gen, done, step, history, fingerprint)
             if on_epoch is not None:
                 on_epoch(epoch, encoder)
     finally:
