@@ -76,8 +76,12 @@ def base_embedder(
     partial.unlink(missing_ok=True)
     partial.with_suffix(".json").unlink(missing_ok=True)
     embedder.to(config.device)
-    return embedder, {"reused": False, "checkpoint": str(ckpt), "loss": history.loss,
-                      "train_accuracy": history.accuracy, "seconds": history.seconds, "skipped": len(skipped)}
+    training = {"reused": False, "checkpoint": str(ckpt), "loss": history.loss,
+                "train_accuracy": history.accuracy, "seconds": history.seconds, "skipped": len(skipped)}
+    if history.val_accuracy:  # a validation split of the base classes' training clips (not the test fold)
+        training |= {"val_accuracy": history.val_accuracy, "best_epoch": history.best_epoch,
+                     "stopped_epoch": history.stopped_epoch}
+    return embedder, training
 
 
 @dataclass
