@@ -14,7 +14,15 @@ import yaml
 
 from earmark.experiments.config import RunConfig
 from earmark.experiments.evaluate import evaluate, evaluate_joint
-from earmark.experiments.prepare import Prepared, build_learner, encoder_summary, module_bytes, prepare
+from earmark.experiments.prepare import (
+    Prepared,
+    build_learner,
+    encoder_summary,
+    module_bytes,
+    prepare,
+    tuning_check,
+)
+from earmark.experiments.reference import check_reference, joint_reference, ratio_rows
 from earmark.experiments.report import jsonable, log, nan_to_none, render_report
 from earmark.experiments.rundir import RunWriter
 from earmark.learners import LEARNERS, IncrementalLearner
@@ -35,6 +43,7 @@ def run(config: RunConfig) -> dict:
 
 
 def _run(config: RunConfig, writer: RunWriter, t_start: float) -> dict:
+    check_reference(config)  # before any work
     prep = prepare(config, writer=writer)
     timings = prep.timings
     dataset, scenario, embedder, X, row_of = prep.dataset, prep.scenario, prep.embedder, prep.X, prep.row_of
@@ -57,6 +66,11 @@ def _run(config: RunConfig, writer: RunWriter, t_start: float) -> dict:
         t = time.perf_counter()
         matrices[JOINT], fit_seconds[JOINT] = evaluate_joint(scenario, X, row_of, params)
         timings[f"learner:{JOINT}"] = time.perf_counter() - t
+    reference = None
+    if config.reference:
+        t = time.perf_counter()
+        reference = joint_reference(config, prep, writer)
+        timings["reference"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
 
     results = {
@@ -76,6 +90,13 @@ def _run(config: RunConfig, writer: RunWriter, t_start: float) -> dict:
         },
         "timings": timings,
     }
+    tuning = tuning_check(config, scenario)
+    if tuning is not None:
+        results["tuning"] = tuning
+    if reference is not None:
+        incremental = {name: {key: (entry["metrics"][key], None) for key in ("last_accuracy", "novel_accuracy")}
+                       for name, entry in results["learners"].items()}
+        results["reference"] = {**reference, "ratios": ratio_rows(incremental, reference)}
     if write_model(config, prep, writer.path("model")) is not None:
         results["model"] = str(writer.final("model"))
     writer.write_text("config.yaml", yaml.safe_dump(results["config"], sort_keys=False))
