@@ -53,41 +53,84 @@ def _names(value: str) -> list[str]:
     return [s.strip() for s in value.split(",") if s.strip()]
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    """Run options default to 'not given' so a YAML config can fill them and flags override it."""
+def _key_value(value: str) -> tuple[str, object]:
+    """'KEY=VALUE' with VALUE read as YAML (numbers, true/false, lists): one option of a config."""
+    import yaml
+
+    key, sep, text = value.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {value!r}")
+    try:
+        return key.strip(), yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"{value!r}: the value is not valid YAML") from None
+
+
+# Run options' defaults as the help states them; tests/test_cli_help.py checks each against RunConfig,
+# TrainConfig and the command defaults (kept as text so that building the parser imports no torch).
+RUN_HELP_DEFAULTS = {"learners": "ncm,analytic", "out": "runs/demo"}
+
+
+def _add_run_options(p: argparse.ArgumentParser, command_defaults: dict | None = None) -> None:
+    """Run options default to 'not given' so a YAML config can fill them and flags override it.
+
+    ``command_defaults`` (COMPARE_DEFAULTS, TUNE_DEFAULTS) are what the command uses when neither the
+    YAML file nor a flag sets an option; the help states them.
+    """
     S = argparse.SUPPRESS
+    shown = {**RUN_HELP_DEFAULTS, **{k: ",".join(v) if isinstance(v, list) else str(v)
+                                     for k, v in (command_defaults or {}).items()}}
     p.add_argument("--config", default=S, help="YAML file with run options (flags given here override it)")
     p.add_argument("--params", default=S,
                    help="YAML file of learner -> options (e.g. params.yaml from `earmark tune`), merged into "
-                        "learner_params over --config")
-    p.add_argument("--dataset", default=S, help="dataset loader name for --root (default esc50)")
+                        "learner_params over --config; a tune.json beside it is checked for classes shared "
+                        "with this run")
+    p.add_argument("--dataset", default=S, help="dataset loader name for --root, default esc50")
     p.add_argument("--root", default=S, help="dataset folder (default: the embedded GM dataset)")
     p.add_argument("--initial", type=int, default=S, help="number of base classes (session 0), default 60")
     p.add_argument("--increment", type=int, default=S, help="new classes per later session, default 5")
-    p.add_argument("--shots", type=_shots, default=S, help="training clips per new class, or 'all' (default 5)")
-    p.add_argument("--num-classes", type=int, default=S, help="use only the first N classes of the order")
+    p.add_argument("--shots", type=_shots, default=S, help="training clips per new class, or 'all'; default 5")
+    p.add_argument("--num-classes", type=int, default=S,
+                   help="use only the first N classes of the order (default: every class)")
     p.add_argument("--class-order", type=_class_ids, default=S,
                    help="dataset class ids in learning order, e.g. 0-49; a subset restricts the run to them "
                         "(tune on some classes, compare on others)")
+    p.add_argument("--class-split", choices=["tune", "eval"], default=S,
+                   help="only one of two disjoint parts of the dataset's classes, the same for every seed: "
+                        "`tune` on one, `compare` on the other (default: every class)")
+    p.add_argument("--class-split-fraction", type=float, default=S,
+                   help="share of the dataset's classes in the tune part, default 0.5")
+    p.add_argument("--class-split-seed", type=int, default=S,
+                   help="seed of the permutation that splits the classes (not --seed), default 0")
     p.add_argument("--test-fold", type=int, default=S, help="held-out fold, default 5")
     p.add_argument("--train-folds", type=lambda v: [int(x) for x in _names(v)], default=S,
                    help="comma-separated training folds (default: all but the test fold)")
-    p.add_argument("--encoder", default=S, help="encoder config name (fast, tiny, small), default fast")
+    p.add_argument("--encoder", default=S, help="encoder config name (fast, tiny, small, ast-fast, ast-tiny), "
+                                                "default fast")
+    p.add_argument("--encoder-opt", dest="encoder_opts", type=_key_value, action="append", default=S,
+                   metavar="KEY=VALUE",
+                   help="change one EncoderConfig field of the --encoder preset, e.g. pool=mean+max, "
+                        "pool_layers=2, layer_merge=mean, pool_norm=rms (repeatable)")
     p.add_argument("--clip-seconds", type=float, default=S, help="clip length, default 2.0")
-    p.add_argument("--epochs", type=int, default=S, help="base-session training epochs")
+    p.add_argument("--epochs", type=int, default=S, help="base-session training epochs, default 20")
+    p.add_argument("--train-opt", dest="train_opts", type=_key_value, action="append", default=S,
+                   metavar="KEY=VALUE",
+                   help="set one TrainConfig field of base training, e.g. time_shift=20, gain_db=6, mix_prob=0.3, "
+                        "cutmix_prob=0.5, virtual_classes=30, val_fraction=0.1 (repeatable)")
     p.add_argument("--pretrained", default=S,
                    help="start base training from an `earmark pretrain` checkpoint or a published "
                         "SSAST/SSAMBA/AuM file")
     p.add_argument("--learners", "--learner", dest="learners", type=_names, default=S,
-                   help="comma-separated learner names, default ncm,analytic")
+                   help=f"comma-separated learner names, default {shown['learners']}")
     p.add_argument("--scenario", choices=["class-incremental", "blurry"], default=S,
-                   help="class-incremental (default) or blurry: classes recur across sessions with uneven counts")
+                   help="class-incremental or blurry (classes recur across sessions with uneven counts); "
+                        "default class-incremental")
     p.add_argument("--sessions", dest="num_sessions", type=int, default=S,
-                   help="blurry: number of sessions (default from --initial/--increment)")
+                   help="blurry: number of sessions (default: from --initial/--increment)")
     p.add_argument("--blurry-fraction", type=float, default=S,
-                   help="blurry: share of a blurry class's clips moved to other sessions (default 0.1)")
+                   help="blurry: share of a blurry class's clips moved to other sessions, default 0.1")
     p.add_argument("--disjoint-fraction", type=float, default=S,
-                   help="blurry: share of classes that appear in one session only (default 0.5)")
+                   help="blurry: share of classes that appear in one session only, default 0.5")
     p.add_argument("--online-batch", type=int, default=S,
                    help="online protocol: one pass in batches of this size, each predicted before it is learned")
     p.add_argument("--memory-budget", type=_bytes, default=S,
@@ -95,11 +138,16 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "learners fill it with exemplars")
     p.add_argument("--no-joint", dest="joint_bound", action="store_false", default=S,
                    help="skip the joint ridge upper bound")
+    p.add_argument("--reference", choices=["joint"], default=S,
+                   help="also the upper reference: the same recipe with the encoder trained on all classes of "
+                        "the scenario, every learner fitted once on top, and the ratio incremental last / joint "
+                        "last (default: none)")
     p.add_argument("--on-error", choices=["fail", "skip"], default=S,
-                   help="bad audio: fail with a clear message (default) or skip and report")
-    p.add_argument("--seed", type=int, default=S)
-    p.add_argument("--device", default=S, help="torch device, e.g. cpu or cuda")
-    p.add_argument("--out", default=S, help="output folder (default runs/demo)")
+                   help="bad audio: fail with a clear message or skip and report; default fail")
+    p.add_argument("--seed", type=int, default=S,
+                   help="one seed for class order, support sets, encoder init and base training, default 0")
+    p.add_argument("--device", default=S, help="torch device, e.g. cpu or cuda; default cpu")
+    p.add_argument("--out", default=S, help=f"output folder, default {shown['out']}")
     p.add_argument("--cache-dir", default=S, help="embedding/encoder cache (default: $EARMARK_DATA/cache)")
     p.add_argument("--retrain", action="store_true", default=S, help="train the encoder even if a cached one matches")
     p.add_argument("--no-resume", dest="resume", action="store_false", default=S,
@@ -122,16 +170,24 @@ def _run_config(args: argparse.Namespace, defaults: dict | None = None):
 
         values.update(load_config_file(given.pop("config")))
     if params_path is not None:
-        from earmark.experiments.tune import load_params, merge_learner_params
+        from earmark.experiments.tune import load_params, merge_learner_params, tuning_provenance
 
         values["learner_params"] = merge_learner_params(values.get("learner_params"), load_params(params_path))
+        values["tuned_on"] = tuning_provenance(params_path)
     epochs = given.pop("epochs", None)
+    train_opts = given.pop("train_opts", None)
+    encoder_opts = given.pop("encoder_opts", None)
     blurry = {k: given.pop(k) for k in ("num_sessions", "blurry_fraction", "disjoint_fraction") if k in given}
     if blurry:
         values["scenario_params"] = {**(values.get("scenario_params") or {}), **blurry}
     values.update(given)
-    if epochs is not None:
-        values["train"] = {**(values.get("train") or {}), "epochs": epochs}
+    if epochs is not None or train_opts:
+        values["train"] = {**(values.get("train") or {}), **dict(train_opts or []),
+                           **({"epochs": epochs} if epochs is not None else {})}
+    if encoder_opts:
+        encoder = values.get("encoder", "fast")
+        base = {"preset": encoder} if isinstance(encoder, str) else dict(encoder)
+        values["encoder"] = {**base, **dict(encoder_opts)}
     return run_config_from_dict(values)
 
 
@@ -468,12 +524,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(run)
     run.set_defaults(func=cmd_run)
     comp = sub.add_parser("compare", help="several learners on one scenario, mean +- std over support-set trials")
-    _add_run_options(comp)
+    _add_run_options(comp, COMPARE_DEFAULTS)
     comp.add_argument("--trials", type=int, default=3, help="support-set draws (few-shot protocol), default 3")
     comp.set_defaults(func=cmd_compare)
     tun = sub.add_parser("tune", help="grid-search learner options on a tuning scenario; writes params.yaml for "
-                                      "`compare --params` (tune on classes disjoint from the evaluation's)")
-    _add_run_options(tun)
+                                      "`compare --params` (tune on classes disjoint from the evaluation's: "
+                                      "--class-split tune here, --class-split eval there)")
+    _add_run_options(tun, TUNE_DEFAULTS)
     tun.add_argument("--grid", help="YAML file of learner -> {option: [values]} "
                                     "(default: earmark.experiments.tune.DEFAULT_GRID)")
     tun.add_argument("--trials", type=int, default=3, help="support-set draws per grid point, default 3")

@@ -31,7 +31,17 @@ class EncoderConfig:
     n_mels: int = 128
     patch: int = 16  # square patches, stride = patch (no overlap)
     max_frames: int = 1024  # position embeddings cover this many frames; longer inputs interpolate
-    pool: str = "cls"  # "cls" (class token in the middle) or "mean" (mean of patch tokens)
+    # Pooling over tokens: "cls" (class token in the middle), "mean" / "max" over the patch tokens,
+    # "mean+max" (both, concatenated: 2 x D) or "attention" (softmax-weighted mean of the patch tokens,
+    # one learned score per token; its weights start at zero, i.e. at the mean).
+    pool: str = "cls"
+    # Pooling over layers: the outputs of the last ``pool_layers`` blocks, each through the final norm,
+    # pooled alike and merged by ``layer_merge``: "concat" (width x pool_layers) or "mean".
+    pool_layers: int = 1
+    layer_merge: str = "concat"
+    # "none", or "rms": each pooled part (per layer, per token pooling) divided by its root mean square
+    # before merging, so parts weigh alike and the scale stays that of the final RMSNorm.
+    pool_norm: str = "none"
     bidirectional: bool = True  # v2 bidirectional Mamba: a backward branch over the flipped sequence
     scan_impl: str = "auto"  # selective scan: auto | numba | sequential | chunked | reference | cuda
     scan_chunk: int = 0  # chunk length of the chunked scan; 0 -> ~sqrt(sequence length)
@@ -39,8 +49,14 @@ class EncoderConfig:
     attention: str = "sdpa"  # AST only: "sdpa" (fused kernel) or "explicit" (softmax(QK^T) V materialised, as SSAST)
 
     def __post_init__(self) -> None:
-        if self.pool not in ("cls", "mean"):
-            raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(map(repr, POOLS))}, got {self.pool!r}")
+        if self.layer_merge not in ("concat", "mean"):
+            raise ValueError(f"layer_merge must be 'concat' or 'mean', got {self.layer_merge!r}")
+        if self.pool_norm not in ("none", "rms"):
+            raise ValueError(f"pool_norm must be 'none' or 'rms', got {self.pool_norm!r}")
+        if not 1 <= self.pool_layers <= self.depth:
+            raise ValueError(f"pool_layers must be in 1..depth ({self.depth}), got {self.pool_layers}")
         if self.attention not in ("sdpa", "explicit"):
             raise ValueError(f"attention must be 'sdpa' or 'explicit', got {self.attention!r}")
         if self.n_mels % self.patch:
@@ -59,8 +75,20 @@ class EncoderConfig:
     def rank(self) -> int:
         return self.dt_rank or -(-self.embed_dim // 16)
 
+    @property
+    def out_dim(self) -> int:
+        """Width of the clip embedding: D, x2 for "mean+max", x pool_layers when layers are concatenated."""
+        parts = 2 if self.pool == "mean+max" else 1
+        return self.embed_dim * parts * (self.pool_layers if self.layer_merge == "concat" else 1)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, except the pooling fields added later while at their defaults: a checkpoint
+        of an encoder that does not use them keeps the bytes (and digest) it had before they existed."""
+        d = dataclasses.asdict(self)
+        for name, default in LATER_DEFAULTS.items():
+            if d[name] == default:
+                del d[name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:
@@ -71,6 +99,10 @@ class EncoderConfig:
             raise ValueError(f"unknown EncoderConfig keys: {', '.join(sorted(unknown))}")
         return cls(**d)
 
+
+POOLS = ("cls", "mean", "max", "mean+max", "attention")
+# Fields added after checkpoints were written, left out of to_dict() at these defaults.
+LATER_DEFAULTS: dict[str, Any] = {"pool_layers": 1, "layer_merge": "concat", "pool_norm": "none"}
 
 ENCODER_CONFIGS: Registry[EncoderConfig] = Registry("encoder config")
 ENCODERS: Registry[type[nn.Module]] = Registry("encoder arch")
@@ -90,10 +122,19 @@ ENCODER_CONFIGS.register("ast-fast")(EncoderConfig(arch="ast", embed_dim=128, de
 
 
 def resolve_config(config: EncoderConfig | str | dict) -> EncoderConfig:
-    """A preset name (see ENCODER_CONFIGS), a dict of EncoderConfig fields, or a config as is."""
+    """A preset name (see ENCODER_CONFIGS), a dict of EncoderConfig fields, or a config as is.
+
+    A dict with a ``preset`` key starts from that preset and changes the other keys, e.g.
+    ``{"preset": "fast", "pool": "mean+max", "pool_layers": 2}``; without one, missing fields take
+    EncoderConfig's defaults.
+    """
     if isinstance(config, str):
         return ENCODER_CONFIGS.get(config)
     if isinstance(config, dict):
+        if "preset" in config:
+            changes = {k: v for k, v in config.items() if k != "preset"}
+            base = ENCODER_CONFIGS.get(config["preset"])
+            return EncoderConfig.from_dict({**dataclasses.asdict(base), **changes})
         return EncoderConfig.from_dict(config)
     return config
 

@@ -340,7 +340,6 @@ class MambaEncoder(nn.Module):
         super().__init__()
         config = config or EncoderConfig()
         self.config = config
-        self.embed_dim = config.embed_dim
         d, p = config.embed_dim, config.patch
         self.freq_patches = config.n_mels // p
         self.max_time_patches = config.max_frames // p
@@ -352,6 +351,14 @@ class MambaEncoder(nn.Module):
             nn.init.trunc_normal_(t, std=0.02, a=-0.04, b=0.04)
         self.layers = nn.ModuleList(self.make_block(config) for _ in range(config.depth))
         self.norm_f = self.make_norm(d)
+        # The width of the clip embedding (config.out_dim): what heads on top of the encoder read. The
+        # token width stays config.embed_dim.
+        self.embed_dim = config.out_dim
+        if config.pool == "attention":  # one token scorer per pooled layer; zero: starts as the mean
+            self.pool_attn = nn.ModuleList(nn.Linear(d, 1) for _ in range(config.pool_layers))
+            for lin in self.pool_attn:
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
 
     @staticmethod
     def make_block(config: EncoderConfig) -> nn.Module:
@@ -381,8 +388,15 @@ class MambaEncoder(nn.Module):
 
     def forward_tokens(self, fbank: Tensor) -> Tensor:
         """Final-normed hidden states (batch, n + 1, D), the class token at index n // 2."""
+        return self.hidden_states(fbank, 1)[0]
+
+    def hidden_states(self, fbank: Tensor, last: int = 1) -> list[Tensor]:
+        """The outputs of the last ``last`` blocks, each through the final norm, oldest first: a list of
+        (batch, n + 1, D) with the class token at index n // 2; the last item is :meth:`forward_tokens`."""
         if fbank.ndim != 3 or fbank.shape[1] != self.config.n_mels:
             raise ValueError(f"expected (batch, {self.config.n_mels}, frames), got {tuple(fbank.shape)}")
+        if not 1 <= last <= len(self.layers):
+            raise ValueError(f"last must be in 1..{len(self.layers)}, got {last}")
         p = self.config.patch
         frames = fbank.shape[-1]
         _, t = self.token_grid(frames)
@@ -396,16 +410,48 @@ class MambaEncoder(nn.Module):
         c = self.cls_index(n)
         cls = (self.cls_token + self.cls_pos).expand(x.shape[0], -1, -1)
         x = torch.cat([x[:, :c], cls, x[:, c:]], dim=1)
-        for layer in self.layers:
+        kept = []
+        first_kept = len(self.layers) - last
+        for i, layer in enumerate(self.layers):
             x = layer(x)
-        return self.norm_f(x)
+            if i >= first_kept:
+                kept.append(self.norm_f(x))
+        return kept
 
     def forward(self, fbank: Tensor) -> Tensor:
-        tokens = self.forward_tokens(fbank)
+        cfg = self.config
+        if cfg.pool_layers == 1 and cfg.pool_norm == "none" and cfg.pool in ("cls", "mean"):
+            return self._pool_tokens(self.forward_tokens(fbank), 0)[0]  # the original embedding, op for op
+        parts = [
+            [self._rms(v) for v in self._pool_tokens(tokens, k)]
+            for k, tokens in enumerate(self.hidden_states(fbank, cfg.pool_layers))
+        ]
+        per_layer = [torch.cat(p, dim=-1) if len(p) > 1 else p[0] for p in parts]
+        if cfg.layer_merge == "mean":
+            return torch.stack(per_layer).mean(0)
+        return torch.cat(per_layer, dim=-1) if len(per_layer) > 1 else per_layer[0]
+
+    def _rms(self, v: Tensor) -> Tensor:
+        if self.config.pool_norm == "rms":
+            return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return v
+
+    def _pool_tokens(self, tokens: Tensor, layer: int) -> list[Tensor]:
+        """The pooled vectors of one layer's tokens (one, or two for "mean+max"), each (batch, D)."""
+        pool = self.config.pool
         c = self.cls_index(tokens.shape[1] - 1)
-        if self.config.pool == "cls":
-            return tokens[:, c]
-        return (tokens.sum(1) - tokens[:, c]) / (tokens.shape[1] - 1)
+        if pool == "cls":
+            return [tokens[:, c]]
+        out = []
+        if pool in ("mean", "mean+max"):
+            out.append((tokens.sum(1) - tokens[:, c]) / (tokens.shape[1] - 1))
+        if pool in ("max", "mean+max"):
+            out.append(torch.cat([tokens[:, :c], tokens[:, c + 1 :]], dim=1).amax(1))
+        if pool == "attention":
+            patches = torch.cat([tokens[:, :c], tokens[:, c + 1 :]], dim=1)
+            weights = torch.softmax(self.pool_attn[layer](patches).float(), dim=1).to(patches.dtype)
+            out.append((weights * patches).sum(1))
+        return out
 
     def no_weight_decay_params(self) -> set[str]:
         """Names (relative to this module) of parameters to keep out of weight decay: A_log, D,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from earmark.experiments.config import RunConfig
-from earmark.experiments.evaluate import evaluate, evaluate_open_set
+from earmark.experiments.evaluate import evaluate, evaluate_joint, evaluate_open_set
 from earmark.experiments.prepare import (
     build_learner,
     encoder_summary,
@@ -25,11 +25,13 @@ from earmark.experiments.prepare import (
     module_bytes,
     prepare,
     remove_learner_checkpoints,
+    tuning_check,
 )
+from earmark.experiments.reference import check_reference, joint_reference, ratio_rows, render_reference
 from earmark.experiments.report import jsonable, log, nan_to_none
 from earmark.experiments.rundir import RunWriter
 from earmark.metrics import format_table
-from earmark.plots import save_figure
+from earmark.plots import JOINT, save_figure
 
 METRICS = {
     "average_incremental_accuracy": "AA",
@@ -64,12 +66,15 @@ def compare(config: RunConfig, trials: int = 3) -> dict:
         results, per_learner, checkpoints = _compare(config, trials, writer, t_start)
     remove_learner_checkpoints(checkpoints)  # only now: a crash before the folder is in place resumes from them
     print(render_compare(per_learner, trials, config.memory_budget))
+    if "reference" in results:
+        print("\n" + render_reference(results["reference"]["ratios"], results["reference"]))
     if any(entry.get("open_set_mean") for entry in per_learner.values()):
         print(render_open_set(per_learner))
     return results
 
 
 def _compare(config: RunConfig, trials: int, writer: RunWriter, t_start: float) -> tuple[dict, dict, Path]:
+    check_reference(config)  # before any work
     prep = prepare(config, embed_train_pool=trials > 1, writer=writer)
     checkpoints = learner_checkpoints(config, prep)
     scenario, row_of = prep.scenario, prep.row_of
@@ -90,23 +95,14 @@ def _compare(config: RunConfig, trials: int, writer: RunWriter, t_start: float) 
                                                    checkpoints / f"{name}-trial{trial}")
             runs.append({"trial": trial, "matrix": matrix, "seconds": seconds, "nbytes": prep.total_bytes(learner),
                          "online": online, "open_set": open_set})
-        per_learner[name] = {
-            "trials": [
-                {"trial": r["trial"], "accuracy_matrix": r["matrix"].to_dict(),
-                 "seen_accuracy": r["matrix"].seen_accuracy().tolist(),
-                 "metrics": nan_to_none(r["matrix"].summary()), "fit_seconds": r["seconds"],
-                 "nbytes": r["nbytes"], **r["online"], **({"open_set": r["open_set"]} if r["open_set"] else {})}
-                for r in runs
-            ],
-            "open_set_mean": open_set_mean([r["open_set"] for r in runs]),
-            "mean": {k: _mean_std([r["matrix"].summary()[k] for r in runs]) for k in METRICS}
-            | ({"prequential_accuracy": _mean_std([r["online"]["prequential_accuracy"] for r in runs])}
-               if config.online_batch else {}),
-            "seen_accuracy_mean": np.mean([r["matrix"].seen_accuracy() for r in runs], axis=0).tolist(),
-            "nbytes": int(max(r["nbytes"] for r in runs)),
-            "seconds_per_session": float(np.mean([np.mean(r["seconds"]) for r in runs])),
-        }
+        per_learner[name] = _entry(runs, config)
         log(f"{name}: AA {100 * per_learner[name]['mean']['average_incremental_accuracy'][0]:.1f}", config.progress)
+    if config.joint_bound and config.online_batch is None:  # the row `run` prints: one ridge on all data seen
+        params = config.learner_params.get("analytic", {})
+        runs = [evaluate_joint(scenario.with_trial(trial), prep.X, row_of, params) for trial in range(trials)]
+        per_learner[JOINT] = _entry([{"trial": k, "matrix": m, "seconds": sec, "nbytes": None, "online": {},
+                                      "open_set": None} for k, (m, sec) in enumerate(runs)], config)
+    reference = joint_reference(config, prep, writer) if config.reference else None
     results = {
         "config": jsonable(asdict(config)),
         "trials": trials,
@@ -116,6 +112,18 @@ def _compare(config: RunConfig, trials: int, writer: RunWriter, t_start: float) 
         "learners": nan_to_none(per_learner),
         "seconds": time.perf_counter() - t_start,
     }
+    tuning = tuning_check(config, scenario)
+    if tuning is not None:
+        results["tuning"] = tuning
+    if reference is not None:
+        incremental = {name: {k: tuple(entry["mean"][k]) for k in ("last_accuracy", "novel_accuracy")}
+                       for name, entry in per_learner.items()}
+        results["reference"] = {**reference, "ratios": nan_to_none(ratio_rows(incremental, reference))}
+        buf = io.StringIO()
+        ratios = csv.DictWriter(buf, fieldnames=list(results["reference"]["ratios"][0]))
+        ratios.writeheader()
+        ratios.writerows(results["reference"]["ratios"])
+        writer.write_text("reference.csv", buf.getvalue())
     writer.write_text("results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
     rows = table_rows(per_learner, config.memory_budget)
     buf = io.StringIO()
@@ -125,6 +133,27 @@ def _compare(config: RunConfig, trials: int, writer: RunWriter, t_start: float) 
     writer.write_text("compare.csv", buf.getvalue())
     plot_compare(results, writer.folder)
     return results, per_learner, checkpoints
+
+
+def _entry(runs: list[dict], config: RunConfig) -> dict:
+    """One learner's trials and their mean +- std (nbytes None: not a learner that holds state, the bound)."""
+    sizes = [r["nbytes"] for r in runs if r["nbytes"] is not None]
+    return {
+        "trials": [
+            {"trial": r["trial"], "accuracy_matrix": r["matrix"].to_dict(),
+             "seen_accuracy": r["matrix"].seen_accuracy().tolist(),
+             "metrics": nan_to_none(r["matrix"].summary()), "fit_seconds": r["seconds"],
+             "nbytes": r["nbytes"], **r["online"], **({"open_set": r["open_set"]} if r["open_set"] else {})}
+            for r in runs
+        ],
+        "open_set_mean": open_set_mean([r["open_set"] for r in runs]),
+        "mean": {k: _mean_std([r["matrix"].summary()[k] for r in runs]) for k in METRICS}
+        | ({"prequential_accuracy": _mean_std([r["online"]["prequential_accuracy"] for r in runs])}
+           if config.online_batch else {}),
+        "seen_accuracy_mean": np.mean([r["matrix"].seen_accuracy() for r in runs], axis=0).tolist(),
+        "nbytes": int(max(sizes)) if sizes else None,
+        "seconds_per_session": float(np.mean([np.mean(r["seconds"]) for r in runs])),
+    }
 
 
 def open_set_mean(trials: list[list[dict] | None]) -> list[dict] | None:
@@ -164,8 +193,8 @@ def table_rows(per_learner: dict[str, dict], budget: int | None = None) -> list[
                 continue
             m, s = entry["mean"][key]
             row[label] = "-" if m is None or np.isnan(m) else f"{100 * m:.1f} +- {100 * s:.1f}"
-        over = budget is not None and entry["nbytes"] > budget
-        row["memory bytes"] = f"{entry['nbytes']}{' (over budget)' if over else ''}"
+        over = budget is not None and entry["nbytes"] is not None and entry["nbytes"] > budget
+        row["memory bytes"] = "-" if entry["nbytes"] is None else f"{entry['nbytes']}{' (over budget)' if over else ''}"
         row["s/session"] = f"{entry['seconds_per_session']:.3f}"
         rows.append(row)
     return rows
@@ -192,6 +221,8 @@ def plot_compare(results: dict, out: Path) -> None:
     for name, entry in results["learners"].items():
         ax1.plot(sizes, 100 * np.asarray(entry["seen_accuracy_mean"]), marker="o", label=name)
         aa = entry["mean"]["average_incremental_accuracy"][0]
+        if entry["nbytes"] is None:  # the joint ridge bound holds no learner state of its own
+            continue
         ax2.scatter(entry["nbytes"], 100 * aa)
         ax2.annotate(name, (entry["nbytes"], 100 * aa), textcoords="offset points", xytext=(4, 4))
     ax1.set_xlabel("classes seen")

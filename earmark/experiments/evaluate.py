@@ -140,9 +140,7 @@ def evaluate_joint(
     scenario: ClassIncremental, X: torch.Tensor, row_of: dict[int, int], params: dict
 ) -> tuple[AccuracyMatrix, list[float]]:
     """The joint upper bound: after each session, one ridge solve on all training data seen so far."""
-    cfg = AnalyticLearner.Config(**params)
-    expand = RandomReLUBuffer(cfg.buffer_size, cfg.seed)  # the analytic learner's expansion, same seed
-    expand.build(X.shape[1])
+    ridge = JointRidge(params, X.shape[1])
     matrix = AccuracyMatrix.empty(len(scenario))
     seconds = []
     seen: list[int] = []
@@ -150,16 +148,30 @@ def evaluate_joint(
         seen.extend(embedded(session.train_indices, row_of).tolist())
         test = embedded(session.test_indices, row_of)
         t0 = time.perf_counter()
-        y = scenario.dense_targets(np.asarray(seen))
-        H = expand(X[[row_of[i] for i in seen]])
-        classes = np.unique(y)
-        Y = torch.as_tensor(y[:, None] == classes[None, :], dtype=torch.float64)
-        W = joint_ridge(H, Y, cfg.gamma)
+        ridge.fit(X[[row_of[i] for i in seen]], scenario.dense_targets(np.asarray(seen)))
         seconds.append(time.perf_counter() - t0)
-        Ht = expand(X[[row_of[i] for i in test]])
-        pred = classes[(Ht @ W).argmax(1).numpy()]
+        pred = ridge.predict(X[[row_of[i] for i in test]])
         matrix.record(session.index, scenario.dense_targets(test), pred, scenario.session_classes)
     return matrix, seconds
+
+
+class JointRidge:
+    """One ridge solve on the analytic learner's random ReLU expansion (same ``params``, same seed)."""
+
+    def __init__(self, params: dict, dim: int) -> None:
+        self.cfg = AnalyticLearner.Config(**params)
+        self.expand = RandomReLUBuffer(self.cfg.buffer_size, self.cfg.seed)
+        self.expand.build(dim)
+
+    def fit(self, X: torch.Tensor, y: np.ndarray) -> JointRidge:
+        H = self.expand(X)
+        self.classes = np.unique(y)
+        Y = torch.as_tensor(y[:, None] == self.classes[None, :], dtype=torch.float64)
+        self.W = joint_ridge(H, Y, self.cfg.gamma)
+        return self
+
+    def predict(self, X: torch.Tensor) -> np.ndarray:
+        return self.classes[(self.expand(X) @ self.W).argmax(1).numpy()]
 
 
 def evaluate_open_set(

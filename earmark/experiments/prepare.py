@@ -22,7 +22,7 @@ from earmark.data.render import default_dataset_root
 from earmark.encoders.cache import EmbeddingCache, audio_digest, embed_paths, embedder_fingerprint
 from earmark.encoders.config import resolve_config
 from earmark.encoders.embedder import AudioEmbedder
-from earmark.experiments.config import RunConfig
+from earmark.experiments.config import RunConfig, check_class_split, split_classes
 from earmark.experiments.report import log
 from earmark.experiments.rundir import RunWriter
 from earmark.learners import IncrementalLearner, make_learner
@@ -35,6 +35,34 @@ def resolve_dataset(config: RunConfig) -> AudioDataset:
         root = render_default_dataset(default_dataset_root(config.render), config.render, progress=config.progress)
         return load_dataset("esc50", root)
     return load_dataset(config.dataset, config.root)
+
+
+def resolve_class_order(config: RunConfig, dataset: AudioDataset) -> list[int] | None:
+    """``config.class_order``, or with ``config.class_split`` that part of the dataset's classes in an order
+    seeded by ``config.seed`` (as the scenario orders all classes when no order is given)."""
+    check_class_split(config)
+    if config.class_split is None:
+        return config.class_order
+    part = split_classes(dataset.num_classes, config.class_split_fraction, config.class_split_seed)[config.class_split]
+    return [int(c) for c in np.random.default_rng(config.seed).permutation(part)]
+
+
+def tuning_check(config: RunConfig, scenario: ClassIncremental) -> dict | None:
+    """Whether the learner params (``config.tuned_on``, from the tune.json beside --params) were tuned on
+    classes of this run: ``{..., "overlap": [class names], "disjoint": bool}``, logged; None without."""
+    if not config.tuned_on:
+        return None
+    names = [scenario.dataset.class_names[int(c)] for c in scenario.class_order]
+    overlap = sorted(set(names) & set(config.tuned_on.get("class_names") or []))
+    check = {**config.tuned_on, "evaluated_classes": len(names), "overlap": overlap, "disjoint": not overlap}
+    tuned = len(config.tuned_on.get("class_names") or [])
+    if overlap:
+        log(f"WARNING: the learner params were tuned on {len(overlap)} of the {len(names)} classes evaluated here "
+            f"(e.g. {', '.join(overlap[:3])}): these figures are optimistic; tune with --class-split tune and "
+            "evaluate with --class-split eval", config.progress)
+    else:
+        log(f"learner params tuned on {tuned} classes disjoint from the {len(names)} evaluated here", config.progress)
+    return check
 
 
 def _digest(obj: object) -> str:
@@ -78,8 +106,12 @@ def base_embedder(
     partial.unlink(missing_ok=True)
     partial.with_suffix(".json").unlink(missing_ok=True)
     embedder.to(config.device)
-    return embedder, {"reused": False, "checkpoint": str(ckpt), "loss": history.loss,
-                      "train_accuracy": history.accuracy, "seconds": history.seconds, "skipped": len(skipped)}
+    training = {"reused": False, "checkpoint": str(ckpt), "loss": history.loss,
+                "train_accuracy": history.accuracy, "seconds": history.seconds, "skipped": len(skipped)}
+    if history.val_accuracy:  # a validation split of the base classes' training clips (not the test fold)
+        training |= {"val_accuracy": history.val_accuracy, "best_epoch": history.best_epoch,
+                     "stopped_epoch": history.stopped_epoch}
+    return embedder, training
 
 
 @dataclass
@@ -144,19 +176,22 @@ def build_learner(config: RunConfig, name: str, encoder_bytes: int | None = None
     return learner
 
 
-def prepare(config: RunConfig, embed_train_pool: bool = False, writer: RunWriter | None = None) -> Prepared:
+def prepare(
+    config: RunConfig, embed_train_pool: bool = False, writer: RunWriter | None = None, folder: str = ""
+) -> Prepared:
     """Dataset, scenario, base-session encoder and embeddings of the scenario's clips.
 
     ``embed_train_pool`` also embeds every training clip of the scenario's classes, so that other
     support-set trials (``scenario.with_trial``) find their clips embedded. The run folder's files
     (embedder.safetensors, skipped.csv) go to ``writer`` (a :class:`RunWriter` of ``config.out``);
-    without one, straight into ``config.out``.
+    without one, straight into ``config.out``; ``folder``: into that sub-folder of it instead.
     """
     timings: dict[str, float] = {}
+    inside = (folder,) if folder else ()
     if writer is None:
-        Path(config.out).mkdir(parents=True, exist_ok=True)
-    here = writer.path if writer is not None else Path(config.out).joinpath
-    final = writer.final if writer is not None else Path(config.out).joinpath
+        Path(config.out, *inside).mkdir(parents=True, exist_ok=True)
+    here = (lambda name: writer.path(*inside, name)) if writer is not None else Path(config.out, *inside).joinpath
+    final = (lambda name: writer.final(*inside, name)) if writer is not None else Path(config.out, *inside).joinpath
     resolve_config(config.encoder)  # fail on a bad name before any work
 
     t = time.perf_counter()
@@ -167,7 +202,7 @@ def prepare(config: RunConfig, embed_train_pool: bool = False, writer: RunWriter
         train_idx = np.flatnonzero(np.isin(dataset.folds, config.train_folds))
     scenario = SCENARIOS.get(config.scenario)(
         dataset, train_idx, test_idx, initial=config.initial, increment=config.increment, shots=config.shots,
-        seed=config.seed, num_classes=config.num_classes, class_order=config.class_order,
+        seed=config.seed, num_classes=config.num_classes, class_order=resolve_class_order(config, dataset),
         params=config.scenario_params,
     )
     log(f"dataset {dataset.name}: {len(dataset)} clips, {dataset.num_classes} classes; scenario: {scenario!r}",

@@ -70,8 +70,12 @@ def render_report(results: dict) -> str:
         format_table(summary, ["learner", *labels.values(), "memory", "fit s"]
                      + (["prequential"] if any("prequential" in r for r in summary) else [])),
         "",
-        "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in results["timings"].items()),
     ]
+    if "reference" in results:
+        from earmark.experiments.reference import render_reference
+
+        lines += [render_reference(results["reference"]["ratios"], results["reference"]), ""]
+    lines.append("Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in results["timings"].items()))
     return "\n".join(lines)
 
 

@@ -22,7 +22,9 @@ from earmark.experiments.prepare import (
     module_bytes,
     prepare,
     remove_learner_checkpoints,
+    tuning_check,
 )
+from earmark.experiments.reference import check_reference, joint_reference, ratio_rows
 from earmark.experiments.report import jsonable, log, nan_to_none, render_report
 from earmark.experiments.rundir import RunWriter
 from earmark.learners import LEARNERS, IncrementalLearner
@@ -44,6 +46,7 @@ def run(config: RunConfig) -> dict:
 
 
 def _run(config: RunConfig, writer: RunWriter, t_start: float) -> tuple[dict, Path]:
+    check_reference(config)  # before any work
     prep = prepare(config, writer=writer)
     checkpoints = learner_checkpoints(config, prep)
     timings = prep.timings
@@ -67,6 +70,11 @@ def _run(config: RunConfig, writer: RunWriter, t_start: float) -> tuple[dict, Pa
         t = time.perf_counter()
         matrices[JOINT], fit_seconds[JOINT] = evaluate_joint(scenario, X, row_of, params)
         timings[f"learner:{JOINT}"] = time.perf_counter() - t
+    reference = None
+    if config.reference:
+        t = time.perf_counter()
+        reference = joint_reference(config, prep, writer)
+        timings["reference"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
 
     results = {
@@ -86,6 +94,13 @@ def _run(config: RunConfig, writer: RunWriter, t_start: float) -> tuple[dict, Pa
         },
         "timings": timings,
     }
+    tuning = tuning_check(config, scenario)
+    if tuning is not None:
+        results["tuning"] = tuning
+    if reference is not None:
+        incremental = {name: {key: (entry["metrics"][key], None) for key in ("last_accuracy", "novel_accuracy")}
+                       for name, entry in results["learners"].items()}
+        results["reference"] = {**reference, "ratios": ratio_rows(incremental, reference)}
     if write_model(config, prep, writer.path("model")) is not None:
         results["model"] = str(writer.final("model"))
     writer.write_text("config.yaml", yaml.safe_dump(results["config"], sort_keys=False))

@@ -144,6 +144,20 @@ def merge_learner_params(base: Mapping[str, Mapping] | None, params: Mapping[str
     return merged
 
 
+def tuning_provenance(params_path: str | Path) -> dict | None:
+    """What a params file was tuned on, from the tune.json beside it (None when there is none): dataset,
+    root, class names and class order of the tuning scenario, and the params file."""
+    tune_json = Path(params_path).with_name("tune.json")
+    if not tune_json.is_file():
+        return None
+    try:
+        scen = json.loads(tune_json.read_text())["scenario"]
+        return {"params": str(params_path), "tune_json": str(tune_json), "dataset": scen.get("dataset"),
+                "root": scen.get("root"), "class_names": list(scen["class_names"])}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{tune_json}: not a tune.json of `earmark tune` ({exc})") from None
+
+
 def load_grid(path: str | Path) -> dict[str, Grid]:
     """A grid YAML file (learner -> grid), every point checked against the learner's config."""
     loaded = read_yaml_mapping(path, "search grid", "learner name -> search grid")
@@ -291,11 +305,16 @@ def chosen_params(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _write(results: dict[str, Any], writer: RunWriter) -> None:
     scen = results["scenario"]
+    split = results["config"].get("class_split")
+    classes = (f"the '{split}' part of --class-split (seed {results['config']['class_split_seed']}, fraction "
+               f"{results['config']['class_split_fraction']})" if split else "classes")
+    evaluate = ("earmark compare --class-split eval --params params.yaml (the other part: no class shared)"
+                if split == "tune" else "earmark compare --params params.yaml (disjoint classes for claims)")
     header = (
         f"# earmark tune: best {results['metric']} (mean over {results['trials']} support-set trial(s))\n"
-        f"# tuning scenario: dataset {scen['dataset']} at {scen['root']}, {len(scen['class_order'])} classes "
-        f"({scen['initial_increment']} base), seed {scen['seed']}; every grid point in tune.json\n"
-        f"# evaluate elsewhere with: earmark compare --params params.yaml (disjoint classes for claims)\n"
+        f"# tuning scenario: dataset {scen['dataset']} at {scen['root']}, {len(scen['class_order'])} {classes} "
+        f"({scen['initial_increment']} base), seed {scen['seed']}; every grid point and class in tune.json\n"
+        f"# evaluate elsewhere with: {evaluate}\n"
     )
     body = yaml.safe_dump(chosen_params(results), sort_keys=False)
     writer.write_text("params.yaml", header + body)

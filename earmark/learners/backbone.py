@@ -98,7 +98,7 @@ class BackboneConfig(LearnerConfig):
             raise ValueError("lr and head_lr must be > 0")
 
     def encoder_config(self) -> EncoderConfig:
-        return EncoderConfig.from_dict(self.encoder) if isinstance(self.encoder, dict) else resolve_config(self.encoder)
+        return resolve_config(self.encoder)
 
     def result_dict(self) -> dict:
         """The fields that decide what is learned (for checkpoint fingerprints)."""

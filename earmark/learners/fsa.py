@@ -60,7 +60,7 @@ class FSALearner(BackboneLearner):
         return self
 
     def _install_film(self) -> None:
-        depth, d = len(self.encoder.layers), self.encoder.embed_dim
+        depth, d = len(self.encoder.layers), self.encoder.config.embed_dim
         self.film_scale = nn.Parameter(torch.zeros(depth, d, device=self.device), requires_grad=False)
         self.film_shift = nn.Parameter(torch.zeros(depth, d, device=self.device), requires_grad=False)
         if self.config.adapter == "film":

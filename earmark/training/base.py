@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from earmark.audio import AudioConfig, load_many
 from earmark.encoders.config import EncoderConfig, resolve_config
 from earmark.encoders.embedder import AudioEmbedder
+from earmark.training.augment import FeatureScale
 from earmark.training.supervised import TrainConfig, TrainHistory, train_supervised
 
 
@@ -83,6 +84,7 @@ def train_embedder(
     feats = embedder.normalizer(raw)
     y = torch.as_tensor(np.asarray(labels)[kept], dtype=torch.long)
     n_classes = int(y.max()) + 1
+    scale = FeatureScale(float(embedder.normalizer.mean), float(embedder.normalizer.std))
     history = train_supervised(embedder.encoder, feats, y, n_classes, train, device=device, progress=progress,
-                               checkpoint_path=checkpoint_path, resume=resume)
+                               checkpoint_path=checkpoint_path, resume=resume, feature_scale=scale)
     return embedder.to("cpu").eval(), history, skipped

@@ -227,7 +227,7 @@ class MaskedPatchModel(nn.Module):
         if not isinstance(encoder, MambaEncoder):
             raise TypeError(f"masked patch pretraining needs a patch-token encoder, got {type(encoder).__name__}")
         self.encoder = encoder
-        d, p = encoder.embed_dim, encoder.config.patch
+        d, p = encoder.config.embed_dim, encoder.config.patch
         self.mask_embed = nn.Parameter(torch.zeros(1, 1, d))
         nn.init.trunc_normal_(self.mask_embed, std=0.02, a=-0.04, b=0.04)
         self.disc_head = _head(d, p * p)
