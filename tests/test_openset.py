@@ -198,7 +198,8 @@ def test_compare_reports_open_set_per_session(tmp_path, monkeypatch, capsys):
     scenario, X, row_of = _dataset_with_embeddings()
     encoder = SimpleNamespace(encoder=torch.nn.Linear(2, 2))
     prep = SimpleNamespace(scenario=scenario, X=X, row_of=row_of, embedder=encoder,
-                           inputs_for=lambda learner: X, total_bytes=lambda learner: learner.nbytes())
+                           inputs_for=lambda learner: X, total_bytes=lambda learner: learner.nbytes(),
+                           training={"checkpoint": str(tmp_path / "encoder.partial.safetensors")})
     monkeypatch.setattr(compare_mod, "prepare", lambda config, embed_train_pool=False, writer=None: prep)
     monkeypatch.setattr(compare_mod, "encoder_summary", lambda prep: {"fake": True})
     config = RunConfig(out=str(tmp_path / "c"), learners=["ncm", "lda"], learner_params={"lda": {"shrinkage": 0.1}},
