@@ -20,12 +20,15 @@ arrays with non-negative offsets (multi-dimensional indexing blocked it), and ``
 scalar in numba builds without SVML, so decays use a branch-free polynomial ``exp2`` (exponent bits
 set directly) in float32. float64 inputs use ``math.exp`` (the test path). Work is split over
 (direction, batch item, block of ``WIDTH`` channels); each task keeps its (N, WIDTH) state local.
-Sums over time (dA, dD) accumulate in float64.
-
-Backward recomputes the states from those saved every ``chunk`` steps by the forward (memory
-L / chunk x N x E per direction and item, never L x N x E), one chunk at a time into local
-buffers, and runs the adjoint recurrence ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}`` back
-through it.
+The loops over the state run over all ``WIDTH`` lanes, a compile-time trip count (lanes past the
+last channel hold zeros): with a runtime count LLVM adds a remainder loop and overlap checks to
+every one of them, which cost as much as their four vectors of work. Each pass of such a loop
+updates four states, so the per-step vectors (delta, delta u, the output, the gradients summed
+over states) are loaded and stored once per four states, and the backward's adjoint computes every
+gradient of a step in one pass. Sums over time (dA, dD) accumulate in float64. A call on one thread
+runs the serial build of the same tasks: numba's parallel launch costs tens of microseconds.
+Measured and not kept: ``fastmath=True`` (no faster than reassociation + contraction), 32 or 128
+channels per task (32: slower; 128: no faster, and too few tasks for two threads at batch 1).
 """
 
 from __future__ import annotations
@@ -100,14 +103,27 @@ def _f32_from_bits(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
+@intrinsic
+def _bits_from_f32(typingctx, x):
+    """Reinterpret float32 bits as int32."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
 def _exp2(x):  # pragma: no cover - typed by the overload below
     raise NotImplementedError
 
 
 @overload(_exp2)
 def _exp2_impl(x):
-    """2**x: float32 a degree-5 polynomial on the fraction (relative error 1.5e-7) times 2**floor
-    (clamped to [2^-126, 2^127]); float64 exact through math.exp."""
+    """2**x: float32 a degree-5 polynomial p on the fraction (relative error 1.5e-7; p in [1, 2))
+    with floor(x) added to its exponent bits (an integer add instead of a float multiply; x is
+    clamped to [-126, 127], so the result stays a normal number); float64 exact through math.exp."""
     if x == types.float32:
         c1, c2, c3 = np.float32(0.693152968), np.float32(0.240154530), np.float32(0.0558236044)
         c4, c5 = np.float32(0.00899258403), np.float32(0.00187623295)
@@ -118,7 +134,7 @@ def _exp2_impl(x):
             xi = np.floor(x)
             f = x - xi
             p = one + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * c5))))
-            return p * _f32_from_bits(np.int32((np.int32(xi) + 127) << 23))
+            return _f32_from_bits(np.int32(_bits_from_f32(p) + (np.int32(xi) << 23)))
 
         return f32
     if x == types.float64:
@@ -163,251 +179,413 @@ def _softplus_impl(x):
     return None
 
 
-@njit(parallel=True, cache=CACHE, fastmath=FASTMATH, error_model="numpy")
-def _forward(u, dl, A, B, C, D, z, rev, dims, scale, y, states, tid):
-    """y (G, batch, L, E) = C . h + D u (times scale * silu(z) if z has elements), every array 1-d
-    (flattened C-order); A (G, E, N). ``states`` (G, batch, L / chunk, N, E): the state entering
-    every chunk (in scan order) when it has elements. ``tid``: the worker that ran each task
-    (numba.get_num_threads inside a kernel would keep it out of the disk cache).
+_KW = {"cache": CACHE, "fastmath": FASTMATH, "error_model": "numpy"}
 
-    Inner loops index per-step slices from 0: an index numba cannot prove non-negative gets a
-    wraparound select, which turns LLVM's vector loads into gathers."""
-    G, bsz, L, E, N, chunk = dims[0], dims[1], dims[2], dims[3], dims[4], dims[5]
+
+@njit(**_KW)
+def _consts(dtype_like, scale):
+    """(1, 1 / ln 2, scale) in the compute dtype (a float64 literal would promote float32 maths)."""
+    k = np.empty(3, dtype_like.dtype)
+    k[0], k[1], k[2] = 1.0, INV_LN2, scale
+    return k[0], k[1], k[2]
+
+
+@njit(**_KW)
+def _forward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, y, states):
+    """One task of :func:`_forward`: direction g, batch item b, channels e0 .. e0 + WIDTH.
+
+    Every loop over the state runs over all WIDTH lanes (a constant trip count: no remainder
+    loop, fewer checks); lanes past the last channel hold zeros (decay 1, input 0, state 0) and
+    are never stored. The state loop handles four states per pass, so the per-step vectors
+    (delta, delta u, the output) are loaded and stored once per four states."""
+    bsz, L, E, N, chunk = dims[1], dims[2], dims[3], dims[4], dims[5]
+    sp = dims[6] != 0  # dl holds the pre-activation: delta = softplus(dl)
+    zrow = dims[8]  # z's row stride (z may be a view into in_proj's output)
     nb = (E + WIDTH - 1) // WIDTH
     nck = (L + chunk - 1) // chunk
     gated = z.size > 0
     keep = states.size > 0
-    sp = dims[6] != 0  # dl holds the pre-activation: delta = softplus(dl)
-    k = np.empty(3, dl.dtype)  # constants in the compute dtype (a float64 literal would promote)
-    k[0], k[1], k[2] = 1.0, INV_LN2, scale
-    one, l2e, sc = k[0], k[1], k[2]
-    for task in prange(G * bsz * nb):
-        tid[task] = numba.get_thread_id()
-        g = task // (bsz * nb)
-        b = (task // nb) % bsz
-        e0 = (task % nb) * WIDTH
-        w = min(WIDTH, E - e0)
-        A2 = np.empty(N * WIDTH, dl.dtype)
-        h = np.zeros(N * WIDTH, dl.dtype)
-        dlv = np.empty(WIDTH, dl.dtype)
-        duv = np.empty(WIDTH, dl.dtype)
-        acc = np.empty(WIDTH, dl.dtype)
-        for n in range(N):
-            for e in range(w):
-                A2[n * WIDTH + e] = A[(g * E + e0 + e) * N + n] * INV_LN2
-        Dg = D[g * E + e0 : g * E + e0 + w]
-        row = (g * bsz + b) * L
-        for s in range(L):
-            t = L - 1 - s if rev[g] else s
-            if keep and s % chunk == 0:
-                base = ((g * bsz + b) * nck + s // chunk) * N * E + e0
-                for n in range(N):
-                    st = states[base + n * E : base + n * E + w]
-                    hs = h[n * WIDTH : n * WIDTH + w]
-                    for e in range(w):
-                        st[e] = hs[e]
-            off = (row + t) * E + e0
-            dlt = dl[off : off + w]
-            ut = u[off : off + w]
-            if sp:
-                for e in range(w):
-                    dlv[e] = _softplus(dlt[e])
-            else:
-                for e in range(w):
-                    dlv[e] = dlt[e]
-            for e in range(w):
-                duv[e] = dlv[e] * ut[e]
-                acc[e] = Dg[e] * ut[e]
-            bc = (row + t) * N
+    one, l2e, sc = _consts(dl, scale)
+    g = task // (bsz * nb)
+    b = (task // nb) % bsz
+    e0 = (task % nb) * WIDTH
+    w = min(WIDTH, E - e0)
+    NW = N * WIDTH
+    A2 = np.zeros(NW, dl.dtype)
+    h = np.zeros(NW, dl.dtype)
+    dlv = np.zeros(WIDTH, dl.dtype)
+    uv = np.zeros(WIDTH, dl.dtype)
+    Dg = np.zeros(WIDTH, dl.dtype)
+    duv = np.empty(WIDTH, dl.dtype)
+    acc = np.empty(WIDTH, dl.dtype)
+    for n in range(N):
+        for e in range(w):
+            A2[n * WIDTH + e] = A[(g * E + e0 + e) * N + n] * INV_LN2
+    Dt = D[g * E + e0 : g * E + e0 + w]
+    for e in range(w):
+        Dg[e] = Dt[e]
+    row = (g * bsz + b) * L
+    for s in range(L):
+        t = L - 1 - s if rev[g] else s
+        if keep and s % chunk == 0:
+            base = ((g * bsz + b) * nck + s // chunk) * N * E + e0
             for n in range(N):
-                bn = B[bc + n]
-                cn = C[bc + n]
+                st = states[base + n * E : base + n * E + w]
                 hs = h[n * WIDTH : n * WIDTH + w]
-                As = A2[n * WIDTH : n * WIDTH + w]
                 for e in range(w):
-                    hv = _exp2(dlv[e] * As[e]) * hs[e] + bn * duv[e]
-                    hs[e] = hv
-                    acc[e] += cn * hv
-            yt = y[off : off + w]
-            if gated:
-                zo = (b * L + t) * E + e0
-                zt = z[zo : zo + w]
-                for e in range(w):
-                    zz = zt[e]
-                    yt[e] = acc[e] * (sc * zz / (one + _exp2(-zz * l2e)))
-            else:
-                for e in range(w):
-                    yt[e] = acc[e]
+                    st[e] = hs[e]
+        off = (row + t) * E + e0
+        dlt = dl[off : off + w]
+        ut = u[off : off + w]
+        if sp:
+            for e in range(w):
+                dlv[e] = _softplus(dlt[e])
+        else:
+            for e in range(w):
+                dlv[e] = dlt[e]
+        for e in range(w):
+            uv[e] = ut[e]
+        for e in range(WIDTH):
+            duv[e] = dlv[e] * uv[e]
+            acc[e] = Dg[e] * uv[e]
+        bc = (row + t) * N
+        n = 0
+        while n + 4 <= N:
+            b0, b1, b2, b3 = B[bc + n], B[bc + n + 1], B[bc + n + 2], B[bc + n + 3]
+            c0, c1, c2, c3 = C[bc + n], C[bc + n + 1], C[bc + n + 2], C[bc + n + 3]
+            hs = h[n * WIDTH : (n + 4) * WIDTH]
+            As = A2[n * WIDTH : (n + 4) * WIDTH]
+            for e in range(WIDTH):
+                dv = dlv[e]
+                x = duv[e]
+                v0 = _exp2(dv * As[e]) * hs[e] + b0 * x
+                v1 = _exp2(dv * As[WIDTH + e]) * hs[WIDTH + e] + b1 * x
+                v2 = _exp2(dv * As[2 * WIDTH + e]) * hs[2 * WIDTH + e] + b2 * x
+                v3 = _exp2(dv * As[3 * WIDTH + e]) * hs[3 * WIDTH + e] + b3 * x
+                hs[e] = v0
+                hs[WIDTH + e] = v1
+                hs[2 * WIDTH + e] = v2
+                hs[3 * WIDTH + e] = v3
+                acc[e] += (c0 * v0 + c1 * v1) + (c2 * v2 + c3 * v3)
+            n += 4
+        while n < N:
+            bn = B[bc + n]
+            cn = C[bc + n]
+            hs = h[n * WIDTH : (n + 1) * WIDTH]
+            As = A2[n * WIDTH : (n + 1) * WIDTH]
+            for e in range(WIDTH):
+                hv = _exp2(dlv[e] * As[e]) * hs[e] + bn * duv[e]
+                hs[e] = hv
+                acc[e] += cn * hv
+            n += 1
+        yt = y[off : off + w]
+        if gated:
+            zo = (b * L + t) * zrow + e0
+            zt = z[zo : zo + w]
+            for e in range(w):
+                zz = zt[e]
+                yt[e] = acc[e] * (sc * zz / (one + _exp2(-zz * l2e)))
+        else:
+            for e in range(w):
+                yt[e] = acc[e]
 
 
-@njit(parallel=True, cache=CACHE, fastmath=FASTMATH, error_model="numpy")
-def _backward(u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du, ddl, dA, dB, dC, dD, dz):
-    """Gradients of :func:`_forward` from dL/dy ``gy`` (G, batch, L, E): du, ddl, dz per group
-    (G, batch, L, E) (dz summed over groups by the caller), dA (G, batch, E, N) and dD (G, batch, E)
-    in float64 per batch item, dB, dC (G, batch, channel blocks, L, N) per block of channels."""
-    G, bsz, L, E, N, chunk = dims[0], dims[1], dims[2], dims[3], dims[4], dims[5]
+@njit(parallel=True, **_KW)
+def _forward(u, dl, A, B, C, D, z, rev, dims, scale, y, states, tid):
+    """y (G, batch, L, E) = C . h + D u (times scale * silu(z) if z has elements), every array 1-d
+    (flattened C-order; z (batch, L, E) with row stride ``dims[8]``); A (G, E, N). ``states``
+    (G, batch, L / chunk, N, E): the state entering every chunk (in scan order) when it has
+    elements. Tasks (direction, batch item, block of WIDTH channels) run on numba's threads;
+    ``tid``: the worker that ran each (numba.get_num_threads inside a kernel would keep it out of
+    the disk cache)."""
+    ntask = dims[0] * dims[1] * ((dims[3] + WIDTH - 1) // WIDTH)
+    for task in prange(ntask):
+        tid[task] = numba.get_thread_id()
+        _forward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, y, states)
+
+
+@njit(**_KW)
+def _forward_serial(u, dl, A, B, C, D, z, rev, dims, scale, y, states, tid):
+    """:func:`_forward` on the calling thread (one thread: no parallel launch, which costs
+    tens of microseconds per call)."""
+    ntask = dims[0] * dims[1] * ((dims[3] + WIDTH - 1) // WIDTH)
+    for task in range(ntask):
+        tid[task] = 0
+        _forward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, y, states)
+
+
+@njit(**_KW)
+def _backward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du, ddl, dA, dB, dC, dD, dz):
+    """One task of :func:`_backward` (as :func:`_forward_task`: lanes past the last channel are
+    zeros throughout). Per chunk of saved states, from the last: recompute the chunk's decays,
+    states, delta, delta u and (gated) ungated outputs into task-local buffers, then run the
+    adjoint back through it, four states per pass, every gradient of a step in that one pass."""
+    bsz, L, E, N, chunk = dims[1], dims[2], dims[3], dims[4], dims[5]
+    sp = dims[6] != 0
+    gyg = dims[7]  # gy's group stride: 0 when every group gets the same dL/dy
+    zrow = dims[8]
     nb = (E + WIDTH - 1) // WIDTH
     nck = (L + chunk - 1) // chunk
     gated = z.size > 0
-    sp = dims[6] != 0
-    k = np.empty(3, dl.dtype)
-    k[0], k[1], k[2] = 1.0, INV_LN2, scale
-    one, l2e, sc = k[0], k[1], k[2]
+    one, l2e, sc = _consts(dl, scale)
     zero = one - one
-    for task in prange(G * bsz * nb):
-        g = task // (bsz * nb)
-        b = (task // nb) % bsz
-        blk = task % nb
-        e0 = blk * WIDTH
-        w = min(WIDTH, E - e0)
-        NW = N * WIDTH
-        A2 = np.empty(NW, dl.dtype)
-        An = np.empty(NW, dl.dtype)
-        hbuf = np.empty((chunk + 1) * NW, dl.dtype)  # state entering the chunk, then after each step
-        abuf = np.empty(chunk * NW, dl.dtype)  # decays of the chunk
-        carry = np.zeros(NW, dl.dtype)  # a_{t+1} g_{t+1}
-        gA = np.zeros(NW, np.float64)
-        gAc = np.zeros(NW, dl.dtype)
-        gD = np.zeros(WIDTH, np.float64)
-        dlv = np.empty(WIDTH, dl.dtype)
-        duv = np.empty(WIDTH, dl.dtype)
-        gyv = np.empty(WIDTH, dl.dtype)
-        gdu = np.empty(WIDTH, dl.dtype)
-        gdl = np.empty(WIDTH, dl.dtype)
-        yv = np.empty(WIDTH, dl.dtype)
-        gg = np.empty(WIDTH, dl.dtype)
-        ds = np.empty(WIDTH, dl.dtype)
-        for n in range(N):
-            for e in range(w):
-                a = A[(g * E + e0 + e) * N + n]
-                An[n * WIDTH + e] = a
-                A2[n * WIDTH + e] = a * INV_LN2
-        Dg = D[g * E + e0 : g * E + e0 + w]
-        row = (g * bsz + b) * L
-        dbc = ((g * bsz + b) * nb + blk) * L * N
-        for c in range(nck - 1, -1, -1):
-            s0 = c * chunk
-            m = min(chunk, L - s0)
-            base = ((g * bsz + b) * nck + c) * N * E + e0
-            for n in range(N):
-                st = states[base + n * E : base + n * E + w]
-                h0 = hbuf[n * WIDTH : n * WIDTH + w]
-                for e in range(w):
-                    h0[e] = st[e]
-            # recompute the chunk's decays and states
-            for j in range(m):
-                s = s0 + j
-                t = L - 1 - s if rev[g] else s
-                off = (row + t) * E + e0
-                dlt = dl[off : off + w]
-                ut = u[off : off + w]
-                if sp:
-                    for e in range(w):
-                        dlv[e] = _softplus(dlt[e])
-                else:
-                    for e in range(w):
-                        dlv[e] = dlt[e]
-                for e in range(w):
-                    duv[e] = dlv[e] * ut[e]
-                bc = (row + t) * N
-                for n in range(N):
-                    bn = B[bc + n]
-                    cur = j * NW + n * WIDTH
-                    As = A2[n * WIDTH : n * WIDTH + w]
-                    ab = abuf[cur : cur + w]
-                    hp = hbuf[cur : cur + w]
-                    hn = hbuf[cur + NW : cur + NW + w]
-                    for e in range(w):
-                        ab[e] = _exp2(dlv[e] * As[e])
-                    for e in range(w):
-                        hn[e] = ab[e] * hp[e] + bn * duv[e]
-            # adjoint back through the chunk
-            for jj in range(m):
-                j = m - 1 - jj
-                s = s0 + j
-                t = L - 1 - s if rev[g] else s
-                off = (row + t) * E + e0
-                bc = (row + t) * N
-                dlt = dl[off : off + w]
-                ut = u[off : off + w]
-                gyt = gy[off : off + w]
-                if sp:
-                    for e in range(w):
-                        dlv[e] = _softplus(dlt[e])
-                else:
-                    for e in range(w):
-                        dlv[e] = dlt[e]
-                for e in range(w):
-                    duv[e] = dlv[e] * ut[e]
-                    gyv[e] = gyt[e]
-                    gdu[e] = zero
-                    gdl[e] = zero
-                if gated:
-                    zo = (b * L + t) * E + e0
-                    zt = z[zo : zo + w]
-                    dzt = dz[off : off + w]
-                    for e in range(w):
-                        yv[e] = Dg[e] * ut[e]
-                    for n in range(N):
-                        cn = C[bc + n]
-                        cur = (j + 1) * NW + n * WIDTH
-                        hs = hbuf[cur : cur + w]
-                        for e in range(w):
-                            yv[e] += cn * hs[e]
-                    for e in range(w):
-                        zz = zt[e]
-                        sg = one / (one + _exp2(-zz * l2e))
-                        dzt[e] = gyv[e] * sc * yv[e] * sg * (one + zz * (one - sg))
-                        gyv[e] *= sc * zz * sg
-                for e in range(w):
-                    gD[e] += gyv[e] * ut[e]
-                # one array written per loop: fewer overlap checks for LLVM's vectoriser
-                for n in range(N):
-                    bn = B[bc + n]
-                    cn = C[bc + n]
-                    hn = n * WIDTH
-                    cur = j * NW + hn
-                    ab = abuf[cur : cur + w]
-                    hp = hbuf[cur : cur + w]
-                    hs = hbuf[cur + NW : cur + NW + w]
-                    cy = carry[hn : hn + w]
-                    gac = gAc[hn : hn + w]
-                    an = An[hn : hn + w]
-                    for e in range(w):  # g_t = C_t dy_t + a_{t+1} g_{t+1}
-                        gg[e] = cn * gyv[e] + cy[e]
-                    sumc = zero
-                    sumb = zero
-                    for e in range(w):
-                        sumc += hs[e] * gyv[e]
-                        sumb += gg[e] * duv[e]
-                    dC[dbc + t * N + n] = sumc
-                    dB[dbc + t * N + n] = sumb
-                    for e in range(w):
-                        gdu[e] += gg[e] * bn
-                    for e in range(w):  # dL/d(delta_t A) = g_t a_t h_{t-1}
-                        ds[e] = gg[e] * ab[e] * hp[e]
-                    for e in range(w):
-                        gac[e] += ds[e] * dlv[e]
-                    for e in range(w):
-                        gdl[e] += ds[e] * an[e]
-                    for e in range(w):
-                        cy[e] = ab[e] * gg[e]
-                dut = du[off : off + w]
-                ddt = ddl[off : off + w]
-                for e in range(w):
-                    dut[e] = gdu[e] * dlv[e] + gyv[e] * Dg[e]
-                    ddt[e] = gdl[e] + gdu[e] * ut[e]
-                if sp:  # d softplus(x) / dx = sigmoid(x)
-                    for e in range(w):
-                        ddt[e] *= one / (one + _exp2(-dlt[e] * l2e))
-            for i in range(NW):  # dA: float32 within a chunk, float64 across chunks
-                gA[i] += gAc[i]
-                gAc[i] = zero
-        ob = (g * bsz + b) * E + e0
+    g = task // (bsz * nb)
+    b = (task // nb) % bsz
+    blk = task % nb
+    e0 = blk * WIDTH
+    w = min(WIDTH, E - e0)
+    NW = N * WIDTH
+    A2 = np.zeros(NW, dl.dtype)
+    An = np.zeros(NW, dl.dtype)
+    hbuf = np.zeros((chunk + 1) * NW, dl.dtype)  # state entering the chunk, then after each step
+    abuf = np.empty(chunk * NW, dl.dtype)  # decays of the chunk
+    dbuf = np.zeros(chunk * WIDTH, dl.dtype)  # delta per step
+    ubuf = np.zeros(chunk * WIDTH, dl.dtype)  # u per step
+    xbuf = np.empty(chunk * WIDTH, dl.dtype)  # delta u per step
+    ybuf = np.empty(chunk * WIDTH, dl.dtype)  # ungated output per step (for dz)
+    carry = np.zeros(NW, dl.dtype)  # a_{t+1} g_{t+1}
+    gA = np.zeros(NW, np.float64)
+    gAc = np.zeros(NW, dl.dtype)
+    gD = np.zeros(WIDTH, np.float64)
+    Dg = np.zeros(WIDTH, dl.dtype)
+    yv = np.empty(WIDTH, dl.dtype)
+    gyv = np.zeros(WIDTH, dl.dtype)
+    gdu = np.empty(WIDTH, dl.dtype)
+    gdl = np.empty(WIDTH, dl.dtype)
+    for n in range(N):
         for e in range(w):
-            dD[ob + e] = gD[e]
-            for n in range(N):
-                dA[(ob + e) * N + n] = gA[n * WIDTH + e]
+            a = A[(g * E + e0 + e) * N + n]
+            An[n * WIDTH + e] = a
+            A2[n * WIDTH + e] = a * INV_LN2
+    Dt = D[g * E + e0 : g * E + e0 + w]
+    for e in range(w):
+        Dg[e] = Dt[e]
+    row = (g * bsz + b) * L
+    dbc = ((g * bsz + b) * nb + blk) * L * N
+    for c in range(nck - 1, -1, -1):
+        s0 = c * chunk
+        m = min(chunk, L - s0)
+        base = ((g * bsz + b) * nck + c) * N * E + e0
+        for n in range(N):
+            st = states[base + n * E : base + n * E + w]
+            h0 = hbuf[n * WIDTH : n * WIDTH + w]
+            for e in range(w):
+                h0[e] = st[e]
+        # recompute the chunk
+        for j in range(m):
+            s = s0 + j
+            t = L - 1 - s if rev[g] else s
+            off = (row + t) * E + e0
+            dlt = dl[off : off + w]
+            ut = u[off : off + w]
+            dj = dbuf[j * WIDTH : (j + 1) * WIDTH]
+            uj = ubuf[j * WIDTH : (j + 1) * WIDTH]
+            xj = xbuf[j * WIDTH : (j + 1) * WIDTH]
+            if sp:
+                for e in range(w):
+                    dj[e] = _softplus(dlt[e])
+            else:
+                for e in range(w):
+                    dj[e] = dlt[e]
+            for e in range(w):
+                uj[e] = ut[e]
+            for e in range(WIDTH):
+                xj[e] = dj[e] * uj[e]
+                yv[e] = Dg[e] * uj[e]
+            bc = (row + t) * N
+            n = 0
+            while n + 4 <= N:
+                b0, b1, b2, b3 = B[bc + n], B[bc + n + 1], B[bc + n + 2], B[bc + n + 3]
+                c0, c1, c2, c3 = C[bc + n], C[bc + n + 1], C[bc + n + 2], C[bc + n + 3]
+                cur = j * NW + n * WIDTH
+                As = A2[n * WIDTH : (n + 4) * WIDTH]
+                ab = abuf[cur : cur + 4 * WIDTH]
+                hp = hbuf[cur : cur + 4 * WIDTH]
+                hn = hbuf[cur + NW : cur + NW + 4 * WIDTH]
+                for e in range(WIDTH):
+                    dv = dj[e]
+                    x = xj[e]
+                    a0 = _exp2(dv * As[e])
+                    a1 = _exp2(dv * As[WIDTH + e])
+                    a2 = _exp2(dv * As[2 * WIDTH + e])
+                    a3 = _exp2(dv * As[3 * WIDTH + e])
+                    v0 = a0 * hp[e] + b0 * x
+                    v1 = a1 * hp[WIDTH + e] + b1 * x
+                    v2 = a2 * hp[2 * WIDTH + e] + b2 * x
+                    v3 = a3 * hp[3 * WIDTH + e] + b3 * x
+                    ab[e] = a0
+                    ab[WIDTH + e] = a1
+                    ab[2 * WIDTH + e] = a2
+                    ab[3 * WIDTH + e] = a3
+                    hn[e] = v0
+                    hn[WIDTH + e] = v1
+                    hn[2 * WIDTH + e] = v2
+                    hn[3 * WIDTH + e] = v3
+                    yv[e] += (c0 * v0 + c1 * v1) + (c2 * v2 + c3 * v3)
+                n += 4
+            while n < N:
+                bn = B[bc + n]
+                cn = C[bc + n]
+                cur = j * NW + n * WIDTH
+                As = A2[n * WIDTH : (n + 1) * WIDTH]
+                ab = abuf[cur : cur + WIDTH]
+                hp = hbuf[cur : cur + WIDTH]
+                hn = hbuf[cur + NW : cur + NW + WIDTH]
+                for e in range(WIDTH):
+                    a0 = _exp2(dj[e] * As[e])
+                    v0 = a0 * hp[e] + bn * xj[e]
+                    ab[e] = a0
+                    hn[e] = v0
+                    yv[e] += cn * v0
+                n += 1
+            if gated:
+                yj = ybuf[j * WIDTH : (j + 1) * WIDTH]
+                for e in range(WIDTH):
+                    yj[e] = yv[e]
+        # adjoint back through the chunk
+        for jj in range(m):
+            j = m - 1 - jj
+            s = s0 + j
+            t = L - 1 - s if rev[g] else s
+            off = (row + t) * E + e0
+            bc = (row + t) * N
+            dj = dbuf[j * WIDTH : (j + 1) * WIDTH]
+            uj = ubuf[j * WIDTH : (j + 1) * WIDTH]
+            xj = xbuf[j * WIDTH : (j + 1) * WIDTH]
+            go = g * gyg + (b * L + t) * E + e0
+            gyt = gy[go : go + w]
+            for e in range(w):
+                gyv[e] = gyt[e]
+            if gated:
+                zo = (b * L + t) * zrow + e0
+                zt = z[zo : zo + w]
+                dzt = dz[off : off + w]
+                yj = ybuf[j * WIDTH : (j + 1) * WIDTH]
+                for e in range(w):
+                    zz = zt[e]
+                    sg = one / (one + _exp2(-zz * l2e))
+                    dzt[e] = gyv[e] * sc * yj[e] * sg * (one + zz * (one - sg))
+                    gyv[e] *= sc * zz * sg
+            for e in range(WIDTH):
+                gD[e] += gyv[e] * uj[e]
+                gdu[e] = zero
+                gdl[e] = zero
+            n = 0
+            while n + 4 <= N:
+                b0, b1, b2, b3 = B[bc + n], B[bc + n + 1], B[bc + n + 2], B[bc + n + 3]
+                c0, c1, c2, c3 = C[bc + n], C[bc + n + 1], C[bc + n + 2], C[bc + n + 3]
+                hn0 = n * WIDTH
+                cur = j * NW + hn0
+                ab = abuf[cur : cur + 4 * WIDTH]
+                hp = hbuf[cur : cur + 4 * WIDTH]
+                hs = hbuf[cur + NW : cur + NW + 4 * WIDTH]
+                cy = carry[hn0 : hn0 + 4 * WIDTH]
+                gac = gAc[hn0 : hn0 + 4 * WIDTH]
+                an = An[hn0 : hn0 + 4 * WIDTH]
+                sc0 = sc1 = sc2 = sc3 = zero
+                sb0 = sb1 = sb2 = sb3 = zero
+                for e in range(WIDTH):
+                    gye = gyv[e]
+                    x = xj[e]
+                    dv = dj[e]
+                    # g_t = C_t dy_t + a_{t+1} g_{t+1}
+                    q0 = c0 * gye + cy[e]
+                    q1 = c1 * gye + cy[WIDTH + e]
+                    q2 = c2 * gye + cy[2 * WIDTH + e]
+                    q3 = c3 * gye + cy[3 * WIDTH + e]
+                    sc0 += hs[e] * gye
+                    sc1 += hs[WIDTH + e] * gye
+                    sc2 += hs[2 * WIDTH + e] * gye
+                    sc3 += hs[3 * WIDTH + e] * gye
+                    sb0 += q0 * x
+                    sb1 += q1 * x
+                    sb2 += q2 * x
+                    sb3 += q3 * x
+                    gdu[e] += (b0 * q0 + b1 * q1) + (b2 * q2 + b3 * q3)
+                    a0 = ab[e]
+                    a1 = ab[WIDTH + e]
+                    a2 = ab[2 * WIDTH + e]
+                    a3 = ab[3 * WIDTH + e]
+                    # dL/d(delta_t A) = g_t a_t h_{t-1}
+                    r0 = q0 * a0 * hp[e]
+                    r1 = q1 * a1 * hp[WIDTH + e]
+                    r2 = q2 * a2 * hp[2 * WIDTH + e]
+                    r3 = q3 * a3 * hp[3 * WIDTH + e]
+                    gac[e] += r0 * dv
+                    gac[WIDTH + e] += r1 * dv
+                    gac[2 * WIDTH + e] += r2 * dv
+                    gac[3 * WIDTH + e] += r3 * dv
+                    gdl[e] += (r0 * an[e] + r1 * an[WIDTH + e]) + (r2 * an[2 * WIDTH + e] + r3 * an[3 * WIDTH + e])
+                    cy[e] = a0 * q0
+                    cy[WIDTH + e] = a1 * q1
+                    cy[2 * WIDTH + e] = a2 * q2
+                    cy[3 * WIDTH + e] = a3 * q3
+                o = dbc + t * N + n
+                dC[o], dC[o + 1], dC[o + 2], dC[o + 3] = sc0, sc1, sc2, sc3
+                dB[o], dB[o + 1], dB[o + 2], dB[o + 3] = sb0, sb1, sb2, sb3
+                n += 4
+            while n < N:
+                bn = B[bc + n]
+                cn = C[bc + n]
+                hn0 = n * WIDTH
+                cur = j * NW + hn0
+                ab = abuf[cur : cur + WIDTH]
+                hp = hbuf[cur : cur + WIDTH]
+                hs = hbuf[cur + NW : cur + NW + WIDTH]
+                cy = carry[hn0 : hn0 + WIDTH]
+                gac = gAc[hn0 : hn0 + WIDTH]
+                an = An[hn0 : hn0 + WIDTH]
+                sc0 = zero
+                sb0 = zero
+                for e in range(WIDTH):
+                    gye = gyv[e]
+                    q0 = cn * gye + cy[e]
+                    sc0 += hs[e] * gye
+                    sb0 += q0 * xj[e]
+                    gdu[e] += bn * q0
+                    r0 = q0 * ab[e] * hp[e]
+                    gac[e] += r0 * dj[e]
+                    gdl[e] += r0 * an[e]
+                    cy[e] = ab[e] * q0
+                dC[dbc + t * N + n] = sc0
+                dB[dbc + t * N + n] = sb0
+                n += 1
+            dut = du[off : off + w]
+            ddt = ddl[off : off + w]
+            for e in range(w):
+                dut[e] = gdu[e] * dj[e] + gyv[e] * Dg[e]
+                ddt[e] = gdl[e] + gdu[e] * uj[e]
+            if sp:  # d softplus(x) / dx = sigmoid(x)
+                dlt = dl[off : off + w]
+                for e in range(w):
+                    ddt[e] *= one / (one + _exp2(-dlt[e] * l2e))
+        for i in range(NW):  # dA: float32 within a chunk, float64 across chunks
+            gA[i] += gAc[i]
+            gAc[i] = zero
+    ob = (g * bsz + b) * E + e0
+    for e in range(w):
+        dD[ob + e] = gD[e]
+        for n in range(N):
+            dA[(ob + e) * N + n] = gA[n * WIDTH + e]
+
+
+@njit(parallel=True, **_KW)
+def _backward(u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du, ddl, dA, dB, dC, dD, dz):
+    """Gradients of :func:`_forward` from dL/dy ``gy`` (G, batch, L, E; group stride ``dims[7]``,
+    0 when shared): du, ddl, dz per group (G, batch, L, E) (dz summed over groups by the caller),
+    dA (G, batch, E, N) and dD (G, batch, E) in float64 per batch item, dB, dC
+    (G, batch, channel blocks, L, N) per block of channels."""
+    ntask = dims[0] * dims[1] * ((dims[3] + WIDTH - 1) // WIDTH)
+    for task in prange(ntask):
+        _backward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du, ddl, dA, dB, dC, dD, dz)
+
+
+@njit(**_KW)
+def _backward_serial(u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du, ddl, dA, dB, dC, dD, dz):
+    """:func:`_backward` on the calling thread."""
+    ntask = dims[0] * dims[1] * ((dims[3] + WIDTH - 1) // WIDTH)
+    for task in range(ntask):
+        _backward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du, ddl, dA, dB, dC, dD, dz)
 
 
 # -------------------------------------------------------------------------------------- wrappers
@@ -432,9 +610,10 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().view(-1).numpy()
 
 
-def _dims(u: Tensor, n: int, chunk: int, softplus: bool) -> np.ndarray:
+def _dims(u: Tensor, n: int, chunk: int, softplus: bool, gy_group: int = 0, z_row: int = 0) -> np.ndarray:
+    """The kernels' integer arguments: shapes, chunk, softplus, gy's group stride, z's row stride."""
     g, bsz, length, e = u.shape
-    return np.array([g, bsz, length, e, n, chunk, int(softplus)], dtype=np.int64)
+    return np.array([g, bsz, length, e, n, chunk, int(softplus), gy_group, z_row or e], dtype=np.int64)
 
 
 def _empty(dtype: torch.dtype) -> np.ndarray:
@@ -475,7 +654,7 @@ def forward(
     with _LAUNCH:
         numba.set_num_threads(threads_for(threads))
         last_threads = numba.get_num_threads()
-        _forward(
+        (_forward if last_threads > 1 and ntask > 1 else _forward_serial)(
             _np(u),
             _np(delta),
             _np(A),
@@ -523,9 +702,10 @@ def backward(
     dD = torch.empty(g, bsz, e, dtype=torch.float64)
     dB = u.new_empty(g, bsz, nb, length, n)
     dC = u.new_empty(g, bsz, nb, length, n)
+    ntask = g * bsz * nb
     with _LAUNCH:
         numba.set_num_threads(threads_for(threads))
-        _backward(
+        (_backward if numba.get_num_threads() > 1 and ntask > 1 else _backward_serial)(
             _np(u),
             _np(delta),
             _np(A),
@@ -534,7 +714,7 @@ def backward(
             _np(D),
             _empty(dtype) if z is None else _np(z.to(dtype)),
             np.array(reverse, dtype=np.bool_),
-            _dims(u, n, chunk, softplus),
+            _dims(u, n, chunk, softplus, bsz * length * e),
             float(scale),
             _np(states),
             _np(gy.to(dtype)),
