@@ -28,7 +28,7 @@ over states) are loaded and stored once per four states, and the backward's adjo
 gradient of a step in one pass. Sums over time (dA, dD) accumulate in float64. A call on one thread
 runs the serial build of the same tasks: numba's parallel launch costs tens of microseconds.
 Measured and not kept: ``fastmath=True`` (no faster than reassociation + contraction), 32 or 128
-channels per task (32: slower; 128: no faster, and too few tasks for two threads at batch 1).
+channels per task (32: slower; 128: a faster backward, a slower forward, hence ``BWIDTH``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-WIDTH = 64  # channels per task: 4 AVX-512 vectors; (N, WIDTH) state = 4 KiB at N = 16
+WIDTH = 64  # channels per forward task: 4 AVX-512 vectors; (N, WIDTH) state = 4 KiB at N = 16
+BWIDTH = 128  # channels per backward task (measured: backward 1.1x faster than at 64, forward 0.8x)
 CHUNK = 32  # steps between saved states: saved memory = input size / 2 at N = 16
 
 
@@ -324,7 +325,7 @@ def _backward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du,
     sp = dims[6] != 0
     gyg = dims[7]  # gy's group stride: 0 when every group gets the same dL/dy
     zrow = dims[8]
-    nb = (E + WIDTH - 1) // WIDTH
+    nb = (E + BWIDTH - 1) // BWIDTH
     nck = (L + chunk - 1) // chunk
     gated = z.size > 0
     one, l2e, sc = _consts(dl, scale)
@@ -332,31 +333,31 @@ def _backward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du,
     g = task // (bsz * nb)
     b = (task // nb) % bsz
     blk = task % nb
-    e0 = blk * WIDTH
-    w = min(WIDTH, E - e0)
-    NW = N * WIDTH
+    e0 = blk * BWIDTH
+    w = min(BWIDTH, E - e0)
+    NW = N * BWIDTH
     A2 = np.zeros(NW, dl.dtype)
     An = np.zeros(NW, dl.dtype)
     hbuf = np.zeros((chunk + 1) * NW, dl.dtype)  # state entering the chunk, then after each step
     abuf = np.empty(chunk * NW, dl.dtype)  # decays of the chunk
-    dbuf = np.zeros(chunk * WIDTH, dl.dtype)  # delta per step
-    ubuf = np.zeros(chunk * WIDTH, dl.dtype)  # u per step
-    xbuf = np.empty(chunk * WIDTH, dl.dtype)  # delta u per step
-    ybuf = np.empty(chunk * WIDTH, dl.dtype)  # ungated output per step (for dz)
+    dbuf = np.zeros(chunk * BWIDTH, dl.dtype)  # delta per step
+    ubuf = np.zeros(chunk * BWIDTH, dl.dtype)  # u per step
+    xbuf = np.empty(chunk * BWIDTH, dl.dtype)  # delta u per step
+    ybuf = np.empty(chunk * BWIDTH, dl.dtype)  # ungated output per step (for dz)
     carry = np.zeros(NW, dl.dtype)  # a_{t+1} g_{t+1}
     gA = np.zeros(NW, np.float64)
     gAc = np.zeros(NW, dl.dtype)
-    gD = np.zeros(WIDTH, np.float64)
-    Dg = np.zeros(WIDTH, dl.dtype)
-    yv = np.empty(WIDTH, dl.dtype)
-    gyv = np.zeros(WIDTH, dl.dtype)
-    gdu = np.empty(WIDTH, dl.dtype)
-    gdl = np.empty(WIDTH, dl.dtype)
+    gD = np.zeros(BWIDTH, np.float64)
+    Dg = np.zeros(BWIDTH, dl.dtype)
+    yv = np.empty(BWIDTH, dl.dtype)
+    gyv = np.zeros(BWIDTH, dl.dtype)
+    gdu = np.empty(BWIDTH, dl.dtype)
+    gdl = np.empty(BWIDTH, dl.dtype)
     for n in range(N):
         for e in range(w):
             a = A[(g * E + e0 + e) * N + n]
-            An[n * WIDTH + e] = a
-            A2[n * WIDTH + e] = a * INV_LN2
+            An[n * BWIDTH + e] = a
+            A2[n * BWIDTH + e] = a * INV_LN2
     Dt = D[g * E + e0 : g * E + e0 + w]
     for e in range(w):
         Dg[e] = Dt[e]
@@ -368,7 +369,7 @@ def _backward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du,
         base = ((g * bsz + b) * nck + c) * N * E + e0
         for n in range(N):
             st = states[base + n * E : base + n * E + w]
-            h0 = hbuf[n * WIDTH : n * WIDTH + w]
+            h0 = hbuf[n * BWIDTH : n * BWIDTH + w]
             for e in range(w):
                 h0[e] = st[e]
         # recompute the chunk
@@ -378,9 +379,9 @@ def _backward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du,
             off = (row + t) * E + e0
             dlt = dl[off : off + w]
             ut = u[off : off + w]
-            dj = dbuf[j * WIDTH : (j + 1) * WIDTH]
-            uj = ubuf[j * WIDTH : (j + 1) * WIDTH]
-            xj = xbuf[j * WIDTH : (j + 1) * WIDTH]
+            dj = dbuf[j * BWIDTH : (j + 1) * BWIDTH]
+            uj = ubuf[j * BWIDTH : (j + 1) * BWIDTH]
+            xj = xbuf[j * BWIDTH : (j + 1) * BWIDTH]
             if sp:
                 for e in range(w):
                     dj[e] = _softplus(dlt[e])
@@ -389,7 +390,7 @@ def _backward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du,
                     dj[e] = dlt[e]
             for e in range(w):
                 uj[e] = ut[e]
-            for e in range(WIDTH):
+            for e in range(BWIDTH):
                 xj[e] = dj[e] * uj[e]
                 yv[e] = Dg[e] * uj[e]
             bc = (row + t) * N
@@ -397,41 +398,41 @@ def _backward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du,
             while n + 4 <= N:
                 b0, b1, b2, b3 = B[bc + n], B[bc + n + 1], B[bc + n + 2], B[bc + n + 3]
                 c0, c1, c2, c3 = C[bc + n], C[bc + n + 1], C[bc + n + 2], C[bc + n + 3]
-                cur = j * NW + n * WIDTH
-                As = A2[n * WIDTH : (n + 4) * WIDTH]
-                ab = abuf[cur : cur + 4 * WIDTH]
-                hp = hbuf[cur : cur + 4 * WIDTH]
-                hn = hbuf[cur + NW : cur + NW + 4 * WIDTH]
-                for e in range(WIDTH):
+                cur = j * NW + n * BWIDTH
+                As = A2[n * BWIDTH : (n + 4) * BWIDTH]
+                ab = abuf[cur : cur + 4 * BWIDTH]
+                hp = hbuf[cur : cur + 4 * BWIDTH]
+                hn = hbuf[cur + NW : cur + NW + 4 * BWIDTH]
+                for e in range(BWIDTH):
                     dv = dj[e]
                     x = xj[e]
                     a0 = _exp2(dv * As[e])
-                    a1 = _exp2(dv * As[WIDTH + e])
-                    a2 = _exp2(dv * As[2 * WIDTH + e])
-                    a3 = _exp2(dv * As[3 * WIDTH + e])
+                    a1 = _exp2(dv * As[BWIDTH + e])
+                    a2 = _exp2(dv * As[2 * BWIDTH + e])
+                    a3 = _exp2(dv * As[3 * BWIDTH + e])
                     v0 = a0 * hp[e] + b0 * x
-                    v1 = a1 * hp[WIDTH + e] + b1 * x
-                    v2 = a2 * hp[2 * WIDTH + e] + b2 * x
-                    v3 = a3 * hp[3 * WIDTH + e] + b3 * x
+                    v1 = a1 * hp[BWIDTH + e] + b1 * x
+                    v2 = a2 * hp[2 * BWIDTH + e] + b2 * x
+                    v3 = a3 * hp[3 * BWIDTH + e] + b3 * x
                     ab[e] = a0
-                    ab[WIDTH + e] = a1
-                    ab[2 * WIDTH + e] = a2
-                    ab[3 * WIDTH + e] = a3
+                    ab[BWIDTH + e] = a1
+                    ab[2 * BWIDTH + e] = a2
+                    ab[3 * BWIDTH + e] = a3
                     hn[e] = v0
-                    hn[WIDTH + e] = v1
-                    hn[2 * WIDTH + e] = v2
-                    hn[3 * WIDTH + e] = v3
+                    hn[BWIDTH + e] = v1
+                    hn[2 * BWIDTH + e] = v2
+                    hn[3 * BWIDTH + e] = v3
                     yv[e] += (c0 * v0 + c1 * v1) + (c2 * v2 + c3 * v3)
                 n += 4
             while n < N:
                 bn = B[bc + n]
                 cn = C[bc + n]
-                cur = j * NW + n * WIDTH
-                As = A2[n * WIDTH : (n + 1) * WIDTH]
-                ab = abuf[cur : cur + WIDTH]
-                hp = hbuf[cur : cur + WIDTH]
-                hn = hbuf[cur + NW : cur + NW + WIDTH]
-                for e in range(WIDTH):
+                cur = j * NW + n * BWIDTH
+                As = A2[n * BWIDTH : (n + 1) * BWIDTH]
+                ab = abuf[cur : cur + BWIDTH]
+                hp = hbuf[cur : cur + BWIDTH]
+                hn = hbuf[cur + NW : cur + NW + BWIDTH]
+                for e in range(BWIDTH):
                     a0 = _exp2(dj[e] * As[e])
                     v0 = a0 * hp[e] + bn * xj[e]
                     ab[e] = a0
@@ -439,8 +440,8 @@ def _backward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du,
                     yv[e] += cn * v0
                 n += 1
             if gated:
-                yj = ybuf[j * WIDTH : (j + 1) * WIDTH]
-                for e in range(WIDTH):
+                yj = ybuf[j * BWIDTH : (j + 1) * BWIDTH]
+                for e in range(BWIDTH):
                     yj[e] = yv[e]
         # adjoint back through the chunk
         for jj in range(m):
@@ -449,9 +450,9 @@ def _backward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du,
             t = L - 1 - s if rev[g] else s
             off = (row + t) * E + e0
             bc = (row + t) * N
-            dj = dbuf[j * WIDTH : (j + 1) * WIDTH]
-            uj = ubuf[j * WIDTH : (j + 1) * WIDTH]
-            xj = xbuf[j * WIDTH : (j + 1) * WIDTH]
+            dj = dbuf[j * BWIDTH : (j + 1) * BWIDTH]
+            uj = ubuf[j * BWIDTH : (j + 1) * BWIDTH]
+            xj = xbuf[j * BWIDTH : (j + 1) * BWIDTH]
             go = g * gyg + (b * L + t) * E + e0
             gyt = gy[go : go + w]
             for e in range(w):
@@ -460,13 +461,13 @@ def _backward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du,
                 zo = (b * L + t) * zrow + e0
                 zt = z[zo : zo + w]
                 dzt = dz[off : off + w]
-                yj = ybuf[j * WIDTH : (j + 1) * WIDTH]
+                yj = ybuf[j * BWIDTH : (j + 1) * BWIDTH]
                 for e in range(w):
                     zz = zt[e]
                     sg = one / (one + _exp2(-zz * l2e))
                     dzt[e] = gyv[e] * sc * yj[e] * sg * (one + zz * (one - sg))
                     gyv[e] *= sc * zz * sg
-            for e in range(WIDTH):
+            for e in range(BWIDTH):
                 gD[e] += gyv[e] * uj[e]
                 gdu[e] = zero
                 gdl[e] = zero
@@ -474,52 +475,52 @@ def _backward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du,
             while n + 4 <= N:
                 b0, b1, b2, b3 = B[bc + n], B[bc + n + 1], B[bc + n + 2], B[bc + n + 3]
                 c0, c1, c2, c3 = C[bc + n], C[bc + n + 1], C[bc + n + 2], C[bc + n + 3]
-                hn0 = n * WIDTH
+                hn0 = n * BWIDTH
                 cur = j * NW + hn0
-                ab = abuf[cur : cur + 4 * WIDTH]
-                hp = hbuf[cur : cur + 4 * WIDTH]
-                hs = hbuf[cur + NW : cur + NW + 4 * WIDTH]
-                cy = carry[hn0 : hn0 + 4 * WIDTH]
-                gac = gAc[hn0 : hn0 + 4 * WIDTH]
-                an = An[hn0 : hn0 + 4 * WIDTH]
+                ab = abuf[cur : cur + 4 * BWIDTH]
+                hp = hbuf[cur : cur + 4 * BWIDTH]
+                hs = hbuf[cur + NW : cur + NW + 4 * BWIDTH]
+                cy = carry[hn0 : hn0 + 4 * BWIDTH]
+                gac = gAc[hn0 : hn0 + 4 * BWIDTH]
+                an = An[hn0 : hn0 + 4 * BWIDTH]
                 sc0 = sc1 = sc2 = sc3 = zero
                 sb0 = sb1 = sb2 = sb3 = zero
-                for e in range(WIDTH):
+                for e in range(BWIDTH):
                     gye = gyv[e]
                     x = xj[e]
                     dv = dj[e]
                     # g_t = C_t dy_t + a_{t+1} g_{t+1}
                     q0 = c0 * gye + cy[e]
-                    q1 = c1 * gye + cy[WIDTH + e]
-                    q2 = c2 * gye + cy[2 * WIDTH + e]
-                    q3 = c3 * gye + cy[3 * WIDTH + e]
+                    q1 = c1 * gye + cy[BWIDTH + e]
+                    q2 = c2 * gye + cy[2 * BWIDTH + e]
+                    q3 = c3 * gye + cy[3 * BWIDTH + e]
                     sc0 += hs[e] * gye
-                    sc1 += hs[WIDTH + e] * gye
-                    sc2 += hs[2 * WIDTH + e] * gye
-                    sc3 += hs[3 * WIDTH + e] * gye
+                    sc1 += hs[BWIDTH + e] * gye
+                    sc2 += hs[2 * BWIDTH + e] * gye
+                    sc3 += hs[3 * BWIDTH + e] * gye
                     sb0 += q0 * x
                     sb1 += q1 * x
                     sb2 += q2 * x
                     sb3 += q3 * x
                     gdu[e] += (b0 * q0 + b1 * q1) + (b2 * q2 + b3 * q3)
                     a0 = ab[e]
-                    a1 = ab[WIDTH + e]
-                    a2 = ab[2 * WIDTH + e]
-                    a3 = ab[3 * WIDTH + e]
+                    a1 = ab[BWIDTH + e]
+                    a2 = ab[2 * BWIDTH + e]
+                    a3 = ab[3 * BWIDTH + e]
                     # dL/d(delta_t A) = g_t a_t h_{t-1}
                     r0 = q0 * a0 * hp[e]
-                    r1 = q1 * a1 * hp[WIDTH + e]
-                    r2 = q2 * a2 * hp[2 * WIDTH + e]
-                    r3 = q3 * a3 * hp[3 * WIDTH + e]
+                    r1 = q1 * a1 * hp[BWIDTH + e]
+                    r2 = q2 * a2 * hp[2 * BWIDTH + e]
+                    r3 = q3 * a3 * hp[3 * BWIDTH + e]
                     gac[e] += r0 * dv
-                    gac[WIDTH + e] += r1 * dv
-                    gac[2 * WIDTH + e] += r2 * dv
-                    gac[3 * WIDTH + e] += r3 * dv
-                    gdl[e] += (r0 * an[e] + r1 * an[WIDTH + e]) + (r2 * an[2 * WIDTH + e] + r3 * an[3 * WIDTH + e])
+                    gac[BWIDTH + e] += r1 * dv
+                    gac[2 * BWIDTH + e] += r2 * dv
+                    gac[3 * BWIDTH + e] += r3 * dv
+                    gdl[e] += (r0 * an[e] + r1 * an[BWIDTH + e]) + (r2 * an[2 * BWIDTH + e] + r3 * an[3 * BWIDTH + e])
                     cy[e] = a0 * q0
-                    cy[WIDTH + e] = a1 * q1
-                    cy[2 * WIDTH + e] = a2 * q2
-                    cy[3 * WIDTH + e] = a3 * q3
+                    cy[BWIDTH + e] = a1 * q1
+                    cy[2 * BWIDTH + e] = a2 * q2
+                    cy[3 * BWIDTH + e] = a3 * q3
                 o = dbc + t * N + n
                 dC[o], dC[o + 1], dC[o + 2], dC[o + 3] = sc0, sc1, sc2, sc3
                 dB[o], dB[o + 1], dB[o + 2], dB[o + 3] = sb0, sb1, sb2, sb3
@@ -527,17 +528,17 @@ def _backward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du,
             while n < N:
                 bn = B[bc + n]
                 cn = C[bc + n]
-                hn0 = n * WIDTH
+                hn0 = n * BWIDTH
                 cur = j * NW + hn0
-                ab = abuf[cur : cur + WIDTH]
-                hp = hbuf[cur : cur + WIDTH]
-                hs = hbuf[cur + NW : cur + NW + WIDTH]
-                cy = carry[hn0 : hn0 + WIDTH]
-                gac = gAc[hn0 : hn0 + WIDTH]
-                an = An[hn0 : hn0 + WIDTH]
+                ab = abuf[cur : cur + BWIDTH]
+                hp = hbuf[cur : cur + BWIDTH]
+                hs = hbuf[cur + NW : cur + NW + BWIDTH]
+                cy = carry[hn0 : hn0 + BWIDTH]
+                gac = gAc[hn0 : hn0 + BWIDTH]
+                an = An[hn0 : hn0 + BWIDTH]
                 sc0 = zero
                 sb0 = zero
-                for e in range(WIDTH):
+                for e in range(BWIDTH):
                     gye = gyv[e]
                     q0 = cn * gye + cy[e]
                     sc0 += hs[e] * gye
@@ -566,7 +567,7 @@ def _backward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du,
     for e in range(w):
         dD[ob + e] = gD[e]
         for n in range(N):
-            dA[(ob + e) * N + n] = gA[n * WIDTH + e]
+            dA[(ob + e) * N + n] = gA[n * BWIDTH + e]
 
 
 @njit(parallel=True, **_KW)
@@ -575,7 +576,7 @@ def _backward(u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du, ddl, dA, d
     0 when shared): du, ddl, dz per group (G, batch, L, E) (dz summed over groups by the caller),
     dA (G, batch, E, N) and dD (G, batch, E) in float64 per batch item, dB, dC
     (G, batch, channel blocks, L, N) per block of channels."""
-    ntask = dims[0] * dims[1] * ((dims[3] + WIDTH - 1) // WIDTH)
+    ntask = dims[0] * dims[1] * ((dims[3] + BWIDTH - 1) // BWIDTH)
     for task in prange(ntask):
         _backward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du, ddl, dA, dB, dC, dD, dz)
 
@@ -583,7 +584,7 @@ def _backward(u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du, ddl, dA, d
 @njit(**_KW)
 def _backward_serial(u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du, ddl, dA, dB, dC, dD, dz):
     """:func:`_backward` on the calling thread."""
-    ntask = dims[0] * dims[1] * ((dims[3] + WIDTH - 1) // WIDTH)
+    ntask = dims[0] * dims[1] * ((dims[3] + BWIDTH - 1) // BWIDTH)
     for task in range(ntask):
         _backward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du, ddl, dA, dB, dC, dD, dz)
 
@@ -695,7 +696,7 @@ def backward(
     g, bsz, length, e = u.shape
     n = A.shape[-1]
     dtype = u.dtype
-    nb = -(-e // WIDTH)
+    nb = -(-e // BWIDTH)
     du, ddl = torch.empty_like(u), torch.empty_like(u)
     dz = torch.empty_like(u) if z is not None else None
     dA = torch.empty(g, bsz, e, n, dtype=torch.float64)
