@@ -97,6 +97,36 @@ def test_numba_fused_softplus_and_gate(dtype: torch.dtype) -> None:
         assert_close(got, want, TOL[dtype], f"fused d{name}")
 
 
+def test_numba_reads_strided_views_and_a_shared_dy() -> None:
+    """B, C and z as the mixer passes them (column slices of wider x_proj / in_proj outputs) are
+    read in place, and a dL/dy expanded over the groups is read once: the same numbers, bit for
+    bit, as contiguous copies and a materialised dL/dy."""
+    g = torch.Generator().manual_seed(7)
+    G, bsz, L, E, N = 2, 2, 41, 70, 4
+    u = torch.randn(G, bsz, L, E, generator=g)
+    pre = torch.randn(G, bsz, L, E, generator=g) - 2
+    A = -torch.rand(G, E, N, generator=g) - 0.1
+    D = torch.randn(G, E, generator=g)
+    dbc = torch.randn(G, bsz * L, 3 + 2 * N, generator=g)  # dt rank 3, then B, then C
+    B = dbc[..., 3 : 3 + N].reshape(G, bsz, L, N)
+    C = dbc[..., 3 + N :].reshape(G, bsz, L, N)
+    xz = torch.randn(bsz, L, 2 * E, generator=g)
+    z = xz[..., E:]
+    assert not (B.is_contiguous() or C.is_contiguous() or z.is_contiguous())
+    assert K._rows(B, torch.float32)[1] == 3 + 2 * N and K._rows(z, torch.float32)[1] == 2 * E
+    rev = (False, True)
+    kw = {"scale": 0.5, "softplus": True, "chunk": 8}
+    y, st = K.forward(u, pre, A, B, C, D, rev, z=z, keep_states=True, **kw)
+    Bc, Cc, zc = B.contiguous(), C.contiguous(), z.contiguous()
+    y_ref, st_ref = K.forward(u, pre, A, Bc, Cc, D, rev, z=zc, keep_states=True, **kw)
+    assert torch.equal(y, y_ref) and torch.equal(st, st_ref)
+    gy = torch.randn(bsz, L, E, generator=g)
+    got = K.backward(u, pre, A, B, C, D, rev, st, gy.expand(G, *gy.shape), z=z, **kw)
+    want = K.backward(u, pre, A, Bc, Cc, D, rev, st, gy.repeat(G, 1, 1, 1), z=zc, **kw)
+    for name, a, b in zip([*NAMES, "z"], got, want, strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_numba_uses_the_threads_it_is_given() -> None:
     inputs = [t.detach() for t in make_grouped(2, 2, 17, 256, 4, torch.float32)]  # 16 tasks
     for threads in (1, 2):

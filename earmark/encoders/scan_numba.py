@@ -202,6 +202,7 @@ def _forward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, y, states):
     bsz, L, E, N, chunk = dims[1], dims[2], dims[3], dims[4], dims[5]
     sp = dims[6] != 0  # dl holds the pre-activation: delta = softplus(dl)
     zrow = dims[8]  # z's row stride (z may be a view into in_proj's output)
+    brow, crow = dims[9], dims[10]  # B's and C's row strides (views into x_proj's output)
     nb = (E + WIDTH - 1) // WIDTH
     nck = (L + chunk - 1) // chunk
     gated = z.size > 0
@@ -249,11 +250,12 @@ def _forward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, y, states):
         for e in range(WIDTH):
             duv[e] = dlv[e] * uv[e]
             acc[e] = Dg[e] * uv[e]
-        bc = (row + t) * N
+        bo = (row + t) * brow
+        co = (row + t) * crow
         n = 0
         while n + 4 <= N:
-            b0, b1, b2, b3 = B[bc + n], B[bc + n + 1], B[bc + n + 2], B[bc + n + 3]
-            c0, c1, c2, c3 = C[bc + n], C[bc + n + 1], C[bc + n + 2], C[bc + n + 3]
+            b0, b1, b2, b3 = B[bo + n], B[bo + n + 1], B[bo + n + 2], B[bo + n + 3]
+            c0, c1, c2, c3 = C[co + n], C[co + n + 1], C[co + n + 2], C[co + n + 3]
             hs = h[n * WIDTH : (n + 4) * WIDTH]
             As = A2[n * WIDTH : (n + 4) * WIDTH]
             for e in range(WIDTH):
@@ -270,8 +272,8 @@ def _forward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, y, states):
                 acc[e] += (c0 * v0 + c1 * v1) + (c2 * v2 + c3 * v3)
             n += 4
         while n < N:
-            bn = B[bc + n]
-            cn = C[bc + n]
+            bn = B[bo + n]
+            cn = C[co + n]
             hs = h[n * WIDTH : (n + 1) * WIDTH]
             As = A2[n * WIDTH : (n + 1) * WIDTH]
             for e in range(WIDTH):
@@ -324,7 +326,7 @@ def _backward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du,
     bsz, L, E, N, chunk = dims[1], dims[2], dims[3], dims[4], dims[5]
     sp = dims[6] != 0
     gyg = dims[7]  # gy's group stride: 0 when every group gets the same dL/dy
-    zrow = dims[8]
+    zrow, brow, crow = dims[8], dims[9], dims[10]
     nb = (E + BWIDTH - 1) // BWIDTH
     nck = (L + chunk - 1) // chunk
     gated = z.size > 0
@@ -393,11 +395,12 @@ def _backward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du,
             for e in range(BWIDTH):
                 xj[e] = dj[e] * uj[e]
                 yv[e] = Dg[e] * uj[e]
-            bc = (row + t) * N
+            bo = (row + t) * brow
+            co = (row + t) * crow
             n = 0
             while n + 4 <= N:
-                b0, b1, b2, b3 = B[bc + n], B[bc + n + 1], B[bc + n + 2], B[bc + n + 3]
-                c0, c1, c2, c3 = C[bc + n], C[bc + n + 1], C[bc + n + 2], C[bc + n + 3]
+                b0, b1, b2, b3 = B[bo + n], B[bo + n + 1], B[bo + n + 2], B[bo + n + 3]
+                c0, c1, c2, c3 = C[co + n], C[co + n + 1], C[co + n + 2], C[co + n + 3]
                 cur = j * NW + n * BWIDTH
                 As = A2[n * BWIDTH : (n + 4) * BWIDTH]
                 ab = abuf[cur : cur + 4 * BWIDTH]
@@ -425,8 +428,8 @@ def _backward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du,
                     yv[e] += (c0 * v0 + c1 * v1) + (c2 * v2 + c3 * v3)
                 n += 4
             while n < N:
-                bn = B[bc + n]
-                cn = C[bc + n]
+                bn = B[bo + n]
+                cn = C[co + n]
                 cur = j * NW + n * BWIDTH
                 As = A2[n * BWIDTH : (n + 1) * BWIDTH]
                 ab = abuf[cur : cur + BWIDTH]
@@ -449,7 +452,8 @@ def _backward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du,
             s = s0 + j
             t = L - 1 - s if rev[g] else s
             off = (row + t) * E + e0
-            bc = (row + t) * N
+            bo = (row + t) * brow
+            co = (row + t) * crow
             dj = dbuf[j * BWIDTH : (j + 1) * BWIDTH]
             uj = ubuf[j * BWIDTH : (j + 1) * BWIDTH]
             xj = xbuf[j * BWIDTH : (j + 1) * BWIDTH]
@@ -473,8 +477,8 @@ def _backward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du,
                 gdl[e] = zero
             n = 0
             while n + 4 <= N:
-                b0, b1, b2, b3 = B[bc + n], B[bc + n + 1], B[bc + n + 2], B[bc + n + 3]
-                c0, c1, c2, c3 = C[bc + n], C[bc + n + 1], C[bc + n + 2], C[bc + n + 3]
+                b0, b1, b2, b3 = B[bo + n], B[bo + n + 1], B[bo + n + 2], B[bo + n + 3]
+                c0, c1, c2, c3 = C[co + n], C[co + n + 1], C[co + n + 2], C[co + n + 3]
                 hn0 = n * BWIDTH
                 cur = j * NW + hn0
                 ab = abuf[cur : cur + 4 * BWIDTH]
@@ -526,8 +530,8 @@ def _backward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du,
                 dB[o], dB[o + 1], dB[o + 2], dB[o + 3] = sb0, sb1, sb2, sb3
                 n += 4
             while n < N:
-                bn = B[bc + n]
-                cn = C[bc + n]
+                bn = B[bo + n]
+                cn = C[co + n]
                 hn0 = n * BWIDTH
                 cur = j * NW + hn0
                 ab = abuf[cur : cur + BWIDTH]
@@ -608,17 +612,50 @@ def threads_for(threads: int | None = None) -> int:
 
 
 def _np(t: Tensor) -> np.ndarray:
-    return t.detach().contiguous().view(-1).numpy()
+    """A contiguous tensor as a flat numpy array (a view; others are copied first). The calls
+    here are the kernel's per-call overhead, so each takes the cheapest route (about 1 us)."""
+    if t.requires_grad:
+        t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.numpy().ravel()
 
 
-def _dims(u: Tensor, n: int, chunk: int, softplus: bool, gy_group: int = 0, z_row: int = 0) -> np.ndarray:
-    """The kernels' integer arguments: shapes, chunk, softplus, gy's group stride, z's row stride."""
+def _rows(t: Tensor, dtype: torch.dtype) -> tuple[np.ndarray, int]:
+    """(t (..., K) as a flat numpy array over its rows, the row stride): a view without a copy when
+    the last axis is contiguous and the rows evenly strided - as B and C (slices of x_proj's
+    output) and z (half of in_proj's) are - else a contiguous copy (row stride K)."""
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    k = t.shape[-1]
+    if t.is_contiguous() or t.ndim < 2 or t.numel() == 0:
+        return _np(t), k
+    if t.stride(-1) == 1 or k == 1:
+        rs = t.stride(-2) if t.shape[-2] > 1 else k
+        expect, ok = rs, rs >= k
+        for d in range(t.ndim - 2, -1, -1):
+            ok = ok and (t.shape[d] == 1 or t.stride(d) == expect)
+            expect *= t.shape[d]
+        if ok:
+            if t.requires_grad:
+                t = t.detach()
+            return t.as_strided(((t.numel() // k - 1) * rs + k,), (1,)).numpy(), rs
+    return _np(t), k
+
+
+def _dims(u: Tensor, n: int, chunk: int, softplus: bool, strides: tuple[int, int, int, int]) -> np.ndarray:
+    """The kernels' integer arguments: shapes, chunk, softplus, then the strides (gy's group
+    stride, z's, B's and C's row strides)."""
     g, bsz, length, e = u.shape
-    return np.array([g, bsz, length, e, n, chunk, int(softplus), gy_group, z_row or e], dtype=np.int64)
+    return np.array([g, bsz, length, e, n, chunk, int(softplus), *strides], dtype=np.int64)
+
+
+_EMPTY = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
 
 
 def _empty(dtype: torch.dtype) -> np.ndarray:
-    return np.empty(0, dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+    """A zero-size array of the dtype: what the kernels take for an absent optional array."""
+    return _EMPTY[dtype]
 
 
 def forward(
@@ -652,6 +689,9 @@ def forward(
     states = u.new_empty(g, bsz, nck, n, e) if keep_states else None
     ntask = g * bsz * (-(-e // WIDTH))
     tid = np.zeros(ntask, dtype=np.int64)
+    b_np, brow = _rows(B, dtype)
+    c_np, crow = _rows(C, dtype)
+    z_np, zrow = (_empty(dtype), e) if z is None else _rows(z, dtype)
     with _LAUNCH:
         numba.set_num_threads(threads_for(threads))
         last_threads = numba.get_num_threads()
@@ -659,15 +699,15 @@ def forward(
             _np(u),
             _np(delta),
             _np(A),
-            _np(B),
-            _np(C),
+            b_np,
+            c_np,
             _np(D),
-            _empty(dtype) if z is None else _np(z.to(dtype)),
+            z_np,
             np.array(reverse, dtype=np.bool_),
-            _dims(u, n, chunk, softplus),
+            _dims(u, n, chunk, softplus, (0, zrow, brow, crow)),
             float(scale),
-            y.view(-1).numpy(),
-            _empty(dtype) if states is None else states.view(-1).numpy(),
+            y.numpy().ravel(),
+            _empty(dtype) if states is None else states.numpy().ravel(),
             tid,
         )
     last_workers = set(tid.tolist())
@@ -692,7 +732,8 @@ def backward(
     threads: int | None = None,
 ) -> tuple[Tensor, ...]:
     """Gradients of :func:`forward` (same arguments, plus its ``states`` and dL/dy ``gy``
-    (G, batch, L, E)): (du, ddelta, dA, dB, dC, dD, dz or None), shaped as the inputs."""
+    (G, batch, L, E), or (batch, L, E) - or expanded from it - when every group gets the same):
+    (du, ddelta, dA, dB, dC, dD, dz or None), shaped as the inputs."""
     g, bsz, length, e = u.shape
     n = A.shape[-1]
     dtype = u.dtype
@@ -704,21 +745,28 @@ def backward(
     dB = u.new_empty(g, bsz, nb, length, n)
     dC = u.new_empty(g, bsz, nb, length, n)
     ntask = g * bsz * nb
+    b_np, brow = _rows(B, dtype)
+    c_np, crow = _rows(C, dtype)
+    z_np, zrow = (_empty(dtype), e) if z is None else _rows(z, dtype)
+    gy = gy.detach().to(dtype)
+    if gy.ndim == 4 and gy.stride(0) == 0:  # one dL/dy for every group (expanded): read it once
+        gy = gy[0]
+    gy_group = 0 if gy.ndim == 3 else bsz * length * e
     with _LAUNCH:
         numba.set_num_threads(threads_for(threads))
         (_backward if numba.get_num_threads() > 1 and ntask > 1 else _backward_serial)(
             _np(u),
             _np(delta),
             _np(A),
-            _np(B),
-            _np(C),
+            b_np,
+            c_np,
             _np(D),
-            _empty(dtype) if z is None else _np(z.to(dtype)),
+            z_np,
             np.array(reverse, dtype=np.bool_),
-            _dims(u, n, chunk, softplus, bsz * length * e),
+            _dims(u, n, chunk, softplus, (gy_group, zrow, brow, crow)),
             float(scale),
             _np(states),
-            _np(gy.to(dtype)),
+            _np(gy),
             du.view(-1).numpy(),
             ddl.view(-1).numpy(),
             dA.view(-1).numpy(),
