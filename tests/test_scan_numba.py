@@ -127,6 +127,41 @@ def test_numba_reads_strided_views_and_a_shared_dy() -> None:
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("length", "taps"), [(1, 4), (2, 4), (7, 4), (37, 4), (9, 2), (5, 1)])
+def test_numba_conv_silu_matches_torch(length: int, taps: int, dtype: torch.dtype) -> None:
+    """The kernel's depthwise conv + SiLU (both directions, x a half of a wider tensor as in the
+    mixer) = SiLU of the mixer's PyTorch conv, output and gradients, at lengths shorter than, equal
+    to and longer than the taps."""
+    from earmark.encoders.mamba import _ConvSilu, _DepthwiseConv
+
+    g = torch.Generator().manual_seed(length * 10 + taps)
+    E = 70
+    xz = torch.randn(3, length, 2 * E, generator=g, dtype=dtype)
+    w = torch.randn(2, taps, E, generator=g, dtype=dtype, requires_grad=True)
+    b = torch.randn(2, E, generator=g, dtype=dtype, requires_grad=True)
+    rev = (False, True)
+    x = xz[..., :E].clone().requires_grad_()
+    ref = F.silu(_DepthwiseConv.apply(x, w, b, rev))
+    gu = torch.randn(ref.shape, generator=g, dtype=dtype)
+    g_ref = torch.autograd.grad(ref, (x, w, b), gu)
+    xv = xz[..., :E].requires_grad_()
+    got = _ConvSilu.apply(xv, w, b, rev)
+    assert_close(got, ref, TOL[dtype], "conv silu")
+    for name, a, r in zip("xwb", torch.autograd.grad(got, (xv, w, b), gu), g_ref, strict=True):
+        assert_close(a, r, TOL[dtype], f"conv silu d{name}")
+
+
+def test_numba_conv_silu_gradcheck_float64() -> None:
+    from earmark.encoders.mamba import _ConvSilu
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: _ConvSilu.apply(*t, (True, False)), (x, w, b), eps=1e-6, atol=1e-8)
+
+
 def test_numba_uses_the_threads_it_is_given() -> None:
     inputs = [t.detach() for t in make_grouped(2, 2, 17, 256, 4, torch.float32)]  # 16 tasks
     for threads in (1, 2):
@@ -197,7 +232,8 @@ def _encoder_run(dtype: torch.dtype, recompute: bool) -> tuple[torch.Tensor, tor
 
 
 @pytest.mark.parametrize(
-    ("dtype", "recompute"), [(torch.float32, True), (torch.float32, False), (torch.float64, False)]
+    ("dtype", "recompute"),
+    [(torch.float32, True), (torch.float32, False), (torch.float64, True), (torch.float64, False)],
 )
 def test_encoder_numba_equals_torch_scan(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, recompute: bool) -> None:
     """The Mamba encoder on the kernel (fused branch with recompute, plain _Scan without) equals

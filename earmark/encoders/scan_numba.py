@@ -593,6 +593,187 @@ def _backward_serial(u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du, ddl
         _backward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, states, gy, du, ddl, dA, dB, dC, dD, dz)
 
 
+# ------------------------------------------------------------------ the depthwise conv + SiLU front
+
+TSTEPS = 32  # time steps per task of the conv kernels
+
+
+@njit(**_KW)
+def _conv_task(task, x, w, bias, rev, cdims, u):
+    """u[g, b, t] = silu(bias[g] + sum_s w[g, K-1-s] x[b, t - s]) (``rev[g]``: x[b, t + s]),
+    steps outside the sequence contributing nothing; one task = (g, b, TSTEPS steps)."""
+    bsz, L, E, K, xrow = cdims[1], cdims[2], cdims[3], cdims[4], cdims[5]
+    nt = (L + TSTEPS - 1) // TSTEPS
+    g = task // (bsz * nt)
+    b = (task // nt) % bsz
+    t0 = (task % nt) * TSTEPS
+    one, l2e, _ = _consts(x, 1.0)
+    wg = w[g * K * E : (g + 1) * K * E]
+    bg = bias[g * E : (g + 1) * E]
+    d = 1 if rev[g] else -1  # the step s taps away is t + d s
+    for t in range(t0, min(t0 + TSTEPS, L)):
+        o = ((g * bsz + b) * L + t) * E
+        out = u[o : o + E]
+        if K == 4 and t + 3 * d >= 0 and t + 3 * d < L:  # every tap inside: one pass
+            x0 = x[(b * L + t) * xrow : (b * L + t) * xrow + E]
+            x1 = x[(b * L + t + d) * xrow : (b * L + t + d) * xrow + E]
+            x2 = x[(b * L + t + 2 * d) * xrow : (b * L + t + 2 * d) * xrow + E]
+            x3 = x[(b * L + t + 3 * d) * xrow : (b * L + t + 3 * d) * xrow + E]
+            w3, w2, w1, w0 = wg[3 * E : 4 * E], wg[2 * E : 3 * E], wg[E : 2 * E], wg[:E]
+            for e in range(E):
+                q = bg[e] + w3[e] * x0[e] + w2[e] * x1[e] + w1[e] * x2[e] + w0[e] * x3[e]
+                out[e] = q / (one + _exp2(-q * l2e))
+            continue
+        for e in range(E):
+            out[e] = bg[e]
+        for s in range(K):
+            src = t + s if rev[g] else t - s
+            if src >= 0 and src < L:
+                xs = x[(b * L + src) * xrow : (b * L + src) * xrow + E]
+                ws = wg[(K - 1 - s) * E : (K - s) * E]
+                for e in range(E):
+                    out[e] += ws[e] * xs[e]
+        for e in range(E):
+            q = out[e]
+            out[e] = q / (one + _exp2(-q * l2e))
+
+
+@njit(**_KW)
+def _conv_grad_task(task, x, w, bias, rev, cdims, gu, gpre, gw, gb):
+    """Pass 1 of the conv backward, task as :func:`_conv_task`: gpre = dL/du * silu'(pre) (pre
+    recomputed), and the task's partial sums of dL/dw (K, E) and dL/dbias (E)."""
+    bsz, L, E, K, xrow = cdims[1], cdims[2], cdims[3], cdims[4], cdims[5]
+    nt = (L + TSTEPS - 1) // TSTEPS
+    g = task // (bsz * nt)
+    b = (task // nt) % bsz
+    t0 = (task % nt) * TSTEPS
+    one, l2e, _ = _consts(x, 1.0)
+    wg = w[g * K * E : (g + 1) * K * E]
+    bg = bias[g * E : (g + 1) * E]
+    gwt = gw[task * K * E : (task + 1) * K * E]
+    gbt = gb[task * E : (task + 1) * E]
+    for i in range(K * E):
+        gwt[i] = one - one
+    for e in range(E):
+        gbt[e] = one - one
+    pre = np.empty(E, x.dtype)
+    d = 1 if rev[g] else -1
+    for t in range(t0, min(t0 + TSTEPS, L)):
+        o = ((g * bsz + b) * L + t) * E
+        gut = gu[o : o + E]
+        gp = gpre[o : o + E]
+        if K == 4 and t + 3 * d >= 0 and t + 3 * d < L:  # every tap inside: two passes
+            x0 = x[(b * L + t) * xrow : (b * L + t) * xrow + E]
+            x1 = x[(b * L + t + d) * xrow : (b * L + t + d) * xrow + E]
+            x2 = x[(b * L + t + 2 * d) * xrow : (b * L + t + 2 * d) * xrow + E]
+            x3 = x[(b * L + t + 3 * d) * xrow : (b * L + t + 3 * d) * xrow + E]
+            w3, w2, w1, w0 = wg[3 * E : 4 * E], wg[2 * E : 3 * E], wg[E : 2 * E], wg[:E]
+            for e in range(E):
+                q = bg[e] + w3[e] * x0[e] + w2[e] * x1[e] + w1[e] * x2[e] + w0[e] * x3[e]
+                sg = one / (one + _exp2(-q * l2e))
+                gp[e] = gut[e] * sg * (one + q * (one - sg))
+            g3, g2, g1, g0 = gwt[3 * E : 4 * E], gwt[2 * E : 3 * E], gwt[E : 2 * E], gwt[:E]
+            for e in range(E):
+                v = gp[e]
+                gbt[e] += v
+                g3[e] += v * x0[e]
+                g2[e] += v * x1[e]
+                g1[e] += v * x2[e]
+                g0[e] += v * x3[e]
+            continue
+        for e in range(E):
+            pre[e] = bg[e]
+        for s in range(K):
+            src = t + s if rev[g] else t - s
+            if src >= 0 and src < L:
+                xs = x[(b * L + src) * xrow : (b * L + src) * xrow + E]
+                ws = wg[(K - 1 - s) * E : (K - s) * E]
+                for e in range(E):
+                    pre[e] += ws[e] * xs[e]
+        for e in range(E):
+            q = pre[e]
+            sg = one / (one + _exp2(-q * l2e))
+            v = gut[e] * sg * (one + q * (one - sg))
+            gp[e] = v
+            gbt[e] += v
+        for s in range(K):
+            src = t + s if rev[g] else t - s
+            if src >= 0 and src < L:
+                xs = x[(b * L + src) * xrow : (b * L + src) * xrow + E]
+                gws = gwt[(K - 1 - s) * E : (K - s) * E]
+                for e in range(E):
+                    gws[e] += gp[e] * xs[e]
+
+
+@njit(**_KW)
+def _conv_gx_task(task, w, rev, cdims, gpre, gx):
+    """Pass 2: dL/dx[b, t] = sum over directions g and taps of w[g, K-1-s] gpre[g, b, t + s]
+    (reversed: t - s); one task = (b, TSTEPS steps)."""
+    G, bsz, L, E, K = cdims[0], cdims[1], cdims[2], cdims[3], cdims[4]
+    nt = (L + TSTEPS - 1) // TSTEPS
+    b = task // nt
+    t0 = (task % nt) * TSTEPS
+    for t in range(t0, min(t0 + TSTEPS, L)):
+        out = gx[(b * L + t) * E : (b * L + t + 1) * E]
+        for e in range(E):
+            out[e] = 0.0
+        for g in range(G):
+            d = -1 if rev[g] else 1  # the output step that tap K-1-s of x[t] reaches is t + d s
+            if K == 4 and t + 3 * d >= 0 and t + 3 * d < L:  # every tap inside: one pass
+                o = ((g * bsz + b) * L + t) * E
+                p0 = gpre[o : o + E]
+                p1 = gpre[o + d * E : o + (d + 1) * E]
+                p2 = gpre[o + 2 * d * E : o + (2 * d + 1) * E]
+                p3 = gpre[o + 3 * d * E : o + (3 * d + 1) * E]
+                wg = w[g * K * E : (g + 1) * K * E]
+                w3, w2, w1, w0 = wg[3 * E : 4 * E], wg[2 * E : 3 * E], wg[E : 2 * E], wg[:E]
+                for e in range(E):
+                    out[e] += w3[e] * p0[e] + w2[e] * p1[e] + w1[e] * p2[e] + w0[e] * p3[e]
+                continue
+            for s in range(K):
+                tp = t - s if rev[g] else t + s
+                if tp >= 0 and tp < L:
+                    o = ((g * bsz + b) * L + tp) * E
+                    gs = gpre[o : o + E]
+                    ws = w[(g * K + K - 1 - s) * E : (g * K + K - s) * E]
+                    for e in range(E):
+                        out[e] += ws[e] * gs[e]
+
+
+@njit(parallel=True, **_KW)
+def _conv(x, w, bias, rev, cdims, u):
+    """The depthwise conv + SiLU of every direction (see :func:`_conv_task`) on numba's threads."""
+    nt = (cdims[2] + TSTEPS - 1) // TSTEPS
+    for task in prange(cdims[0] * cdims[1] * nt):
+        _conv_task(task, x, w, bias, rev, cdims, u)
+
+
+@njit(**_KW)
+def _conv_serial(x, w, bias, rev, cdims, u):
+    nt = (cdims[2] + TSTEPS - 1) // TSTEPS
+    for task in range(cdims[0] * cdims[1] * nt):
+        _conv_task(task, x, w, bias, rev, cdims, u)
+
+
+@njit(parallel=True, **_KW)
+def _conv_backward(x, w, bias, rev, cdims, gu, gpre, gw, gb, gx):
+    """Backward of :func:`_conv`: both passes, each on numba's threads."""
+    nt = (cdims[2] + TSTEPS - 1) // TSTEPS
+    for task in prange(cdims[0] * cdims[1] * nt):
+        _conv_grad_task(task, x, w, bias, rev, cdims, gu, gpre, gw, gb)
+    for task in prange(cdims[1] * nt):
+        _conv_gx_task(task, w, rev, cdims, gpre, gx)
+
+
+@njit(**_KW)
+def _conv_backward_serial(x, w, bias, rev, cdims, gu, gpre, gw, gb, gx):
+    nt = (cdims[2] + TSTEPS - 1) // TSTEPS
+    for task in range(cdims[0] * cdims[1] * nt):
+        _conv_grad_task(task, x, w, bias, rev, cdims, gu, gpre, gw, gb)
+    for task in range(cdims[1] * nt):
+        _conv_gx_task(task, w, rev, cdims, gpre, gx)
+
+
 # -------------------------------------------------------------------------------------- wrappers
 
 last_threads = 0  # numba's thread count for the last forward call
@@ -784,3 +965,62 @@ def backward(
         dD.sum(1).to(dtype),
         None if dz is None else dz.sum(0),
     )
+
+
+def _conv_dims(x: Tensor, w: Tensor, xrow: int) -> np.ndarray:
+    bsz, length, e = x.shape
+    g, k, _ = w.shape
+    return np.array([g, bsz, length, e, k, xrow], dtype=np.int64)
+
+
+def conv_silu(x: Tensor, w: Tensor, b: Tensor, reverse: tuple[bool, ...], *, threads: int | None = None) -> Tensor:
+    """silu(depthwise conv along time) of every direction, no autograd: x (batch, L, E) (rows may
+    be strided: half of in_proj's output is read in place), taps w (G, K, E) (tap K-1 multiplies
+    the current step, tap K-1-s the step s behind, or ahead where ``reverse[g]``), bias b (G, E),
+    one float dtype -> (G, batch, L, E)."""
+    bsz, length, e = x.shape
+    dtype = x.dtype
+    x_np, xrow = _rows(x, dtype)
+    u = x.new_empty(w.shape[0], bsz, length, e)
+    ntask = w.shape[0] * bsz * -(-length // TSTEPS)
+    with _LAUNCH:
+        numba.set_num_threads(threads_for(threads))
+        (_conv if numba.get_num_threads() > 1 and ntask > 1 else _conv_serial)(
+            x_np,
+            _np(w.to(dtype)),
+            _np(b.to(dtype)),
+            np.array(reverse, dtype=np.bool_),
+            _conv_dims(x, w, xrow),
+            u.numpy().ravel(),
+        )
+    return u
+
+
+def conv_silu_backward(
+    x: Tensor, w: Tensor, b: Tensor, reverse: tuple[bool, ...], gu: Tensor, *, threads: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`conv_silu` from dL/du (G, batch, L, E): (dx, dw, db) shaped as x, w, b."""
+    bsz, length, e = x.shape
+    g, k, _ = w.shape
+    dtype = x.dtype
+    x_np, xrow = _rows(x, dtype)
+    nt = -(-length // TSTEPS)
+    gpre = x.new_empty(g, bsz, length, e)
+    gw = x.new_empty(g, bsz * nt, k, e)
+    gb = x.new_empty(g, bsz * nt, e)
+    gx = x.new_empty(bsz, length, e)
+    with _LAUNCH:
+        numba.set_num_threads(threads_for(threads))
+        (_conv_backward if numba.get_num_threads() > 1 else _conv_backward_serial)(
+            x_np,
+            _np(w.to(dtype)),
+            _np(b.to(dtype)),
+            np.array(reverse, dtype=np.bool_),
+            _conv_dims(x, w, xrow),
+            _np(gu.to(dtype)),
+            gpre.numpy().ravel(),
+            gw.numpy().ravel(),
+            gb.numpy().ravel(),
+            gx.numpy().ravel(),
+        )
+    return gx, gw.sum(1), gb.sum(1)
