@@ -92,6 +92,9 @@ def test_numba_fused_softplus_and_gate(dtype: torch.dtype) -> None:
     args = [t.detach() for t in (inputs[0], pre, *inputs[2:])]
     y, states = K.forward(*args, reverse, z=z.detach(), scale=0.5, softplus=True, keep_states=True, chunk=4)
     assert_close(y.sum(0), y_ref, TOL[dtype], "fused y")
+    for threads in (1, 2):  # summed in the kernel, group after group: the same sum, bit for bit
+        summed, _ = K.forward(*args, reverse, z=z.detach(), scale=0.5, softplus=True, sum_groups=True, threads=threads)
+        assert torch.equal(summed, y.sum(0))
     grads = K.backward(*args, reverse, states, gy.expand(2, *gy.shape), z=z.detach(), scale=0.5, softplus=True, chunk=4)
     for name, got, want in zip([*NAMES, "z"], grads, g_ref, strict=True):
         assert_close(got, want, TOL[dtype], f"fused d{name}")

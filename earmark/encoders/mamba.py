@@ -247,14 +247,21 @@ class _RecomputedBranch(torch.autograd.Function):
 
 def _gated_scan(branch: _Branch, plan: ScanPlan, x: Tensor, z: Tensor, params: Sequence[Tensor], keep: bool):
     """The numba kernel on the front's outputs with the gate fused: mean over directions of
-    y_g * silu(z), as one kernel pass plus a sum. Returns (output, the kernel's saved states)."""
+    y_g * silu(z), summed in the kernel. Returns (output, the kernel's saved states)."""
     u, delta, A, B, C, D = (t.detach() for t in _front(branch, x, params, softplus=False, kernel=True))
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     args = (t.to(dtype) for t in (u, delta, A, B, C, D))
     y, states = numba_kernel().forward(
-        *args, plan.reverse, z=z, scale=1.0 / len(plan.reverse), softplus=True, keep_states=keep, chunk=plan.block
+        *args,
+        plan.reverse,
+        z=z,
+        scale=1.0 / len(plan.reverse),
+        softplus=True,
+        keep_states=keep,
+        sum_groups=True,
+        chunk=plan.block,
     )
-    return (y[0] if y.shape[0] == 1 else y.sum(0)).to(x.dtype), states
+    return y.to(x.dtype), states
 
 
 class _FusedBranch(torch.autograd.Function):

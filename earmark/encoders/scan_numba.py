@@ -203,6 +203,7 @@ def _forward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, y, states):
     sp = dims[6] != 0  # dl holds the pre-activation: delta = softplus(dl)
     zrow = dims[8]  # z's row stride (z may be a view into in_proj's output)
     brow, crow = dims[9], dims[10]  # B's and C's row strides (views into x_proj's output)
+    summed = dims[11] != 0  # y is (batch, L, E): the sum over groups
     nb = (E + WIDTH - 1) // WIDTH
     nck = (L + chunk - 1) // chunk
     gated = z.size > 0
@@ -281,13 +282,22 @@ def _forward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, y, states):
                 hs[e] = hv
                 acc[e] += cn * hv
             n += 1
-        yt = y[off : off + w]
+        yo = (b * L + t) * E + e0 if summed else off
+        yt = y[yo : yo + w]
         if gated:
             zo = (b * L + t) * zrow + e0
             zt = z[zo : zo + w]
+            if summed and g > 0:  # the groups run in order: add to the first one's output
+                for e in range(w):
+                    zz = zt[e]
+                    yt[e] += acc[e] * (sc * zz / (one + _exp2(-zz * l2e)))
+            else:
+                for e in range(w):
+                    zz = zt[e]
+                    yt[e] = acc[e] * (sc * zz / (one + _exp2(-zz * l2e)))
+        elif summed and g > 0:
             for e in range(w):
-                zz = zt[e]
-                yt[e] = acc[e] * (sc * zz / (one + _exp2(-zz * l2e)))
+                yt[e] += acc[e]
         else:
             for e in range(w):
                 yt[e] = acc[e]
@@ -295,16 +305,24 @@ def _forward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, y, states):
 
 @njit(parallel=True, **_KW)
 def _forward(u, dl, A, B, C, D, z, rev, dims, scale, y, states, tid):
-    """y (G, batch, L, E) = C . h + D u (times scale * silu(z) if z has elements), every array 1-d
+    """y (G, batch, L, E) = C . h + D u (times scale * silu(z) if z has elements; with ``dims[11]``
+    y is (batch, L, E), the sum over groups, added in group order), every array 1-d
     (flattened C-order; z (batch, L, E) with row stride ``dims[8]``); A (G, E, N). ``states``
     (G, batch, L / chunk, N, E): the state entering every chunk (in scan order) when it has
     elements. Tasks (direction, batch item, block of WIDTH channels) run on numba's threads;
     ``tid``: the worker that ran each (numba.get_num_threads inside a kernel would keep it out of
     the disk cache)."""
-    ntask = dims[0] * dims[1] * ((dims[3] + WIDTH - 1) // WIDTH)
-    for task in prange(ntask):
-        tid[task] = numba.get_thread_id()
-        _forward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, y, states)
+    per = dims[1] * ((dims[3] + WIDTH - 1) // WIDTH)  # tasks per group
+    if dims[11] != 0:  # summed over groups: one group after the other
+        for g in range(dims[0]):
+            for i in prange(per):
+                task = g * per + i
+                tid[task] = numba.get_thread_id()
+                _forward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, y, states)
+    else:
+        for task in prange(dims[0] * per):
+            tid[task] = numba.get_thread_id()
+            _forward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, y, states)
 
 
 @njit(**_KW)
@@ -824,11 +842,13 @@ def _rows(t: Tensor, dtype: torch.dtype) -> tuple[np.ndarray, int]:
     return _np(t), k
 
 
-def _dims(u: Tensor, n: int, chunk: int, softplus: bool, strides: tuple[int, int, int, int]) -> np.ndarray:
-    """The kernels' integer arguments: shapes, chunk, softplus, then the strides (gy's group
-    stride, z's, B's and C's row strides)."""
+def _dims(
+    u: Tensor, n: int, chunk: int, softplus: bool, strides: tuple[int, int, int, int], summed: bool = False
+) -> np.ndarray:
+    """The kernels' integer arguments: shapes, chunk, softplus, the strides (gy's group stride,
+    z's, B's and C's row strides), whether the forward sums its output over groups."""
     g, bsz, length, e = u.shape
-    return np.array([g, bsz, length, e, n, chunk, int(softplus), *strides], dtype=np.int64)
+    return np.array([g, bsz, length, e, n, chunk, int(softplus), *strides, int(summed)], dtype=np.int64)
 
 
 _EMPTY = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
@@ -852,6 +872,7 @@ def forward(
     scale: float = 1.0,
     softplus: bool = False,
     keep_states: bool = False,
+    sum_groups: bool = False,
     chunk: int = CHUNK,
     threads: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
@@ -859,13 +880,14 @@ def forward(
     D (G, E), all CPU and of one float dtype (float32 or float64). With ``z`` (batch, L, E) each
     group's output is multiplied by ``scale * silu(z)``; with ``softplus`` the kernel takes
     delta = softplus(``delta``) (and :func:`backward` returns the gradient of the pre-activation).
-    Returns (y (G, batch, L, E), the states
-    entering every ``chunk`` steps for :func:`backward` when ``keep_states``)."""
+    Returns (y (G, batch, L, E), or with ``sum_groups`` its sum over groups (batch, L, E) added up
+    in the kernel, the states entering every ``chunk`` steps for :func:`backward` when
+    ``keep_states``)."""
     global last_threads, last_workers
     g, bsz, length, e = u.shape
     n = A.shape[-1]
     dtype = u.dtype
-    y = torch.empty_like(u, memory_format=torch.contiguous_format)
+    y = u.new_empty(bsz, length, e) if sum_groups else u.new_empty(g, bsz, length, e)
     nck = -(-length // chunk)
     states = u.new_empty(g, bsz, nck, n, e) if keep_states else None
     ntask = g * bsz * (-(-e // WIDTH))
@@ -885,7 +907,7 @@ def forward(
             _np(D),
             z_np,
             np.array(reverse, dtype=np.bool_),
-            _dims(u, n, chunk, softplus, (0, zrow, brow, crow)),
+            _dims(u, n, chunk, softplus, (0, zrow, brow, crow), sum_groups),
             float(scale),
             y.numpy().ravel(),
             _empty(dtype) if states is None else states.numpy().ravel(),
