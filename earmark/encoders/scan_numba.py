@@ -1,5 +1,6 @@
 """The selective scan as a compiled CPU kernel (numba): forward and backward, both directions of a
-block in one call, the decay exp(delta A), the D skip and optionally the SiLU(z) gate fused.
+block in one call, the decay exp(delta A), the D skip and optionally the SiLU(z) gate fused; and the
+depthwise conv + SiLU that feeds it (:func:`conv_silu`, forward and backward).
 
 Imported lazily by :mod:`earmark.encoders.scan` (numba is optional at run time: without it, or for
 tensors not on the CPU, the pure-PyTorch scans run). Importing this module configures numba first:
@@ -12,23 +13,30 @@ tensors not on the CPU, the pure-PyTorch scans run). Importing this module confi
   on the same cores.
 
 Threads: each call runs on ``threads`` workers (default ``torch.get_num_threads()``, capped at
-numba's pool size), so the kernel and torch's ops - which never run at the same time - use the
-same number of cores.
+numba's pool size), so the kernel and torch's ops, which alternate, use the same number of cores.
+They do not quite take turns: after each parallel op torch's OpenMP workers (libgomp) keep
+spinning for a while unless ``OMP_WAIT_POLICY=PASSIVE`` was set before torch was imported, and on
+a machine whose cores are busy with other work that spinning slows torch and the kernel alike
+(docs/encoders.md has the figures). A call on one thread runs a serial build of the same tasks:
+numba's parallel launch costs tens of microseconds.
 
 Why the loops look as they do: numba vectorises a contiguous inner loop over channels on 1-d
 arrays with non-negative offsets (multi-dimensional indexing blocked it), and ``math.exp`` stays
 scalar in numba builds without SVML, so decays use a branch-free polynomial ``exp2`` (exponent bits
 set directly) in float32. float64 inputs use ``math.exp`` (the test path). Work is split over
 (direction, batch item, block of ``WIDTH`` channels); each task keeps its (N, WIDTH) state local.
-The loops over the state run over all ``WIDTH`` lanes, a compile-time trip count (lanes past the
-last channel hold zeros): with a runtime count LLVM adds a remainder loop and overlap checks to
-every one of them, which cost as much as their four vectors of work. Each pass of such a loop
-updates four states, so the per-step vectors (delta, delta u, the output, the gradients summed
-over states) are loaded and stored once per four states, and the backward's adjoint computes every
-gradient of a step in one pass. Sums over time (dA, dD) accumulate in float64. A call on one thread
-runs the serial build of the same tasks: numba's parallel launch costs tens of microseconds.
-Measured and not kept: ``fastmath=True`` (no faster than reassociation + contraction), 32 or 128
-channels per task (32: slower; 128: a faster backward, a slower forward, hence ``BWIDTH``).
+Channels, not states, are the vector axis: the output sums over states, which would otherwise be a
+horizontal reduction per step and channel, and N can be as small as 4. The loops over the state
+run over all ``WIDTH`` lanes, a compile-time trip count (lanes past the last channel hold zeros):
+with a runtime count LLVM adds a remainder loop and overlap checks to every one of them, which cost
+as much as their four vectors of work. Each pass of such a loop updates four states, so the
+per-step vectors (delta, delta u, the output, the gradients summed over states) are loaded and
+stored once per four states, and the backward's adjoint computes every gradient of a step in one
+pass. Sums over time (dA, dD) accumulate in float64. B, C and z are read in place from the wider
+tensors they are slices of (a row stride each), and the gated forward adds the directions up
+itself. Tried and not kept: ``fastmath=True`` (no faster than reassociation + contraction, and it
+would let LLVM assume no inf/NaN), 32 channels per task (slower), recomputing the decays in the
+backward's adjoint instead of keeping them for the chunk (no faster).
 """
 
 from __future__ import annotations
@@ -43,7 +51,8 @@ import torch
 from torch import Tensor
 
 WIDTH = 64  # channels per forward task: 4 AVX-512 vectors; (N, WIDTH) state = 4 KiB at N = 16
-BWIDTH = 128  # channels per backward task (measured: backward 1.1x faster than at 64, forward 0.8x)
+BWIDTH = 128  # channels per backward task: its per-step work spreads over more lanes (the forward
+# measured slower at 128, the backward faster: benchmarks/scan.py)
 CHUNK = 32  # steps between saved states: saved memory = input size / 2 at N = 16
 
 
