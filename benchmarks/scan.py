@@ -92,14 +92,22 @@ t_import = time.perf_counter() - t0
 u = torch.randn(2, 1, 33, 64)
 bc = (torch.randn(2, 1, 33, 4), torch.randn(2, 1, 33, 4))
 args = (u, torch.rand_like(u), -torch.rand(2, 64, 4), *bc, torch.ones(2, 64))
-t0 = time.perf_counter()
-y, states = K.forward(*args, (False, True), z=u[0], softplus=True, keep_states=True)
-t_forward = time.perf_counter() - t0
-t0 = time.perf_counter()
-K.backward(*args, (False, True), states, y, z=u[0], softplus=True)
-t_backward = time.perf_counter() - t0
-print(f"import torch + numba + kernel module {t_import:.2f} s, first forward {t_forward:.2f} s, "
-      f"first backward {t_backward:.2f} s (float32)")
+times = {}
+for threads in (2, 1):  # the parallel build, then the serial one (one thread)
+    t0 = time.perf_counter()
+    y, states = K.forward(*args, (False, True), z=u[0], softplus=True, keep_states=True, threads=threads)
+    times[f"forward{threads}"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    K.backward(*args, (False, True), states, y.expand(2, *y.shape[1:]), z=u[0], softplus=True, threads=threads)
+    times[f"backward{threads}"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    w, b = torch.randn(2, 4, 64), torch.randn(2, 64)
+    gu = K.conv_silu(u[0], w, b, (False, True), threads=threads)
+    K.conv_silu_backward(u[0], w, b, (False, True), gu, threads=threads)
+    times[f"conv{threads}"] = time.perf_counter() - t0
+print(f"import torch + numba + kernel module {t_import:.2f} s; first call (float32), 2 threads / 1 thread: "
+      f"forward {times['forward2']:.2f} / {times['forward1']:.2f} s, backward {times['backward2']:.2f} / "
+      f"{times['backward1']:.2f} s, conv + silu forward and backward {times['conv2']:.2f} / {times['conv1']:.2f} s")
 """
 
 

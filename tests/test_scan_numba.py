@@ -92,9 +92,77 @@ def test_numba_fused_softplus_and_gate(dtype: torch.dtype) -> None:
     args = [t.detach() for t in (inputs[0], pre, *inputs[2:])]
     y, states = K.forward(*args, reverse, z=z.detach(), scale=0.5, softplus=True, keep_states=True, chunk=4)
     assert_close(y.sum(0), y_ref, TOL[dtype], "fused y")
+    for threads in (1, 2):  # summed in the kernel, group after group: the same sum, bit for bit
+        summed, _ = K.forward(*args, reverse, z=z.detach(), scale=0.5, softplus=True, sum_groups=True, threads=threads)
+        assert torch.equal(summed, y.sum(0))
     grads = K.backward(*args, reverse, states, gy.expand(2, *gy.shape), z=z.detach(), scale=0.5, softplus=True, chunk=4)
     for name, got, want in zip([*NAMES, "z"], grads, g_ref, strict=True):
         assert_close(got, want, TOL[dtype], f"fused d{name}")
+
+
+def test_numba_reads_strided_views_and_a_shared_dy() -> None:
+    """B, C and z as the mixer passes them (column slices of wider x_proj / in_proj outputs) are
+    read in place, and a dL/dy expanded over the groups is read once: the same numbers, bit for
+    bit, as contiguous copies and a materialised dL/dy."""
+    g = torch.Generator().manual_seed(7)
+    G, bsz, L, E, N = 2, 2, 41, 70, 4
+    u = torch.randn(G, bsz, L, E, generator=g)
+    pre = torch.randn(G, bsz, L, E, generator=g) - 2
+    A = -torch.rand(G, E, N, generator=g) - 0.1
+    D = torch.randn(G, E, generator=g)
+    dbc = torch.randn(G, bsz * L, 3 + 2 * N, generator=g)  # dt rank 3, then B, then C
+    B = dbc[..., 3 : 3 + N].reshape(G, bsz, L, N)
+    C = dbc[..., 3 + N :].reshape(G, bsz, L, N)
+    xz = torch.randn(bsz, L, 2 * E, generator=g)
+    z = xz[..., E:]
+    assert not (B.is_contiguous() or C.is_contiguous() or z.is_contiguous())
+    assert K._rows(B, torch.float32)[1] == 3 + 2 * N and K._rows(z, torch.float32)[1] == 2 * E
+    rev = (False, True)
+    kw = {"scale": 0.5, "softplus": True, "chunk": 8}
+    y, st = K.forward(u, pre, A, B, C, D, rev, z=z, keep_states=True, **kw)
+    Bc, Cc, zc = B.contiguous(), C.contiguous(), z.contiguous()
+    y_ref, st_ref = K.forward(u, pre, A, Bc, Cc, D, rev, z=zc, keep_states=True, **kw)
+    assert torch.equal(y, y_ref) and torch.equal(st, st_ref)
+    gy = torch.randn(bsz, L, E, generator=g)
+    got = K.backward(u, pre, A, B, C, D, rev, st, gy.expand(G, *gy.shape), z=z, **kw)
+    want = K.backward(u, pre, A, Bc, Cc, D, rev, st, gy.repeat(G, 1, 1, 1), z=zc, **kw)
+    for name, a, b in zip([*NAMES, "z"], got, want, strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("length", "taps"), [(1, 4), (2, 4), (7, 4), (37, 4), (9, 2), (5, 1)])
+def test_numba_conv_silu_matches_torch(length: int, taps: int, dtype: torch.dtype) -> None:
+    """The kernel's depthwise conv + SiLU (both directions, x a half of a wider tensor as in the
+    mixer) = SiLU of the mixer's PyTorch conv, output and gradients, at lengths shorter than, equal
+    to and longer than the taps."""
+    from earmark.encoders.mamba import _ConvSilu, _DepthwiseConv
+
+    g = torch.Generator().manual_seed(length * 10 + taps)
+    E = 70
+    xz = torch.randn(3, length, 2 * E, generator=g, dtype=dtype)
+    w = torch.randn(2, taps, E, generator=g, dtype=dtype, requires_grad=True)
+    b = torch.randn(2, E, generator=g, dtype=dtype, requires_grad=True)
+    rev = (False, True)
+    x = xz[..., :E].clone().requires_grad_()
+    ref = F.silu(_DepthwiseConv.apply(x, w, b, rev))
+    gu = torch.randn(ref.shape, generator=g, dtype=dtype)
+    g_ref = torch.autograd.grad(ref, (x, w, b), gu)
+    xv = xz[..., :E].requires_grad_()
+    got = _ConvSilu.apply(xv, w, b, rev)
+    assert_close(got, ref, TOL[dtype], "conv silu")
+    for name, a, r in zip("xwb", torch.autograd.grad(got, (xv, w, b), gu), g_ref, strict=True):
+        assert_close(a, r, TOL[dtype], f"conv silu d{name}")
+
+
+def test_numba_conv_silu_gradcheck_float64() -> None:
+    from earmark.encoders.mamba import _ConvSilu
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: _ConvSilu.apply(*t, (True, False)), (x, w, b), eps=1e-6, atol=1e-8)
 
 
 def test_numba_uses_the_threads_it_is_given() -> None:
@@ -167,7 +235,8 @@ def _encoder_run(dtype: torch.dtype, recompute: bool) -> tuple[torch.Tensor, tor
 
 
 @pytest.mark.parametrize(
-    ("dtype", "recompute"), [(torch.float32, True), (torch.float32, False), (torch.float64, False)]
+    ("dtype", "recompute"),
+    [(torch.float32, True), (torch.float32, False), (torch.float64, True), (torch.float64, False)],
 )
 def test_encoder_numba_equals_torch_scan(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, recompute: bool) -> None:
     """The Mamba encoder on the kernel (fused branch with recompute, plain _Scan without) equals

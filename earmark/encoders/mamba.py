@@ -142,6 +142,32 @@ def _conv(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], revers
     return _DepthwiseConv.apply(x, w, b, tuple(reverse))
 
 
+class _ConvSilu(torch.autograd.Function):
+    """silu(depthwise conv) of every direction in the numba kernel (one pass over memory instead of
+    K multiply-adds and a SiLU), with its backward (``scan_numba.conv_silu``): x (batch, L, E),
+    taps w (G, K, E), bias b (G, E) -> (G, batch, L, E). Saves only its inputs."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor, reverse: tuple[bool, ...]) -> Tensor:
+        ctx.save_for_backward(x, w, b)
+        ctx.reverse = reverse
+        return numba_kernel().conv_silu(x, w, b, reverse)
+
+    @staticmethod
+    def backward(ctx, gu: Tensor) -> tuple[Tensor | None, ...]:
+        x, w, b = ctx.saved_tensors
+        gx, gw, gb = numba_kernel().conv_silu_backward(x, w, b, ctx.reverse, gu)
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
+        return gx if need_x else None, gw if need_w else None, gb if need_b else None, None
+
+
+def _conv_silu(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], reverse: tuple[bool, ...]) -> Tensor:
+    """silu(:func:`_conv`) through the numba kernel (x float32 or float64 on the CPU)."""
+    w = torch.stack(list(weights))[:, :, 0, :].transpose(1, 2).to(x.dtype).contiguous()  # (G, K, E)
+    b = torch.stack(list(biases)).to(x.dtype)
+    return _ConvSilu.apply(x, w, b, tuple(reverse))
+
+
 @dataclass(frozen=True)
 class _Branch:
     """What the scan branch needs besides tensors: per-direction reverse flags, dt rank, state size."""
@@ -151,26 +177,38 @@ class _Branch:
     d_state: int
 
 
-def _front(branch: _Branch, x: Tensor, params: Sequence[Tensor], softplus: bool = True) -> tuple[Tensor, ...]:
+def _at_least_float32(t: Tensor) -> Tensor:
+    """Half and bfloat16 upcast to float32 for the scan; float64 stays float64 (a float64 model
+    computes its scan in float64 throughout)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _front(
+    branch: _Branch, x: Tensor, params: Sequence[Tensor], softplus: bool = True, kernel: bool = False
+) -> tuple[Tensor, ...]:
     """The scan's inputs from x (batch, L, E) and each direction's :meth:`_Direction.params`
     (flattened): conv + silu, x_proj and dt_proj as batched matmuls over the stacked directions,
     softplus (``softplus=False``: left to the numba kernel, which fuses it; delta is then the
-    pre-activation). Returns grouped (u, delta, A, B, C, D) for :func:`selective_scan`."""
+    pre-activation; ``kernel``: conv + silu in the numba kernel too). Returns grouped
+    (u, delta, A, B, C, D) for :func:`selective_scan`."""
     k = len(params) // len(branch.reverse)
     per = [params[i : i + k] for i in range(0, len(params), k)]
     r, n = branch.rank, branch.d_state
-    xs = _conv(x, [p[0] for p in per], [p[1] for p in per], branch.reverse)
-    xs = F.silu(xs, inplace=not torch.is_grad_enabled())  # in place saves a pass; autograd needs the input
+    if kernel:
+        xs = _conv_silu(x, [p[0] for p in per], [p[1] for p in per], branch.reverse)
+    else:
+        xs = _conv(x, [p[0] for p in per], [p[1] for p in per], branch.reverse)
+        xs = F.silu(xs, inplace=not torch.is_grad_enabled())  # in place saves a pass; autograd needs the input
     g, bsz, length, e = xs.shape
     rows = xs.view(g, bsz * length, e)
     dbc = torch.bmm(rows, torch.stack([p[2] for p in per]).transpose(1, 2).to(x.dtype))
     dt, b, c = dbc.split([r, n, n], dim=-1)
     w_dt = torch.stack([p[3] for p in per]).transpose(1, 2).to(x.dtype)  # (G, R, E)
     bias = torch.stack([p[4] for p in per])[:, None].to(x.dtype)
-    delta = torch.baddbmm(bias, dt, w_dt).float()
+    delta = _at_least_float32(torch.baddbmm(bias, dt, w_dt))
     delta = F.softplus(delta) if softplus else delta
-    a = -torch.exp(torch.stack([p[5] for p in per]).float())
-    skip = torch.stack([p[6] for p in per]).float()
+    a = -torch.exp(_at_least_float32(torch.stack([p[5] for p in per])))
+    skip = _at_least_float32(torch.stack([p[6] for p in per]))
     shape = (g, bsz, length)
     return xs, delta.view(*shape, e), a, b.reshape(*shape, n), c.reshape(*shape, n), skip
 
@@ -209,14 +247,21 @@ class _RecomputedBranch(torch.autograd.Function):
 
 def _gated_scan(branch: _Branch, plan: ScanPlan, x: Tensor, z: Tensor, params: Sequence[Tensor], keep: bool):
     """The numba kernel on the front's outputs with the gate fused: mean over directions of
-    y_g * silu(z), as one kernel pass plus a sum. Returns (output, the kernel's saved states)."""
-    u, delta, A, B, C, D = (t.detach() for t in _front(branch, x, params, softplus=False))
+    y_g * silu(z), summed in the kernel. Returns (output, the kernel's saved states)."""
+    u, delta, A, B, C, D = (t.detach() for t in _front(branch, x, params, softplus=False, kernel=True))
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     args = (t.to(dtype) for t in (u, delta, A, B, C, D))
     y, states = numba_kernel().forward(
-        *args, plan.reverse, z=z, scale=1.0 / len(plan.reverse), softplus=True, keep_states=keep, chunk=plan.block
+        *args,
+        plan.reverse,
+        z=z,
+        scale=1.0 / len(plan.reverse),
+        softplus=True,
+        keep_states=keep,
+        sum_groups=True,
+        chunk=plan.block,
     )
-    return (y[0] if y.shape[0] == 1 else y.sum(0)).to(x.dtype), states
+    return y.to(x.dtype), states
 
 
 class _FusedBranch(torch.autograd.Function):
@@ -242,7 +287,7 @@ class _FusedBranch(torch.autograd.Function):
         leaves = [t.detach().requires_grad_(need) for t, need in zip((x, *params), needs, strict=True)]
         device, dtype, enabled = ctx.autocast
         with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-            outs = _front(ctx.branch, leaves[0], leaves[1:], softplus=False)
+            outs = _front(ctx.branch, leaves[0], leaves[1:], softplus=False, kernel=True)
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         args = [t.detach().to(cdt) for t in outs]
         groups = len(plan.reverse)
