@@ -36,7 +36,8 @@ pass. Sums over time (dA, dD) accumulate in float64. B, C and z are read in plac
 tensors they are slices of (a row stride each), and the gated forward adds the directions up
 itself. Tried and not kept: ``fastmath=True`` (no faster than reassociation + contraction, and it
 would let LLVM assume no inf/NaN), 32 channels per task (slower), recomputing the decays in the
-backward's adjoint instead of keeping them for the chunk (no faster).
+backward's adjoint instead of keeping them for the chunk (no faster), tasks handed out from an
+atomic counter instead of numba's static split of a prange (no faster at 2 threads on this loaded machine).
 """
 
 from __future__ import annotations
