@@ -36,7 +36,8 @@ pass. Sums over time (dA, dD) accumulate in float64. B, C and z are read in plac
 tensors they are slices of (a row stride each), and the gated forward adds the directions up
 itself. Tried and not kept: ``fastmath=True`` (no faster than reassociation + contraction, and it
 would let LLVM assume no inf/NaN), 32 channels per task (slower), recomputing the decays in the
-backward's adjoint instead of keeping them for the chunk (no faster).
+backward's adjoint instead of keeping them for the chunk (no faster), tasks handed out from an
+atomic counter instead of numba's static split of a prange (no faster at 2 threads on this loaded machine).
 """
 
 from __future__ import annotations
@@ -315,16 +316,17 @@ def _forward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, y, states):
 @njit(parallel=True, **_KW)
 def _forward(u, dl, A, B, C, D, z, rev, dims, scale, y, states, tid):
     """y (G, batch, L, E) = C . h + D u (times scale * silu(z) if z has elements; with ``dims[11]``
-    y is (batch, L, E), the sum over groups, added in group order), every array 1-d
+    y is (batch, L, E), the sum over groups, added in group order by one worker per block of
+    channels: one parallel region, no race), every array 1-d
     (flattened C-order; z (batch, L, E) with row stride ``dims[8]``); A (G, E, N). ``states``
     (G, batch, L / chunk, N, E): the state entering every chunk (in scan order) when it has
     elements. Tasks (direction, batch item, block of WIDTH channels) run on numba's threads;
     ``tid``: the worker that ran each (numba.get_num_threads inside a kernel would keep it out of
     the disk cache)."""
     per = dims[1] * ((dims[3] + WIDTH - 1) // WIDTH)  # tasks per group
-    if dims[11] != 0:  # summed over groups: one group after the other
-        for g in range(dims[0]):
-            for i in prange(per):
+    if dims[11] != 0:  # summed over groups: one worker runs every group of its channels, in order
+        for i in prange(per):
+            for g in range(dims[0]):
                 task = g * per + i
                 tid[task] = numba.get_thread_id()
                 _forward_task(task, u, dl, A, B, C, D, z, rev, dims, scale, y, states)
