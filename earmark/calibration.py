@@ -481,6 +481,16 @@ class HeldOutCalibration:
             self.shadow.refresh()
             self.refit()
 
+    def frozen(self) -> HeldOutCalibration:
+        """A read-only copy for predicting: the fitted calibration, and a frozen shadow (no statistics).
+
+        The pool's tensors are shared: they are replaced on change, never written in place.
+        """
+        out = copy.copy(self)
+        out.shadow = self.shadow.frozen()
+        out.calibration = copy.deepcopy(self.calibration)
+        return out
+
     @torch.no_grad()
     def refit(self) -> OpenSetCalibration:
         """Refit T and the threshold on the shadow's scores of the pool (no-op while the pool is empty).

@@ -311,6 +311,43 @@ class Model:
         model.learn(paths, labels, on_error=on_error)
         return model
 
+    _read_only = False  # a frozen copy (``frozen()``): predicts, refuses every change
+    _info: dict[str, Any] | None = None  # a frozen copy's info, taken from the model it was frozen from
+    _torn = False  # a change was being applied when an error stopped it: this object may be half-changed
+
+    def frozen(self) -> Model:
+        """A read-only copy that predicts exactly like this model, for readers while this one keeps changing.
+
+        It holds what scoring reads (``IncrementalLearner.frozen``: the weights, not the statistics) and shares
+        the frozen embedder, so it costs a few MB where ``clone`` copies the whole state; learn, forget, merge,
+        log and save refuse on it, and ``info`` is this model's at the time of freezing.
+        """
+        other = copy.copy(self)
+        other.learner = self.learner.frozen()
+        other.calibration = self.calibration.frozen() if self.calibration is not None else None
+        other._names = dict(self._names)
+        other.journal = list(self.journal)
+        other.history = list(self.history)
+        other.unlogged = []
+        other._info = self.info()
+        other._read_only = True
+        return other
+
+    @property
+    def torn(self) -> bool:
+        """True when an error interrupted a change half-way: reload the model (``load``) before using it again."""
+        return self._torn
+
+    @property
+    def loggable(self) -> bool:
+        """Whether ``log`` can make the unsaved changes durable (after a merge only ``save`` can)."""
+        return not self._unloggable
+
+    def _require_writable(self) -> None:
+        if self._read_only:
+            raise ModelError("this is a frozen (read-only) copy of a model: it predicts but cannot change or be "
+                             "saved; change the model it was frozen from")
+
     def clone(self) -> Model:
         """An independent copy (learn on it, save it, then swap it in for readers of the old one)."""
         other = copy.copy(self)
@@ -393,6 +430,7 @@ class Model:
         ``names`` are what errors and the journal call the files (e.g. an upload's filename).
         A clip already learned (same decoded audio) is refused, so nothing is ever counted twice.
         """
+        self._require_writable()
         paths, labels = learn_request(paths, labels)
         decoded = self.decode(paths, on_error, names)
         seen = {e["clip"]: e["label"] for e in self.journal}
@@ -421,6 +459,7 @@ class Model:
                 "skipped": [{"file": n, "reason": r} for n, r in decoded.skipped]}
 
     def _commit(self, change: Change) -> dict[str, int]:
+        self._require_writable()
         counts = self._apply(change)
         self.unlogged.append(change)
         return counts
@@ -432,6 +471,7 @@ class Model:
         counts: dict[str, int] = {}
         for x in change.labels:
             counts[x] = counts.get(x, 0) + 1
+        self._torn = True  # until the change is whole (an error below may leave learner and journal apart)
         if change.op == "learn":
             names_before, next_before = dict(self._names), self._next_id
             try:
@@ -466,6 +506,7 @@ class Model:
                 del self._names[self._id_of(name)]
             self.history.append({"op": "forget", "time": change.time, "clips": len(change.labels), "labels": counts})
         self.version += 1
+        self._torn = False
         return counts
 
     @torch.no_grad()
@@ -546,6 +587,7 @@ class Model:
         names: Sequence[str] | None = None,
     ) -> dict[str, Any]:
         """Exact unlearning of a label, or of specific clips that were learned; nothing else changes."""
+        self._require_writable()
         if (label is None) == (files is None):
             raise ModelError("forget takes a label or files, not both or neither")
         if not self.learner.can_forget:
@@ -581,6 +623,7 @@ class Model:
         by name. Refused when the encoders or settings differ, or when a clip (same decoded
         audio) was learned by both, so nothing is counted twice; the journals join, so forget still works.
         """
+        self._require_writable()
         ours = _sha256(tensors_bytes(self.embedder.state_tensors(), self.embedder.describe()))
         theirs = _sha256(tensors_bytes(other.embedder.state_tensors(), other.embedder.describe()))
         if ours != theirs:
@@ -621,6 +664,8 @@ class Model:
         return self.learner.nbytes()
 
     def info(self) -> dict[str, Any]:
+        if self._info is not None:
+            return copy.deepcopy(self._info)
         enc = self.embedder.encoder
         encoder_bytes = sum(t.numel() * t.element_size() for t in [*enc.parameters(), *enc.buffers()])
         forget = (
@@ -688,6 +733,7 @@ class Model:
 
     def save(self, path: str | Path | None = None) -> Path:
         """Write the model directory atomically (see the module docstring); returns its path."""
+        self._require_writable()
         path = Path(path) if path is not None else self.path
         if path is None:
             raise ModelError("save needs a path: this model was not loaded from or saved to one")
@@ -741,6 +787,7 @@ class Model:
         The statistics are not rewritten (``save`` does that, and folds the log in); ``load`` replays the log.
         Returns how many changes were logged. Needs the model saved to its directory first.
         """
+        self._require_writable()
         if self.path is None or self.generation == 0:
             raise ModelError("log needs a model saved to a directory first (save it once)")
         if self._unloggable:

@@ -94,11 +94,14 @@ class _Model:
     def info(self):
         return {}
 
+    def frozen(self):
+        return self  # never changes
+
 
 def test_batcher_batches_queued_jobs_and_isolates_a_bad_one():
     holder = ModelHolder(Path("."), 1)
     model = _Model()
-    holder.publish(model)
+    holder.install(model)
     clf = Classifier(holder, workers=1, batch=8, max_queue=16)
     try:
         # queue several jobs behind a slow validation so the worker finds them waiting
@@ -124,7 +127,7 @@ def test_full_classify_queue_is_429():
     clf = Classifier(holder, workers=1, batch=1, max_queue=1)
     gate = threading.Event()
     try:
-        holder.publish(_Model())
+        holder.install(_Model())
         clf.submit(ClassifyJob(["x"], ["x"], 1, None, None, Future(), lambda: None, validate=gate.wait))
         deadline = time.monotonic() + 5
         while not clf.queue.empty() and time.monotonic() < deadline:  # the worker took it and is blocked
@@ -140,7 +143,10 @@ def test_full_classify_queue_is_429():
 
 
 class _Learner:
-    """A model stand-in for the writer: learn raises for a path containing 'bad', like Model.learn (no change)."""
+    """A model stand-in for the writer: learn raises for a path containing 'bad', like Model.learn (no change);
+    a path containing 'torn' raises half-way, after changing the data (like a Model left ``torn``)."""
+
+    torn, loggable = False, True
 
     def __init__(self):
         self.data: dict[str, int] = {}
@@ -163,6 +169,9 @@ class _Learner:
             raise ValueError("bad clip")
         for lab in labels:
             self.data[lab] = self.data.get(lab, 0) + 1
+        if any("torn" in p for p in paths):
+            self.torn = True
+            raise RuntimeError("half-way")
         self.version += 1
         self.unlogged.append(labels)
         return {}
@@ -182,12 +191,15 @@ class _Learner:
     def info(self):
         return {}
 
+    def frozen(self):
+        return self.clone()
+
 
 def test_writer_groups_queued_learns_and_isolates_a_bad_one():
     from earmark.service.state import WriteJob
 
     holder = ModelHolder(Path("."), 10)
-    holder.publish(_Learner())
+    holder.install(_Learner())
     gate = threading.Event()
     first = WriteJob(Future(), lambda: None, validate=gate.wait, learn=(["a0"], "a", ["a0"]))
     rest = [WriteJob(Future(), lambda: None, learn=([f"{x}{i}" for i in range(2)], x, ["n", "n"]))
@@ -211,31 +223,139 @@ def test_writer_groups_queued_learns_and_isolates_a_bad_one():
         holder.close()
 
 
-def test_writer_acknowledges_through_the_log_and_compacts_when_long_or_idle():
+def _learn_job(path: str, label: str = "x"):
     from earmark.service.state import WriteJob
 
-    holder = ModelHolder(Path("."), 10, compact_every=3, compact_idle=0.3)
-    start = _Learner()
-    holder.publish(start)
+    return WriteJob(Future(), lambda: None, learn=([path], label, ["n"]))
+
+
+def _wait_until(cond, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return cond()
+
+
+def test_writer_acknowledges_through_the_log_and_compacts_once_long_after_answering():
+    holder = ModelHolder(Path("."), 10, compact_every=3, compact_idle=60)  # idle compaction never fires here
+    holder.install(_Learner())
     holder.start()
     try:
         for k in range(2):
-            job = WriteJob(Future(), lambda: None, learn=([f"x{k}"], "x", ["n"]))
+            job = _learn_job(f"x{k}")
             holder.submit(job)
             _, snap = job.future.result(10)
         assert snap.model.logged == 2 and snap.version == 2  # two log appends, no save yet
-        job = WriteJob(Future(), lambda: None, learn=(["x2"], "x", ["n"]))
+        job = _learn_job("x2")
         holder.submit(job)
         _, snap = job.future.result(10)
-        assert snap.model.logged == 0  # the third change reached compact_every: a full save
-        job = WriteJob(Future(), lambda: None, learn=(["x3"], "x", ["n"]))
+        assert snap.model.logged == 3  # answered once logged: the save comes after the answer
+        assert _wait_until(lambda: holder.snapshot.model.logged == 0)  # then folded into a full save
+        assert holder.snapshot.version == 3 and holder.snapshot.counts == {"x": 3}
+    finally:
+        holder.close()
+
+
+def test_writer_compacts_when_writes_pause():
+    holder = ModelHolder(Path("."), 10, compact_every=100, compact_idle=0.3)
+    holder.install(_Learner())
+    holder.start()
+    try:
+        job = _learn_job("x0")
         holder.submit(job)
         _, snap = job.future.result(10)
         assert snap.model.logged == 1
-        deadline = time.monotonic() + 10
-        while holder.snapshot.model.logged and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert holder.snapshot.model.logged == 0  # writes paused: folded into a save
-        assert holder.snapshot.counts == {"x": 4}
+        assert _wait_until(lambda: holder.snapshot.model.logged == 0)  # writes paused: folded into a save
+        assert holder.snapshot.counts == {"x": 1}
+    finally:
+        holder.close()
+
+
+def test_snapshots_are_frozen_copies_the_writer_never_touches():
+    holder = ModelHolder(Path("."), 10)
+    holder.install(_Learner())
+    first = holder.snapshot
+    holder.start()
+    try:
+        job = _learn_job("x0")
+        holder.submit(job)
+        _, snap = job.future.result(10)
+        assert first.model.data == {} and first.counts == {}  # what a reader holds stays as it was
+        assert snap.model is not holder.model and snap.model.data == {"x": 1}
+    finally:
+        holder.close()
+
+
+class _Disk:
+    """What a stand-in model made durable: ``loader`` rebuilds a model from it."""
+
+    def __init__(self):
+        self.data: dict[str, int] = {}
+        self.loads = 0
+
+    def loader(self):
+        self.loads += 1
+        m = _Disk.Model(self)
+        m.data = dict(self.data)
+        return m
+
+    class Model(_Learner):
+        def __init__(self, disk):
+            super().__init__()
+            self.disk = disk
+            self.fail_log = False
+
+        def log(self):
+            if self.fail_log:
+                raise OSError("disk full")
+            for labels in self.unlogged:
+                for lab in labels:
+                    self.disk.data[lab] = self.disk.data.get(lab, 0) + 1
+            super().log()
+
+
+def test_a_change_that_fails_half_way_sends_the_writer_back_to_disk():
+    from earmark.service.state import WriteJob
+
+    disk = _Disk()
+    holder = ModelHolder(Path("."), 10, compact_idle=60, loader=disk.loader)
+    holder.install(disk.loader())
+    gate = threading.Event()
+    first = WriteJob(Future(), lambda: None, validate=gate.wait, learn=(["a0"], "a", ["n"]))
+    group = [_learn_job("b0", "b"), _learn_job("torn0", "t"), _learn_job("c0", "c")]
+    holder.start()
+    try:
+        holder.submit(first)
+        for j in group:
+            holder.submit(j)
+        gate.set()
+        first.future.result(10)
+        _, snap_b = group[0].future.result(10)
+        with pytest.raises(RuntimeError):
+            group[1].future.result(10)
+        _, snap_c = group[2].future.result(10)
+        assert disk.loads == 3  # the install, a reload after the group's torn learn, one after the request alone
+        assert snap_c.counts == {"a": 1, "b": 1, "c": 1}  # b (whole, logged before the reload) and c kept
+        assert disk.data == {"a": 1, "b": 1, "c": 1} and "t" not in holder.model.data
+    finally:
+        holder.close()
+
+
+def test_a_change_that_cannot_be_made_durable_is_refused_and_not_applied():
+    disk = _Disk()
+    holder = ModelHolder(Path("."), 10, compact_idle=60, loader=disk.loader)
+    holder.install(disk.loader())
+    holder.model.fail_log = True
+    holder.start()
+    try:
+        job = _learn_job("x0")
+        holder.submit(job)
+        with pytest.raises(OSError):
+            job.future.result(10)
+        assert holder.snapshot.counts == {} and holder.model.data == {} and disk.data == {}
+        job = _learn_job("x1")  # the reloaded model logs again
+        holder.submit(job)
+        _, snap = job.future.result(10)
+        assert snap.counts == {"x": 1} and disk.data == {"x": 1}
     finally:
         holder.close()

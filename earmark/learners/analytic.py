@@ -174,6 +174,7 @@ class AnalyticLearner(IncrementalLearner):
     name = "analytic"
     can_forget = True
     can_merge = True
+    learning_only = ("stats",)  # a frozen copy scores with the buffer and the weights alone
 
     def __init__(self, config: AnalyticConfig | None = None) -> None:
         super().__init__(config)

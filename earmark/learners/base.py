@@ -14,6 +14,7 @@ in float64 so that incremental updates stay exact.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 from dataclasses import dataclass
@@ -81,6 +82,20 @@ class ResizableBuffersModule(nn.Module):
         )
 
 
+class _LeftOut(nn.Module):
+    """Stands in a frozen learner for a submodule it does not keep; any use of it says so."""
+
+    def __init__(self, owner: str, name: str) -> None:
+        super().__init__()
+        self._what = f"{owner}.{name}"
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_"):
+            return super().__getattr__(attr)
+        raise RuntimeError(f"{self._what} is not kept in a frozen (read-only) learner; use the learner it was "
+                           "frozen from")
+
+
 LEARNERS: Registry[type[IncrementalLearner]] = Registry("learner")
 
 
@@ -116,6 +131,9 @@ class IncrementalLearner(ResizableBuffersModule):
     # Its session training checkpoints (backbone learners: attributes checkpoint_dir, resume, train_checkpoint);
     # the harness then also saves its state at each session end, so an interrupted run resumes.
     can_checkpoint: ClassVar[bool] = False
+    # Submodules only learning reads (the statistics behind a solve): a frozen copy leaves them out.
+    learning_only: ClassVar[tuple[str, ...]] = ()
+    _frozen = False  # a read-only copy from ``frozen()``: it scores, and refuses to change
 
     @classmethod
     def needs_encoder(cls) -> bool:
@@ -161,8 +179,31 @@ class IncrementalLearner(ResizableBuffersModule):
         return self.class_labels.device
 
     @torch.no_grad()
+    def frozen(self) -> IncrementalLearner:
+        """A copy that scores exactly like this learner but cannot change: no statistics, only what scoring reads.
+
+        What a service publishes to its readers after each write: the statistics (``learning_only``, tens of
+        MB for the ridge heads) stay with the writer, so a snapshot costs the weights, not the whole state.
+        """
+        memo: dict[int, Any] = {id(getattr(self, n)): _LeftOut(type(self).__name__, n) for n in self.learning_only}
+        out = copy.deepcopy(self, memo)
+        out._frozen = True
+        if out.is_fitted:
+            out._prepare_scoring()
+        return out
+
+    def _prepare_scoring(self) -> None:
+        """Compute any cache scoring fills lazily, so that readers of a frozen copy never write to it."""
+
+    def _require_mutable(self) -> None:
+        if self._frozen:
+            raise RuntimeError(f"this {type(self).__name__} is a frozen (read-only) copy: it scores but cannot "
+                               "learn, forget or merge; change the learner it was frozen from")
+
+    @torch.no_grad()
     def partial_fit(self, X: ArrayLike, y: ArrayLike) -> IncrementalLearner:
         """Learn from one batch; unseen labels extend ``classes_``. An empty batch is a no-op."""
+        self._require_mutable()
         Xt = self._as_features(X)
         yt = self._as_labels(y, len(Xt))
         if len(Xt) == 0:
@@ -183,6 +224,7 @@ class IncrementalLearner(ResizableBuffersModule):
         ``solve=False`` only adds the statistics (merging many shards: solve once, with the last merge or
         ``refresh()``); until then the learner's scores are stale.
         """
+        self._require_mutable()
         if not self.can_merge:
             able = ", ".join(n for n in LEARNERS.names() if LEARNERS.get(n).can_merge)
             raise MergeUnsupportedError(
@@ -209,6 +251,7 @@ class IncrementalLearner(ResizableBuffersModule):
     @torch.no_grad()
     def refresh(self) -> IncrementalLearner:
         """Solve again from the statistics (after merges with ``solve=False``); a no-op for most learners."""
+        self._require_mutable()
         self._refresh()
         return self
 
@@ -217,8 +260,6 @@ class IncrementalLearner(ResizableBuffersModule):
 
     def relabeled(self, mapping: dict[int, int]) -> IncrementalLearner:
         """A copy whose labels are renamed by ``mapping`` (every label must be mapped, to distinct values)."""
-        import copy
-
         new = [mapping[int(c)] for c in self.class_labels.tolist()]
         if len(set(new)) != len(new):
             raise ValueError(f"relabeling must keep labels distinct, got {new}")
@@ -229,6 +270,7 @@ class IncrementalLearner(ResizableBuffersModule):
     @torch.no_grad()
     def forget_class(self, label: int) -> IncrementalLearner:
         """Remove a class and everything learned from it: the state becomes that of never having seen it."""
+        self._require_mutable()
         self._require_forget()
         col = self._columns_of(torch.as_tensor([int(label)]))[0]
         self._remove_class(int(col))
@@ -238,6 +280,7 @@ class IncrementalLearner(ResizableBuffersModule):
     @torch.no_grad()
     def forget_samples(self, X: ArrayLike, y: ArrayLike) -> IncrementalLearner:
         """Remove samples learned earlier (the same embeddings, with their labels); emptied classes go too."""
+        self._require_mutable()
         self._require_forget()
         Xt = self._as_features(X)
         yt = self._as_labels(y, len(Xt))

@@ -52,6 +52,7 @@ class StreamingLDALearner(IncrementalLearner):
     name = "lda"
     can_forget = True
     can_merge = True
+    learning_only = ("factors",)  # per-class factors serve forgetting a class only
 
     def __init__(self, config: LDAConfig | None = None) -> None:
         super().__init__(config)
@@ -135,6 +136,9 @@ class StreamingLDALearner(IncrementalLearner):
     def _scores(self, X: Tensor) -> Tensor:
         W, b = self._weights()
         return X.to(torch.float64) @ W + b
+
+    def _prepare_scoring(self) -> None:
+        self._weights()
 
     def _weights(self) -> tuple[Tensor, Tensor]:
         self._require_fitted()

@@ -103,6 +103,7 @@ class RanPACLearner(IncrementalLearner):
     name = "ranpac"
     can_forget = True  # exact with a pinned lambda; with the search on, forgetting keeps the lambda chosen
     can_merge = True
+    learning_only = ("stats",)  # a frozen copy scores with the buffer and the weights alone
 
     def __init__(self, config: RanPACConfig | None = None) -> None:
         super().__init__(config)

@@ -162,7 +162,8 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
     config.check()
     path = Path(config.model)
     holder = ModelHolder(path, config.learn_queue, compact_every=config.compact_every,
-                         compact_idle=config.compact_idle)
+                         compact_idle=config.compact_idle,
+                         loader=lambda: _model_api().Model.load(path, device=config.device))
     metrics = Metrics(lambda: holder.snapshot.metrics() if holder.snapshot else None)
     token = (config.token or "").encode()
     runtime: dict[str, Any] = {}
@@ -176,7 +177,7 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
             if model.labels:  # first call pays lazy initialisation: do it before saying ready
                 with tempfile.TemporaryDirectory(prefix="earmark-warm-", dir=config.temp_dir) as tmp:
                     model.predict([str(_write_tone(Path(tmp) / "warmup.wav"))], top_k=1)
-            snap = holder.publish(model)
+            snap = holder.install(model)
             log.info("model %s loaded: %d labels, version %d", path, len(snap.counts), snap.version)
         except BaseException as exc:  # reported by /health/ready; the process stays up to say so
             holder.load_error = f"{type(exc).__name__}: {exc}"

@@ -1,12 +1,14 @@
 """The live model and the two kinds of work on it.
 
-Readers never see a model being changed: the published model is an immutable snapshot. A write (learn
-or forget) runs on the single writer thread: clone the snapshot, change the clone, make the change
-durable before anyone is told (an fsynced append to the model's change log; every ``compact_every``
-changes, and when writes pause, a full atomic save that folds the log in), then publish it by swapping
-one reference. Classification runs
-on a few worker threads that each take whatever requests are queued (up to a batch of clips) and
-predict them together against the snapshot current when the batch starts.
+Readers never see a model being changed: what they get is an immutable snapshot, a frozen copy of the
+model (``Model.frozen``: the learner's weights, not its statistics). Writes (learn or forget) run on the
+single writer thread, which owns the one mutable model: change it in place, make the change durable
+before anyone is told (an fsynced append to the model's change log), then freeze it and publish the copy
+by swapping one reference. If a change fails half-way, or cannot be made durable, the writer's model is
+rebuilt from disk, which holds exactly what was acknowledged. The log is folded into a full atomic save
+every ``compact_every`` changes, after the requests are answered, and when writes pause.
+Classification runs on a few worker threads that each take whatever requests are queued (up to a batch
+of clips) and predict them together against the snapshot current when the batch starts.
 """
 
 from __future__ import annotations
@@ -60,20 +62,23 @@ class WriteJob:
 
 
 class ModelHolder:
-    """Holds the published snapshot, the writer thread and the learn queue's admission count.
+    """Holds the writer's model, the published snapshot, the writer thread and the learn queue's admission count.
 
-    The writer commits queued learns as a group: one clone, one ``learn`` call over all their clips,
-    one save, one swap, then every request of the group is answered. A learn costs mostly the
-    learner's solve and the save, which are paid once per group instead of once per request. If the
-    group's learn fails (one request's clip is bad or a duplicate), each request is applied on its own,
-    relying on ``Model.learn`` changing nothing when it raises.
+    The writer commits queued learns as a group: one ``learn`` call over all their clips, one log append,
+    one publish, then every request of the group is answered. If the group's learn fails (one request's
+    clip is bad or a duplicate), each request is applied on its own: ``Model.learn`` refuses bad input
+    before it changes anything, and a change that fails half-way (``Model.torn``) sends the writer back
+    to the model on disk.
     """
 
     def __init__(self, path: Path, learn_queue: int, max_group: int = 32, compact_every: int = 64,
-                 compact_idle: float = 5.0) -> None:
+                 compact_idle: float = 5.0, loader: Callable[[], Any] | None = None) -> None:
         self.path = path
         self.compact_every = compact_every
         self.compact_idle = compact_idle
+        self.loader = loader  # rebuilds the model from disk (everything acknowledged is there)
+        self.model: Any = None  # the writer's model: touched by the writer thread only, once installed
+        self._dropped = False  # a reload lost whole but unlogged changes: their requests must fail
         self.snapshot: Snapshot | None = None
         self.load_error: str | None = None
         self.learn_queue = learn_queue
@@ -91,8 +96,15 @@ class ModelHolder:
     def ready(self) -> bool:
         return self.snapshot is not None
 
-    def publish(self, model) -> Snapshot:
-        snap = Snapshot(model, int(model.version), dict(model.counts()), model.info())
+    def install(self, model) -> Snapshot:
+        """Hand the loaded model to the writer and publish its first snapshot (before the writer runs jobs)."""
+        self.model = model
+        return self.publish()
+
+    def publish(self) -> Snapshot:
+        m = self.model
+        frozen = m.frozen()
+        snap = Snapshot(frozen, int(m.version), dict(m.counts()), frozen.info())
         self.snapshot = snap  # one reference swap: readers see the old snapshot or the new, never a mix
         return snap
 
@@ -108,7 +120,7 @@ class ModelHolder:
         self.pending -= 1
 
     def submit(self, job: WriteJob) -> Future:
-        """Queue a write; its future gives (report, snapshot) once the change is saved and published.
+        """Queue a write; its future gives (report, snapshot) once the change is durable and published.
 
         ``job.cleanup`` (the request's temp files) runs on the writer thread when the job is over, so
         files are never deleted under a write that outlives its request.
@@ -154,6 +166,8 @@ class ModelHolder:
             finally:
                 for j in group:
                     _cleanup(j.cleanup)
+            if self.model is not None and self.model.logged >= self.compact_every:
+                self._compact()  # after the answers: the long save delays the next write, not this one
 
     @staticmethod
     def _start(job: WriteJob) -> bool:
@@ -170,64 +184,99 @@ class ModelHolder:
     def _write(self, group: list[WriteJob]) -> None:
         if not group:
             return
-        base = self.snapshot
-        if base is None:
+        if self.model is None:
             for j in group:
                 _finish(j.future, exc=ClientError(503, "the model is not loaded yet"))
             return
         if group[0].learn is None:  # a forget (or any change): alone
-            new = base.model.clone()
+            job = group[0]
             try:
-                report = group[0].change(new)
+                report = self._change(job.change)
             except BaseException as exc:
-                _finish(group[0].future, exc=exc)  # the clone is dropped: nothing applied
+                _finish(job.future, exc=exc)
                 return
-            self._commit(new)
-            _finish(group[0].future, (report, self.publish(new)))
+            self._publish_durably([(job, report)])
             return
-        new = base.model.clone()
         done: list[tuple[WriteJob, dict]] = []
+        known = set(self.model.counts())
         if len(group) > 1:
             try:
-                new.learn([p for j in group for p in j.learn[0]],
-                          [j.learn[1] for j in group for _ in j.learn[0]],
-                          names=[n for j in group for n in j.learn[2]])
-                known = set(base.counts)
+                self._change(lambda m: m.learn([p for j in group for p in j.learn[0]],
+                                               [j.learn[1] for j in group for _ in j.learn[0]],
+                                               names=[n for j in group for n in j.learn[2]]))
                 done = [(j, _learn_report(j, known)) for j in group]
             except Exception:
-                new = base.model.clone()  # (it changed nothing; a fresh clone all the same) one by one
+                known = set(self.model.counts())  # nothing was applied: one by one, so one bad clip fails alone
         if not done:
-            known = set(base.counts)
             for j in group:
                 try:
-                    new.learn(j.learn[0], j.learn[1], names=j.learn[2])
+                    self._change(lambda m, j=j: m.learn(j.learn[0], j.learn[1], names=j.learn[2]))
                 except BaseException as exc:
                     _finish(j.future, exc=exc)
                     continue
                 done.append((j, _learn_report(j, known)))
+        self._publish_durably(done)
+
+    def _change(self, change: Callable[[Any], Any]) -> Any:
+        """Run one change on the writer's model; if it fails half-way, go back to what is on disk."""
+        if self.model is None:
+            raise ClientError(503, "the model could not be reloaded after a failed write; see the server log")
+        try:
+            return change(self.model)
+        except BaseException:
+            if self.model.torn:
+                self._recover(keep=True)
+            raise
+
+    def _recover(self, keep: bool) -> None:
+        """Rebuild the writer's model from disk. ``keep``: first log the changes since the last append that
+        were whole (earlier requests of this group); if that fails they are lost and their requests fail."""
+        log.warning("reloading the model from %s after a failed write", self.path)
+        if keep and self.model.unlogged:
+            try:
+                if self.model.loggable:
+                    self.model.log()
+            except Exception:
+                log.exception("could not log the whole changes before reloading")
+        self._dropped = bool(self.model.unlogged)
+        self.model = None
+        if self.loader is None:
+            raise RuntimeError("the model cannot be rebuilt from disk (no loader): stop writing")
+        self.model = self.loader()
+
+    def _publish_durably(self, done: list[tuple[WriteJob, dict]]) -> None:
+        """On disk before anyone is told (an fsynced log append; a full save after a merge), then publish."""
         if not done:
             return
-        self._commit(new)
-        snap = self.publish(new)
+        try:
+            if self._dropped:
+                raise RuntimeError("the change could not be made durable (see the server log); nothing was applied")
+            if self.model.loggable:
+                self.model.log()
+            else:
+                self.model.save(self.path)
+        except BaseException as exc:
+            self._dropped = False
+            log.exception("could not make a change durable; reloading the model from disk")
+            try:
+                if self.model is not None:
+                    self.model.unlogged = []  # not acknowledged: it must never reach the log
+                    self._recover(keep=False)
+            finally:
+                for j, _ in done:
+                    _finish(j.future, exc=exc)
+            return
+        snap = self.publish()
         for j, report in done:
             _finish(j.future, (report, snap))
 
-
-    def _commit(self, model) -> None:
-        """On disk before anyone is told: an fsynced log append, or a full save once the log is long."""
-        if model.logged + len(model.unlogged) >= self.compact_every or model._unloggable:
-            model.save(self.path)
-        else:
-            model.log()
-
     def _compact(self) -> None:
-        snap = self.snapshot
-        if snap is None or not snap.model.logged:
+        """Fold the change log into a full save of the writer's model (on the writer thread)."""
+        if self.model is None or not self.model.logged:
             return
         try:
-            new = snap.model.clone()
-            new.save(self.path)
-            self.publish(new)
+            self.model.save(self.path)
+            self.publish()
         except Exception:  # the log stays and is replayed on the next start: nothing acknowledged is lost
             log.exception("compacting the change log failed")
 
