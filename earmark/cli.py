@@ -397,8 +397,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"journal: {info['clips']} clips, {info['journal_bytes']:,} bytes (hashes only: no audio, no embeddings)")
     cal = info.get("calibration")
     if cal:
-        print(f"calibration: temperature {cal['temperature']:.3g}, unknown below {cal['score']} {cal['threshold']}, "
-              f"{cal['held_out_clips']} held-out embeddings + a shadow learner, {cal['bytes']:,} bytes")
+        shape = "".join(f", {k} {cal[k]}" for k in ("transform", "top_label")
+                        if cal.get(k) not in (None, "identity", "none"))
+        print(f"calibration: temperature {cal['temperature']:.3g}{shape}, "
+              f"unknown below {cal['score']} {cal['threshold']}, {cal['held_out_clips']} held-out embeddings + "
+              f"a shadow learner, {cal['bytes']:,} bytes")
     print(f"{len(info['labels'])} labels (clips):")
     for name, n in info["labels"].items():
         print(f"  {name}\t{n}")

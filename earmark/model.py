@@ -51,7 +51,7 @@ import torch
 
 from earmark.audio import AudioConfig, AudioDecodeError, load_audio
 from earmark.audio.stream import iter_windows
-from earmark.calibration import HeldOutCalibration, default_score
+from earmark.calibration import HeldOutCalibration, default_calibrator, default_score
 from earmark.changelog import ChangeLogError, append_log, read_log
 from earmark.checkpoint import (
     CheckpointError,
@@ -264,7 +264,8 @@ class Model:
         self.calibration: HeldOutCalibration | None = None
         if not learner.is_fitted:
             shell = make_learner(learner.name, **dataclasses.asdict(learner.config))
-            self.calibration = HeldOutCalibration(shell, score=default_score(learner), max_per_class=None)
+            self.calibration = HeldOutCalibration(shell, score=default_score(learner), max_per_class=None,
+                                                  calibrator=default_calibrator(learner))
 
     # ------------------------------------------------------------------ building
 
@@ -705,7 +706,8 @@ class Model:
         cal = self.calibration.calibration
         return {"held_out_clips": len(self.calibration.pool_y), "bytes": sum(t.numel() * t.element_size()
                                                                               for t in tensors.values()),
-                "temperature": cal.calibrator.temperature, "score": cal.detector.score,
+                "temperature": cal.calibrator.temperature, "transform": cal.calibrator.transform,
+                "top_label": cal.calibrator.top_label.kind, "score": cal.detector.score,
                 "threshold": cal.detector.threshold if math.isfinite(cal.detector.threshold) else None}
 
     # ------------------------------------------------------------------ persistence

@@ -13,6 +13,7 @@ from earmark.calibration import (
     HeldOutCalibration,
     OpenSetCalibration,
     UnknownDetector,
+    background_distances,
     known_score,
     known_score_from,
     mahalanobis_distances,
@@ -126,6 +127,22 @@ def test_mahalanobis_matches_explicit_inverse():
         mahalanobis_distances(make_learner("ncm").partial_fit(X, y), Q)
 
 
+def test_relative_mahalanobis_matches_one_gaussian_of_all_clips():
+    X, y, _ = blobs([0, 1, 2], 30, d=5, seed=2)
+    lda = make_learner("lda", shrinkage=0.2).partial_fit(X, y)
+    Q = torch.randn(7, 5, dtype=torch.float64)
+    Xd = X.double()
+    mu = Xd.mean(0)
+    cov = (Xd - mu).T @ (Xd - mu) / len(Xd)  # equal classes: within + between = the pooled covariance
+    P = torch.linalg.inv(0.8 * cov + 0.2 * torch.eye(5, dtype=torch.float64))
+    want = torch.einsum("nd,de,ne->n", Q - mu, P, Q - mu)
+    assert torch.allclose(background_distances(lda, Q), want, rtol=1e-9, atol=1e-9)
+    rel = known_score(lda, Q, "relative_mahalanobis")
+    assert torch.allclose(rel, want - mahalanobis_distances(lda, Q).min(1).values)
+    with pytest.raises(TypeError, match="LDA-style"):
+        known_score(make_learner("ncm").partial_fit(X, y), Q, "relative_mahalanobis")
+
+
 # --------------------------------------------------------------------------- detection on separable data
 
 
@@ -138,6 +155,7 @@ def _open_set_data(seed=0, d=16, known=6, unknown=4, per_class=500):
 
 
 @pytest.mark.parametrize("name,params,score", [("lda", {"shrinkage": 0.1}, "mahalanobis"),
+                                               ("lda", {"shrinkage": 0.1}, "relative_mahalanobis"),
                                                ("ncm", {}, "max_score"),
                                                ("analytic", {"buffer_size": 256, "gamma": 1.0}, "energy")])
 def test_unknown_classes_rejected_known_ones_at_the_target_rate(name, params, score):
@@ -261,7 +279,7 @@ def test_model_rejects_an_unknown_sound_and_keeps_its_threshold_through_save_loa
         model.learn(tone_clips[name][:35], name)
     cal = model.calibration.calibration
     assert cal.calibrator.n_samples == 21 and math.isfinite(cal.detector.threshold)  # 7 held out of 35 per label
-    assert cal.detector.score == "mahalanobis"
+    assert cal.detector.score == "relative_mahalanobis"
     known = [p for n in ("low", "mid", "high") for p in tone_clips[n][35:]]
     whistle = tone_clips["noise"]  # never taught
     preds = model.predict(known + whistle, top_k=2)

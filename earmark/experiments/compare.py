@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from earmark.calibration import default_calibrator
 from earmark.experiments.config import RunConfig
 from earmark.experiments.evaluate import evaluate, evaluate_joint, evaluate_open_set
 from earmark.experiments.prepare import (
@@ -88,7 +89,7 @@ def _compare(config: RunConfig, trials: int, writer: RunWriter, t_start: float) 
             open_set = None
             if config.online_batch is None and name in OPEN_SET_LEARNERS and learner.input_ndim == 2:
                 matrix, seconds, open_set = evaluate_open_set(learner, scenario.with_trial(trial), inputs, row_of,
-                                                              seed=config.seed)
+                                                              seed=config.seed, calibrator=default_calibrator(learner))
                 online = {}
             else:
                 matrix, seconds, online = evaluate(config, learner, scenario.with_trial(trial), inputs, row_of,
@@ -178,7 +179,8 @@ def render_open_set(per_learner: dict[str, dict]) -> str:
             rows.append({"learner": name, "session": r["session"], "classes": r["classes_seen"]}
                         | {label: r[key] for key, label in OPEN_SET.items()})
     return "\n".join([
-        "Calibration (ECE over 15 bins, NLL; raw softmax vs temperature fitted on held-out training clips) and",
+        "Calibration (ECE over 15 bins, NLL; raw softmax vs the learner family's calibrator fitted on held-out",
+        "training clips) and",
         "unknown detection (max calibrated probability; seen classes' test clips vs the classes still to come):",
         format_table(rows, ["learner", "session", "classes", *OPEN_SET.values()]),
     ])

@@ -15,6 +15,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from earmark.learners.analytic import RandomReLUBuffer
 from earmark.metrics import AccuracyMatrix
 from earmark.scenarios import ClassIncremental, evaluate_online
 from earmark.training.supervised import data_digest, state_digest
+
+if TYPE_CHECKING:
+    from earmark.calibration import Calibrator
 
 SESSIONS_CHECKPOINT = "sessions.safetensors"
 SESSIONS_KIND = "learner-sessions"
@@ -178,14 +182,17 @@ def evaluate_open_set(
     learner: IncrementalLearner, scenario: ClassIncremental, X: torch.Tensor, row_of: dict[int, int], *,
     holdout: float = 0.2, seed: int = 0, score: str = "msp", target_frr: float = 0.05,
     extra_scores: tuple[str, ...] = (), validation_indices: np.ndarray | None = None,
+    calibrator: Calibrator | None = None,
 ) -> tuple[AccuracyMatrix, list[float], list[dict]]:
     """``evaluate_learner`` (the same fits, the same matrix) plus calibration and unknown detection per session.
 
     After each session a ``HeldOutCalibration`` (a shadow learner without a held-out share of every
     session's training clips; see ``earmark.calibration``) gives the temperature and the threshold. On
     the test clips of the seen classes: ECE and NLL of the learner's own ``predict_proba`` and of the
-    calibrated one. Known vs unknown: the seen classes' test clips against the test clips of the classes
-    still to come (the unknown sounds of that moment): AUROC and FAR@95 of the known-ness ``score`` (and
+    calibrated one (``calibrator``: its settings, plain temperature scaling when None), and of plain
+    temperature scaling fitted on the same held-out scores (``ece_temperature``), for comparison. Known vs
+    unknown: the seen classes' test clips against the test clips of the classes still to come (the unknown
+    sounds of that moment): AUROC and FAR@95 of the known-ness ``score`` (and
     of each of ``extra_scores``), and the false rejections / acceptances at the stored threshold.
     None where there is nothing to measure (no future classes in the last session).
     ``seconds`` times the learner's own ``partial_fit`` only, as ``evaluate_learner``.
@@ -196,11 +203,12 @@ def evaluate_open_set(
     on the base session's training clips, so a held-out share of those is held out from the learner
     but not from the encoder, and its embeddings are cleaner than test ones (too small a temperature).
     """
-    from earmark.calibration import HeldOutCalibration, known_score
+    from earmark.calibration import Calibrator, HeldOutCalibration, known_score
     from earmark.metrics.calibration import ece_sampling_floor, expected_calibration_error, negative_log_likelihood
     from earmark.metrics.openset import auroc, far_at_tar, rejection_rates
 
-    cal = HeldOutCalibration(learner, holdout=holdout, seed=seed, score=score, target_frr=target_frr)
+    cal = HeldOutCalibration(learner, holdout=holdout, seed=seed, score=score, target_frr=target_frr,
+                             calibrator=calibrator)
     matrix = AccuracyMatrix.empty(len(scenario))
     seconds: list[float] = []
     per_session: list[dict] = []
@@ -227,6 +235,9 @@ def evaluate_open_set(
         cols = np.argsort(classes)[np.searchsorted(np.sort(classes), yte)]
         raw = learner.predict_proba(Xte).numpy()
         calibrated = calibration.calibrator.proba(scores).numpy()
+        pooled = cal.pool_scores()
+        plain = Calibrator().fit(pooled[1], pooled[2]) if pooled is not None else Calibrator()
+        tempered = plain.proba(scores).numpy()
         future = np.setdiff1d(everything, test)
         Xfu = X[[row_of[i] for i in future]] if len(future) else None
         row: dict = {
@@ -238,6 +249,9 @@ def evaluate_open_set(
             "ece_floor": ece_sampling_floor(calibrated),
             "nll_raw": negative_log_likelihood(raw, cols),
             "nll_calibrated": negative_log_likelihood(calibrated, cols),
+            "temperature_only": plain.temperature,
+            "ece_temperature": expected_calibration_error(tempered, cols),
+            "nll_temperature": negative_log_likelihood(tempered, cols),
             "threshold": calibration.detector.to_dict()["threshold"],
         }
         for k, kind in enumerate(kinds):
