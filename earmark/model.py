@@ -350,7 +350,8 @@ class Model:
                              "saved; change the model it was frozen from")
 
     def clone(self) -> Model:
-        """An independent copy (learn on it, save it, then swap it in for readers of the old one)."""
+        """An independent, changeable copy of the whole state (e.g. to try a merge and keep the original if it
+        fails); readers that only predict want ``frozen``, which leaves the statistics out."""
         other = copy.copy(self)
         other.learner = copy.deepcopy(self.learner)
         other._names = dict(self._names)

@@ -248,15 +248,18 @@ class ModelHolder:
         """On disk before anyone is told (an fsynced log append; a full save after a merge), then publish."""
         if not done:
             return
+        if self._dropped:  # the reload after a half-way failure lost these whole changes: refuse them
+            self._dropped = False
+            lost = RuntimeError("the change could not be made durable (see the server log); nothing was applied")
+            for j, _ in done:
+                _finish(j.future, exc=lost)
+            return
         try:
-            if self._dropped:
-                raise RuntimeError("the change could not be made durable (see the server log); nothing was applied")
             if self.model.loggable:
                 self.model.log()
             else:
                 self.model.save(self.path)
         except BaseException as exc:
-            self._dropped = False
             log.exception("could not make a change durable; reloading the model from disk")
             try:
                 if self.model is not None:
