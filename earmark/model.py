@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from earmark.audio import AudioConfig, AudioDecodeError, load_audio
+from earmark.audio import AudioConfig, AudioDecodeError, AudioSource, load_audio
 from earmark.audio.stream import iter_windows
 from earmark.calibration import HeldOutCalibration, default_calibrator, default_score
 from earmark.changelog import ChangeLogError, append_log, read_log
@@ -113,7 +113,7 @@ def _check_label(label: object) -> str:
     return label
 
 
-def learn_request(paths: Sequence[str | Path], labels: str | Sequence[str]) -> tuple[list, list[str]]:
+def learn_request(paths: Sequence[AudioSource], labels: str | Sequence[str]) -> tuple[list, list[str]]:
     """Files and one label per file (a single label applies to all), checked: what every learn path takes."""
     paths = list(paths)
     labels = [labels] * len(paths) if isinstance(labels, str) else list(labels)
@@ -387,9 +387,13 @@ class Model:
     # ------------------------------------------------------------------ audio
 
     def decode(
-        self, paths: Sequence[str | Path], on_error: str = "fail", names: Sequence[str] | None = None
+        self, paths: Sequence[AudioSource], on_error: str = "fail", names: Sequence[str] | None = None,
+        digests: bool = True,
     ) -> Decoded:
-        """Decode clips at the model's rate and length; unreadable, empty or silent files fail (or are skipped)."""
+        """Decode clips at the model's rate and length; unreadable, empty or silent files fail (or are skipped).
+
+        Sources are paths or in-memory clips (:class:`AudioBytes`); ``digests=False`` skips the clip digests
+        that only learning and forgetting need."""
         if on_error not in ("fail", "skip"):
             raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
         out = Decoded()
@@ -408,7 +412,8 @@ class Model:
                 continue
             out.names.append(name)
             out.waves.append(wave)
-            out.digests.append(clip_digest(wave))
+            if digests:
+                out.digests.append(clip_digest(wave))
             out.positions.append(k)
         return out
 
@@ -424,7 +429,7 @@ class Model:
     # ------------------------------------------------------------------ learn / predict / forget
 
     def learn(
-        self, paths: Sequence[str | Path], labels: str | Sequence[str], *, on_error: str = "fail",
+        self, paths: Sequence[AudioSource], labels: str | Sequence[str], *, on_error: str = "fail",
         names: Sequence[str] | None = None,
     ) -> dict[str, Any]:
         """Learn clips (new labels or more examples of known ones). On any error nothing is learned.
@@ -513,7 +518,7 @@ class Model:
 
     @torch.no_grad()
     def predict(
-        self, paths: Sequence[str | Path], top_k: int = 5, window: float | None = None, hop: float | None = None,
+        self, paths: Sequence[AudioSource], top_k: int = 5, window: float | None = None, hop: float | None = None,
         *, on_error: str = "fail", names: Sequence[str] | None = None, unknown_threshold: float | None = None,
         reject_unknown: bool = True,
     ) -> Predictions:
@@ -533,7 +538,7 @@ class Model:
             raise ModelError(f"top_k must be >= 1, got {top_k}")
         top_k = min(top_k, self.learner.n_classes_)
         if window is None:
-            decoded = self.decode(paths, on_error, names)
+            decoded = self.decode(paths, on_error, names, digests=False)
             if not decoded.waves:
                 return Predictions([], decoded.skipped)
             tops = self._top(decoded.waves, top_k, *reject)
@@ -550,7 +555,7 @@ class Model:
                 out.skipped.append((name, exc.reason))
         return out
 
-    def predict_stream(self, path: str | Path, name: str, window: float, hop: float, top_k: int = 5,
+    def predict_stream(self, path: AudioSource, name: str, window: float, hop: float, top_k: int = 5,
                        batch_size: int = 64, unknown_threshold: float | None = None,
                        reject_unknown: bool = True) -> Iterator[Prediction]:
         """Windows are decoded block by block and classified a batch at a time: memory stays flat."""
@@ -585,7 +590,7 @@ class Model:
         return [[(UNKNOWN, float(score[r])), *top[: k - 1]] if bool(rejected[r]) else top for r, top in enumerate(tops)]
 
     def forget(
-        self, label: str | None = None, files: Sequence[str | Path] | None = None, *,
+        self, label: str | None = None, files: Sequence[AudioSource] | None = None, *,
         names: Sequence[str] | None = None,
     ) -> dict[str, Any]:
         """Exact unlearning of a label, or of specific clips that were learned; nothing else changes."""

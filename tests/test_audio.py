@@ -220,3 +220,21 @@ def test_old_feature_config_loads_as_version_1(tmp_path) -> None:
     feats = loaded.logmel(wave)[0]
     values, _ = REFERENCE[1]
     assert [feats[i, j].item() for i, j in REFERENCE_POINTS] == pytest.approx(values, abs=2e-4)
+
+
+def test_in_memory_clip_decodes_like_its_file_and_errors_name_it(tmp_path):
+    from earmark.audio import AudioBytes
+    from earmark.audio.stream import iter_windows
+
+    p = tmp_path / "tone.flac"
+    sf.write(p, _tone(22050, 1.5, channels=2), 22050)
+    clip = AudioBytes("upload.flac", p.read_bytes())
+    cfg = AudioConfig(clip_seconds=1.0)
+    assert np.array_equal(load_audio(clip, cfg), load_audio(p, cfg))
+    from_file = list(iter_windows(p, 0.5, 0.25, cfg))
+    from_memory = list(iter_windows(clip, 0.5, 0.25, cfg))
+    assert [t for t, _ in from_memory] == [t for t, _ in from_file]
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(from_memory, from_file, strict=True))
+    with pytest.raises(AudioDecodeError, match=r"^broken\.wav: cannot be decoded") as info:
+        load_audio(AudioBytes("broken.wav", b"RIFF not really a wave file"))
+    assert info.value.path.name == "broken.wav"

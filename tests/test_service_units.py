@@ -359,3 +359,47 @@ def test_a_change_that_cannot_be_made_durable_is_refused_and_not_applied():
         assert snap.counts == {"x": 1} and disk.data == {"x": 1}
     finally:
         holder.close()
+
+
+def _multipart(files: list[tuple[str, bytes]], boundary: str = "xyzzy") -> bytes:
+    out = b""
+    for name, data in files:
+        out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+                "Content-Type: audio/wav\r\n\r\n").encode() + data + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def _request(body: bytes, chunk: int = 1000):
+    from starlette.requests import Request
+
+    parts = [body[i: i + chunk] for i in range(0, len(body), chunk)]
+
+    async def receive():
+        data = parts.pop(0) if parts else b""
+        return {"type": "http.request", "body": data, "more_body": bool(parts)}
+
+    headers = [(b"content-type", b"multipart/form-data; boundary=xyzzy"), (b"content-length", str(len(body)).encode())]
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": headers}, receive)
+
+
+def test_uploads_stay_in_memory_until_the_budget_then_spill(tmp_path):
+    import asyncio
+
+    from earmark.audio import AudioBytes
+    from earmark.service.uploads import receive_uploads
+
+    small, big = b"a" * 3000, b"b" * 9000
+    body = _multipart([("one.wav", small), ("two.wav", big), ("three.wav", small)])
+    up = asyncio.run(receive_uploads(_request(body), 10**6, 8, str(tmp_path), memory_bytes=10**6))
+    assert up.dir is None and not list(tmp_path.iterdir())  # nothing touched the disk
+    assert [s.data for s in up.sources] == [small, big, small]
+    assert all(isinstance(s, AudioBytes) for s in up.sources) and up.names == ["one.wav", "two.wav", "three.wav"]
+    up.close()
+
+    up = asyncio.run(receive_uploads(_request(body), 10**6, 8, str(tmp_path), memory_bytes=5000))
+    first, second, third = up.sources
+    assert isinstance(first, AudioBytes) and first.data == small  # under the budget
+    assert second.read_bytes() == big and third.read_bytes() == small  # past it: on disk, whole
+    assert up.original(second) == "two.wav" and second.parent == up.dir and up.dir.parent == tmp_path
+    up.close()
+    assert not up.dir.exists()

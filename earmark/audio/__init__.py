@@ -2,19 +2,25 @@
 
 from earmark.audio.features import FeatureConfig, FeatureNormalizer, LogMel, mel_filterbank
 from earmark.audio.io import (
+    AudioBytes,
     AudioConfig,
     AudioDecodeError,
+    AudioSource,
     AudioWarning,
     fix_length,
     load_audio,
     load_batch,
     load_many,
+    open_audio,
+    source_name,
     to_mono,
 )
 
 __all__ = [
+    "AudioBytes",
     "AudioConfig",
     "AudioDecodeError",
+    "AudioSource",
     "AudioWarning",
     "FeatureConfig",
     "FeatureNormalizer",
@@ -24,5 +30,7 @@ __all__ = [
     "load_batch",
     "load_many",
     "mel_filterbank",
+    "open_audio",
+    "source_name",
     "to_mono",
 ]

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import soxr
 
-from earmark.audio.io import AudioConfig, AudioDecodeError, _check_info, to_mono
+from earmark.audio.io import AudioConfig, AudioDecodeError, AudioSource, open_audio, source_name, to_mono
 
 
 def iter_windows(
-    path: str | Path,
+    source: AudioSource,
     window_seconds: float,
     hop_seconds: float,
     config: AudioConfig | None = None,
@@ -27,17 +26,18 @@ def iter_windows(
     config = config or AudioConfig()
     if window_seconds <= 0 or hop_seconds <= 0:
         raise ValueError("window and hop must be positive")
-    path = Path(path)
-    info = _check_info(path, config)
+    path = source_name(source)
+    fh = open_audio(source, config)
+    rate = fh.samplerate
     sr = config.sample_rate
     win, hop = int(round(window_seconds * sr)), int(round(hop_seconds * sr))
-    resampler = soxr.ResampleStream(info.samplerate, sr, 1, dtype="float32", quality=config.resample_quality)
+    resampler = soxr.ResampleStream(rate, sr, 1, dtype="float32", quality=config.resample_quality)
     buf = np.zeros(0, dtype=np.float32)
     start = 0  # index (at the model rate) of buf[0]
     emitted = False
     try:
-        with sf.SoundFile(str(path)) as fh:
-            block = max(1, int(block_seconds * info.samplerate))
+        with fh:
+            block = max(1, int(block_seconds * rate))
             while True:
                 data = fh.read(block, dtype="float32", always_2d=False)
                 last = len(data) < block

@@ -71,6 +71,8 @@ class AudioEmbedder(nn.Module):
     @torch.no_grad()
     def embed(self, wave: Tensor | np.ndarray) -> Tensor:
         was_training = self.training
+        if not was_training:  # the usual case: walking ~100 submodules to set eval costs more than a small batch
+            return self(wave).float()
         self.eval()
         try:
             return self(wave).float()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import io
 import logging
 import math
 import tempfile
@@ -122,7 +123,7 @@ def check_audio(uploads: Uploads, max_seconds: float) -> None:
     """Each file's header: decodable, has samples, not longer than ``max_seconds`` (worker thread)."""
     for f in uploads.files:
         try:
-            info = sf.info(str(f.path))
+            info = sf.info(str(f.path) if f.path is not None else io.BytesIO(f.data))
         except Exception as exc:
             raise ClientError(400, f"{f.name}: not decodable audio ({uploads.clean(str(exc))})") from None
         if info.frames <= 0 or info.samplerate <= 0:
@@ -264,7 +265,8 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
 
     async def receive(request: Request) -> Uploads:
         """The request's uploads, prechecked; on a refusal the temporary files are removed at once."""
-        uploads = await receive_uploads(request, config.max_request_bytes, config.max_files, config.temp_dir)
+        uploads = await receive_uploads(request, config.max_request_bytes, config.max_files, config.temp_dir,
+                                        config.upload_memory_bytes)
         try:
             precheck(uploads)
         except BaseException:
@@ -332,7 +334,7 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
                 longest = min(longest, window + hop * (config.max_windows - 1))
             unknown = {} if unknown_threshold is None and reject_unknown else \
                 {"unknown_threshold": unknown_threshold, "reject_unknown": reject_unknown}
-            job = ClassifyJob(uploads.paths, uploads.names, top_k, window, hop, Future(), uploads.close,
+            job = ClassifyJob(uploads.sources, uploads.names, top_k, window, hop, Future(), uploads.close,
                               validate=lambda: check_audio(uploads, longest), unknown=unknown)
             try:
                 runtime["classifier"].submit(job)
@@ -380,7 +382,7 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
         async def run():
             uploads = await receive(request)
             report, snap = await write(uploads=uploads, validate=lambda: check_audio(uploads, config.max_clip_seconds),
-                                       learn=(uploads.paths, name, uploads.names))
+                                       learn=(uploads.sources, name, uploads.names))
             return written(snap, report, label=name)
 
         return await with_admission(request, run)
@@ -410,7 +412,7 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
             uploads = await receive(request)
 
             def change(m):
-                report = m.forget(files=uploads.paths, names=uploads.names)
+                report = m.forget(files=uploads.sources, names=uploads.names)
                 others = sorted(set(report.get("labels", {})) - {name})
                 if others:  # raised before the save: the changed clone is dropped, nothing is applied
                     raise ClientError(400, f"some clips were learned as {', '.join(map(repr, others))}, not "

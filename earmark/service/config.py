@@ -39,7 +39,8 @@ class ServiceConfig:
     classify_batch: int = 32  # most clips in one prediction batch
     torch_threads: int = 1  # intra-op threads per worker: 1 avoids spin contention on a shared CPU
     classify_queue: int = 256  # classify requests waiting for a worker; more -> 429
-    temp_dir: str | None = None  # where uploads are written (default: the system temp dir)
+    temp_dir: str | None = None  # where uploads spill (default: the system temp dir)
+    upload_memory_bytes: int = 8 * 2**20  # a request's files kept in memory before they spill to temp_dir
     # durability: a change is acknowledged once its record is fsynced to the model's change log; the log is
     # folded into a full save after this many changes, or once no write came for compact_idle seconds
     compact_every: int = 64
@@ -53,6 +54,8 @@ class ServiceConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if self.max_clip_seconds <= 0 or self.max_long_file_seconds <= 0:
             raise ConfigError("clip duration limits must be positive")
+        if self.upload_memory_bytes < 0:
+            raise ConfigError("upload_memory_bytes must be >= 0 (0: every upload goes to temp_dir)")
 
     @property
     def mutating(self) -> bool:

@@ -1,8 +1,11 @@
-"""Multipart uploads streamed straight into a per-request temp dir, with the byte and count limits
-enforced while the body arrives (Starlette enforces none, and would spool the whole body first).
+"""Multipart uploads read while the body arrives, with the byte and count limits enforced as it streams
+(Starlette enforces none, and would spool the whole body first).
 
-Each file keeps its original name (sanitized, behind an index so duplicates cannot collide), so a
-decoder's message about ``/tmp/earmark-req-x/00-dog.wav`` can be told back to the client as ``dog.wav``.
+A request's files stay in memory up to ``memory_bytes`` in all (the decoders read them from there:
+creating, opening twice and removing a temp file cost more CPU than decoding a 1 s clip); beyond that
+they spill to a per-request temp dir. There each file keeps its original name (sanitized, behind an index
+so duplicates cannot collide), so a decoder's message about ``/tmp/earmark-req-x/00-dog.wav`` can be told
+back to the client as ``dog.wav``.
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from earmark.audio.io import AudioBytes, AudioSource
+
 MAX_FIELD_BYTES = 1024  # a plain form field (top_k, window, ...)
 MAX_FIELDS = 16
+MEMORY_BYTES = 8 * 2**20  # a request's files held in memory before they spill to disk
 
 
 class UploadError(Exception):
@@ -34,29 +40,41 @@ class UploadError(Exception):
 @dataclass
 class Upload:
     name: str  # the client's filename, for messages
-    path: Path  # where its bytes are
+    path: Path | None = None  # where its bytes are once spilled to disk; None while they are in memory
     size: int = 0
     content_type: str = ""
+    data: bytes = b""  # the bytes, while in memory
+
+    @property
+    def source(self) -> AudioSource:
+        """What the decoders read: the spilled file, or the bytes under the client's filename."""
+        return self.path if self.path is not None else AudioBytes(self.name, self.data)
 
 
 @dataclass
 class Uploads:
-    """The files and fields of one request; ``close()`` deletes the temp dir."""
+    """The files and fields of one request; ``close()`` deletes the temp dir if anything spilled."""
 
-    dir: Path
+    dir: Path | None = None  # made on the first spill, under ``parent``
     files: list[Upload] = field(default_factory=list)
     fields: dict[str, str] = field(default_factory=dict)
+    parent: str | None = None
+
+    def spill_dir(self) -> Path:
+        if self.dir is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="earmark-req-", dir=self.parent))
+        return self.dir
 
     def original(self, path: str | Path) -> str:
         p = Path(path)
         for f in self.files:
-            if f.path == p or f.path.name == p.name or f.name == str(path):
+            if f.path == p or (f.path is not None and f.path.name == p.name) or f.name == str(path):
                 return f.name
         return p.name
 
     @property
-    def paths(self) -> list[str]:
-        return [str(f.path) for f in self.files]
+    def sources(self) -> list[AudioSource]:
+        return [f.source for f in self.files]
 
     @property
     def names(self) -> list[str]:
@@ -65,11 +83,15 @@ class Uploads:
     def clean(self, text: str) -> str:
         """``text`` with every temp path replaced by the client's filename (and no temp dir left in it)."""
         for f in self.files:
-            text = text.replace(str(f.path), f.name)
+            if f.path is not None:
+                text = text.replace(str(f.path), f.name)
+        if self.dir is None:
+            return text
         return text.replace(str(self.dir) + "/", "").replace(str(self.dir), "")
 
     def close(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> Uploads:
         return self
@@ -105,8 +127,10 @@ def _disposition(headers: dict[str, bytes]) -> tuple[str | None, str | None]:
     return text(name), text(filename)
 
 
-async def receive_uploads(request: Request, max_bytes: int, max_files: int, temp_dir: str | None = None) -> Uploads:
-    """Stream a multipart/form-data body into a temp dir; raises :class:`UploadError` (413/415/400)."""
+async def receive_uploads(request: Request, max_bytes: int, max_files: int, temp_dir: str | None = None,
+                          memory_bytes: int = MEMORY_BYTES) -> Uploads:
+    """Read a multipart/form-data body into memory, spilling to a temp dir past ``memory_bytes``;
+    raises :class:`UploadError` (413/415/400)."""
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data":
         shown = ctype.decode("latin-1") or "none"
@@ -118,8 +142,9 @@ async def receive_uploads(request: Request, max_bytes: int, max_files: int, temp
     if length is not None and length.isdigit() and int(length) > max_bytes:
         raise UploadError(413, f"request body is {int(length)} bytes; the limit is {max_bytes} bytes")
 
-    uploads = Uploads(Path(tempfile.mkdtemp(prefix="earmark-req-", dir=temp_dir)))
-    state: dict = {"headers": {}, "field": None, "value": b"", "file": None, "upload": None, "error": None}
+    uploads = Uploads(parent=temp_dir)
+    state: dict = {"headers": {}, "field": None, "value": b"", "file": None, "upload": None, "error": None,
+                   "buffer": None, "in_memory": 0}
     header_name = bytearray()
     header_value = bytearray()
 
@@ -133,6 +158,7 @@ async def receive_uploads(request: Request, max_bytes: int, max_files: int, temp
         state["value"] = b""
         state["file"] = None
         state["upload"] = None
+        state["buffer"] = None
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
         header_name.extend(data[start:end])
@@ -162,19 +188,32 @@ async def receive_uploads(request: Request, max_bytes: int, max_files: int, temp
             fail(413, f"more than {max_files} files in one request")
             return
         ctype = state["headers"].get("content-type", b"").decode("latin-1").strip().lower()
-        up = Upload(filename or "upload", uploads.dir / safe_name(filename or "upload", len(uploads.files)),
-                    content_type=ctype)
+        up = Upload(filename or "upload", content_type=ctype)
         uploads.files.append(up)
         state["upload"] = up
-        state["file"] = open(up.path, "wb")  # noqa: SIM115 - closed in on_part_end or below
+        state["buffer"] = bytearray()
+
+    def spill(up: Upload, buffer: bytearray) -> None:
+        up.path = uploads.spill_dir() / safe_name(up.name, len(uploads.files) - 1)
+        state["file"] = fh = open(up.path, "wb")  # noqa: SIM115 - closed in on_part_end or below
+        fh.write(buffer)
+        state["in_memory"] -= len(buffer)
+        state["buffer"] = None
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         if state["error"] is not None:
             return
         fh: IO[bytes] | None = state["file"]
+        buffer: bytearray | None = state["buffer"]
         if fh is not None:
             fh.write(data[start:end])
             state["upload"].size += end - start
+        elif buffer is not None:
+            buffer += data[start:end]
+            state["upload"].size += end - start
+            state["in_memory"] += end - start
+            if state["in_memory"] > memory_bytes:
+                spill(state["upload"], buffer)
         elif state["field"] is not None:
             state["value"] += data[start:end]
             if len(state["value"]) > MAX_FIELD_BYTES:
@@ -185,6 +224,9 @@ async def receive_uploads(request: Request, max_bytes: int, max_files: int, temp
         if fh is not None:
             fh.close()
             state["file"] = None
+        elif state["buffer"] is not None:
+            state["upload"].data = bytes(state["buffer"])
+            state["buffer"] = None
         elif state["field"] is not None and state["error"] is None:
             uploads.fields[state["field"]] = state["value"].decode("utf-8", "replace")
             state["field"] = None
@@ -207,7 +249,7 @@ async def receive_uploads(request: Request, max_bytes: int, max_files: int, temp
         parser.finalize()
         if state["error"] is not None:
             raise state["error"]
-        if state["file"] is not None:  # body ended inside a file part
+        if state["file"] is not None or state["buffer"] is not None:  # body ended inside a file part
             raise UploadError(400, "the multipart body ended before its last part was complete")
     except MultipartParseError as exc:
         uploads.close()
