@@ -505,6 +505,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_request_bytes=args.max_request_bytes, max_files=args.max_files, max_clip_seconds=args.max_clip_seconds,
         learn_queue=args.learn_queue, classify_workers=args.workers, torch_threads=args.torch_threads,
         load_delay=args.load_delay, temp_dir=args.temp_dir, compact_every=args.compact_every,
+        upload_memory_bytes=args.upload_memory, learn_linger=args.learn_linger,
     )
     try:
         serve(config, access_log=not args.no_access_log, log_level=args.log_level)
@@ -649,7 +650,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--learn-queue", type=int, default=4, help="learn/forget requests admitted at once")
     srv.add_argument("--workers", type=int, default=2, help="classify worker threads")
     srv.add_argument("--torch-threads", type=int, default=1, help="torch threads per worker")
-    srv.add_argument("--temp-dir", help="where uploads are written while a request runs (default: the system's)")
+    srv.add_argument("--temp-dir", help="where uploads over --upload-memory spill while a request runs "
+                                        "(default: the system's temp dir)")
+    srv.add_argument("--upload-memory", type=_bytes, default=8 * 2**20,
+                     help="a request's files held in memory before they spill to --temp-dir (default 8MiB)")
+    srv.add_argument("--learn-linger", type=float, default=0.05,
+                     help="seconds the writer waits after a learn for others to commit with it (default 0.05)")
     srv.add_argument("--compact-every", type=int, default=64,
                      help="changes acknowledged through the model's change log before a full save folds it in")
     srv.add_argument("--no-access-log", action="store_true")

@@ -93,3 +93,43 @@ def test_a_deep_copy_shares_the_factor_but_not_what_changes_in_place():
     assert learner.n_classes_ == 4 and len(learner.stats.solver.U) == 0  # the original is untouched
     assert rel_err(twin.weights, fresh_solve(twin.stats, 50.0)) < 1e-10
     assert rel_err(learner.weights, fresh_solve(learner.stats, 50.0)) < 1e-10
+
+
+def test_gram_rows_wait_unfolded_until_read_and_every_reader_sees_the_whole_sum():
+    g = torch.Generator().manual_seed(3)
+    stats = RidgeStatistics()
+    stats.reset(16)
+    stats.grow(3)
+    H = torch.randn(40, 16, generator=g, dtype=torch.float64)
+    cols = torch.arange(40) % 3
+    stats.learn(H[:30], cols[:30])
+    stats.solve(0.5)  # the first solve factorizes (folds)
+    for i in range(30, 40):  # single-row learns: deferred, answered by products with the pending rows
+        stats.learn(H[i:i + 1], cols[i:i + 1])
+        W = stats.solve(0.5)
+    assert stats._pending and stats.solver.factorizations == 1
+    want = H.T @ H
+    raw = stats._buffers["gram"]
+    assert not torch.allclose(raw, want)  # the stored part lacks the pending rows ...
+    twin = copy.deepcopy(stats)
+    assert rel_err(stats.state_dict()["gram"], want) < 1e-13  # ... a save folds them ...
+    assert not stats._pending
+    assert rel_err(twin.gram, want) < 1e-13  # ... and so does any read of .gram
+    A = want.clone()
+    A.diagonal().add_(0.5)
+    assert rel_err(W, torch.linalg.solve(A, stats.targets)) < 1e-10
+    stats.unlearn(H[35:], cols[35:])
+    assert stats._pending
+    assert rel_err(stats.gram, H[:35].T @ H[:35]) < 1e-12
+
+
+def test_too_many_pending_rows_fold_on_their_own():
+    stats = RidgeStatistics(class_factors=False)
+    stats.reset(8)
+    stats.grow(1)
+    H = torch.randn(stats.max_pending, 8, dtype=torch.float64)
+    for i in range(stats.max_pending - 1):
+        stats.add(H[i:i + 1], torch.zeros(1, dtype=torch.long))
+    assert len(stats._pending) == stats.max_pending - 1
+    stats.add(H[-1:], torch.zeros(1, dtype=torch.long))
+    assert not stats._pending and rel_err(stats._buffers["gram"], H.T @ H) < 1e-13

@@ -185,7 +185,8 @@ class LowRankSolver:
     def ready(self) -> bool:
         return self.L is not None
 
-    def _start(self, gram: Tensor, targets: Tensor, lam: float) -> Tensor:
+    def _start(self, gram: Tensor | PendingGram, targets: Tensor, lam: float) -> Tensor:
+        gram = gram.dense() if isinstance(gram, PendingGram) else gram
         A = gram.clone()
         A.diagonal().add_(lam)
         L, info = torch.linalg.cholesky_ex(A)
@@ -206,7 +207,7 @@ class LowRankSolver:
         return self.Z.clone()
 
     @staticmethod
-    def _probe_error(gram: Tensor, targets: Tensor, lam: float, W: Tensor, inverse) -> float:
+    def _probe_error(gram: Tensor | PendingGram, targets: Tensor, lam: float, W: Tensor, inverse) -> float:
         """Relative error of W along a fixed probe v: ``|A^-1 (Q v - A W v)| / |W v|``, with ``inverse`` for A^-1."""
         g = torch.Generator(device="cpu").manual_seed(0)
         v = torch.randn(W.shape[1], 1, generator=g, dtype=W.dtype).to(W.device)
@@ -238,7 +239,8 @@ class LowRankSolver:
         if self.ready:
             self.Z = torch.cat([self.Z[:, :col], self.Z[:, col + 1 :]], 1)
 
-    def solve(self, gram: Tensor, targets: Tensor, lam: float) -> Tensor:
+    def solve(self, gram: Tensor | PendingGram, targets: Tensor, lam: float) -> Tensor:
+        """``(G + lam I)^-1 Q``; ``gram``: G, or a :class:`PendingGram` (products only, unless a refactor needs G)."""
         if not self.ready or self.lam != lam or self.L.device != gram.device or self.Z.shape != targets.shape:
             return self._start(gram, targets, lam)
         if not len(self.U):
@@ -246,8 +248,10 @@ class LowRankSolver:
         M = self.UK.clone()
         M.diagonal().add_(self.signs)
         # Removing rows that dominated some directions makes the capacitance M ill-conditioned, and Woodbury
-        # loses about cond(M) ulps: then a fresh Cholesky answers instead.
-        if not float(torch.linalg.cond(M)) <= self.max_cond:
+        # loses about cond(M) ulps: then a fresh Cholesky answers instead. M = S + U A0^-1 U' is symmetric, so
+        # its condition number comes from its eigenvalues (several times cheaper than the SVD behind cond()).
+        ev = torch.linalg.eigvalsh(0.5 * (M + M.T)).abs()
+        if not float(ev.max()) <= self.max_cond * float(ev.min()):
             self.rejected += 1
             return self._start(gram, targets, lam)
         lu, piv = torch.linalg.lu_factor(M)
@@ -263,12 +267,41 @@ class LowRankSolver:
         return W
 
 
+class PendingGram:
+    """The Gram as folded so far plus the signed rows not yet folded in: ``G = G0 + P' diag(s) P``.
+
+    What the solver's error probe reads: ``G w`` costs one D x D product either way, while folding a few
+    rows in costs a D x D read-modify-write (a rank-k ``addmm_``) for each learn. ``dense()`` folds.
+    """
+
+    def __init__(self, stats: RidgeStatistics) -> None:
+        self.stats = stats
+
+    @property
+    def device(self) -> torch.device:
+        return self.stats._buffers["gram"].device
+
+    def __matmul__(self, w: Tensor) -> Tensor:
+        P, s = self.stats._pending_rows()
+        return self.stats._buffers["gram"] @ w + P.T @ (s.unsqueeze(1) * (P @ w))
+
+    def dense(self) -> Tensor:
+        return self.stats.gram
+
+
 class RidgeStatistics(ResizableBuffersModule):
     """``G = H'H``, ``Q = H'Y`` (one-hot Y) and per-class factors, float64: a ridge is one solve away.
 
     ``class_factors=False`` saves the factors' memory; then a whole class cannot be forgotten
     (samples still can: their rows come back by re-embedding).
+
+    Rows added to (or taken from) the Gram wait in a short pending list and are folded in with one rank-k
+    update when anything reads ``gram`` (a save, a refactor, a merge), or when ``max_pending`` rows wait:
+    a learn of one clip would otherwise rewrite all D x D floats (4 ms at D = 2048) for a rank-1 change,
+    and the low-rank solver needs only products with G. Reading ``self.gram`` always gives the whole sum.
     """
+
+    max_pending = 64
 
     def __init__(self, class_factors: bool = True) -> None:
         super().__init__()
@@ -276,12 +309,45 @@ class RidgeStatistics(ResizableBuffersModule):
         self.register_buffer("targets", torch.zeros(0, 0, dtype=torch.float64))
         self.factors = ClassFactors() if class_factors else None
         self.solver = LowRankSolver()
+        self._pending: list[tuple[Tensor, float]] = []
+
+    def __getattr__(self, name: str):
+        if name == "gram" and self.__dict__.get("_pending"):
+            self._fold()
+        return super().__getattr__(name)
+
+    def _pending_rows(self) -> tuple[Tensor, Tensor]:
+        P = torch.cat([H for H, _ in self._pending])
+        s = torch.cat([H.new_full((H.shape[0],), sign) for H, sign in self._pending])
+        return P, s
+
+    def _defer(self, H: Tensor, sign: float) -> None:
+        if len(H):
+            self._pending.append((H, sign))
+            if sum(len(h) for h, _ in self._pending) >= self.max_pending:
+                self._fold()
+
+    def _fold(self) -> None:
+        if self._pending:
+            P, s = self._pending_rows()
+            self._pending = []
+            self._buffers["gram"].addmm_(P.T, s.unsqueeze(1) * P)
+
+    def _save_to_state_dict(self, *args, **kwargs) -> None:
+        self._fold()
+        super()._save_to_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._fold()  # moves and casts see the whole Gram
+        return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._pending = []
         self.solver.invalidate()
         super()._load_from_state_dict(*args, **kwargs)
 
     def reset(self, width: int) -> None:
+        self._pending = []
         kw = {"dtype": torch.float64, "device": self.gram.device}
         self.gram = torch.zeros(width, width, **kw)
         self.targets = torch.zeros(width, 0, **kw)
@@ -296,8 +362,8 @@ class RidgeStatistics(ResizableBuffersModule):
         self.solver.grow(k)
 
     def add(self, H: Tensor, cols: Tensor, sign: float = 1.0) -> None:
-        """Rank-k change of the Gram, in place (a D x D product, no D x D temporaries)."""
-        self.gram.addmm_(H.T, H, alpha=sign)
+        """Rank-k change of the Gram (deferred: see the class docstring) and of the targets."""
+        self._defer(H, sign)
         self.targets.index_add_(1, cols, H.T, alpha=sign)
         self.solver.rows(H, cols, sign)
 
@@ -316,7 +382,7 @@ class RidgeStatistics(ResizableBuffersModule):
             raise ValueError("this learner keeps no per-class factors (class_factors=False): it cannot forget a "
                              "whole class; forget its clips instead")
         F = self.factors.drop(col)
-        self.gram.addmm_(F.T, F, alpha=-1.0)
+        self._defer(F, -1.0)
         self.targets = torch.cat([self.targets[:, :col], self.targets[:, col + 1 :]], dim=1)
         self.solver.rows(F, None, -1.0)  # the class's target column goes with it, so Q's other columns keep
         self.solver.drop_column(col)
@@ -333,7 +399,8 @@ class RidgeStatistics(ResizableBuffersModule):
 
     def solve(self, lam: float) -> Tensor:
         """``(G + lam I)^-1 Q``: Cholesky of the statistics, or its low-rank update (:class:`LowRankSolver`)."""
-        return self.solver.solve(self.gram, self.targets, lam)
+        gram = PendingGram(self) if self._pending else self.gram
+        return self.solver.solve(gram, self.targets, lam)
 
     def check(self, n_classes: int, width: int) -> list[str]:
         bad = []

@@ -35,6 +35,7 @@ class ServiceConfig:
     max_top_k: int = 50
     # concurrency
     learn_queue: int = 4  # learn/forget requests admitted at once (one runs, the rest wait); more -> 429
+    learn_linger: float = 0.05  # seconds the writer waits after a learn for others to commit with it
     classify_workers: int = 2  # threads running predictions; each batches whatever is queued
     classify_batch: int = 32  # most clips in one prediction batch
     torch_threads: int = 1  # intra-op threads per worker: 1 avoids spin contention on a shared CPU
@@ -56,6 +57,8 @@ class ServiceConfig:
             raise ConfigError("clip duration limits must be positive")
         if self.upload_memory_bytes < 0:
             raise ConfigError("upload_memory_bytes must be >= 0 (0: every upload goes to temp_dir)")
+        if not 0 <= self.learn_linger <= 5:
+            raise ConfigError("learn_linger must be between 0 and 5 seconds")
 
     @property
     def mutating(self) -> bool:
