@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip-seconds", type=float, default=1.0)
     p.add_argument("--rates", help="comma-separated total request rates (open loop); default: closed loop")
     p.add_argument("--max-requests", type=int, default=20000, help="per run")
-    p.add_argument("--workers", type=int, default=2, help="server classify workers")
+    p.add_argument("--workers", type=int, default=1, help="server clip-classify workers (the server's default: 1)")
     p.add_argument("--server-args", default="", help="extra `earmark serve` arguments (--server-args='...')")
     p.add_argument("--buffer-size", type=int, default=2048,
                    help="analytic learner's buffer for the built model (2048: the default; the tests use 512)")

@@ -503,7 +503,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model=args.model, host=args.host, port=args.port, read_only=args.read_only,
         token=None if args.read_only else read_token(args.token_file), device=args.device,
         max_request_bytes=args.max_request_bytes, max_files=args.max_files, max_clip_seconds=args.max_clip_seconds,
-        learn_queue=args.learn_queue, classify_workers=args.workers, torch_threads=args.torch_threads,
+        learn_queue=args.learn_queue, classify_workers=args.workers,
+        window_workers=args.window_workers, torch_threads=args.torch_threads,
         load_delay=args.load_delay, temp_dir=args.temp_dir, compact_every=args.compact_every,
         upload_memory_bytes=args.upload_memory, learn_linger=args.learn_linger,
     )
@@ -648,7 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-files", type=int, default=32, help="audio files per request")
     srv.add_argument("--max-clip-seconds", type=float, default=30.0, help="longest clip to classify or learn")
     srv.add_argument("--learn-queue", type=int, default=4, help="learn/forget requests admitted at once")
-    srv.add_argument("--workers", type=int, default=2, help="classify worker threads")
+    srv.add_argument("--workers", type=int, default=1, help="threads classifying clips (default 1)")
+    srv.add_argument("--window-workers", type=int, default=1,
+                     help="threads classifying long files window by window (default 1)")
     srv.add_argument("--torch-threads", type=int, default=1, help="torch threads per worker")
     srv.add_argument("--temp-dir", help="where uploads over --upload-memory spill while a request runs "
                                         "(default: the system's temp dir)")

@@ -122,6 +122,27 @@ def test_batcher_batches_queued_jobs_and_isolates_a_bad_one():
         holder.close()
 
 
+def test_a_long_file_does_not_hold_up_the_clips_behind_it():
+    holder = ModelHolder(Path("."), 1)
+    holder.install(_Model())
+    clf = Classifier(holder, workers=1, batch=8, max_queue=16, window_workers=1)
+    gate = threading.Event()
+    try:
+        long_file = ClassifyJob(["hours"], ["hours"], 1, 1.0, 1.0, Future(), lambda: None, validate=gate.wait)
+        clf.submit(long_file)  # its worker blocks on the gate, as on a file of hours
+        clips = [ClassifyJob([f"c{i}"], [f"c{i}"], 1, None, None, Future(), lambda: None) for i in range(3)]
+        for j in clips:
+            clf.submit(j)
+        assert [j.future.result(10)[1][0].file for j in clips] == ["c0", "c1", "c2"]
+        assert not long_file.future.done()
+        gate.set()
+        assert long_file.future.result(10)[1][0].file == "hours"
+    finally:
+        gate.set()
+        clf.close()
+        holder.close()
+
+
 def test_full_classify_queue_is_429():
     holder = ModelHolder(Path("."), 1)
     clf = Classifier(holder, workers=1, batch=1, max_queue=1)

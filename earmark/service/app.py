@@ -195,7 +195,7 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
             lock.__enter__()
         holder.start()
         runtime["classifier"] = Classifier(holder, config.classify_workers, config.classify_batch,
-                                           config.classify_queue)
+                                           config.classify_queue, config.window_workers)
         threading.Thread(target=load, name="earmark-load", daemon=True).start()
         try:
             yield

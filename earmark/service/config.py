@@ -36,7 +36,8 @@ class ServiceConfig:
     # concurrency
     learn_queue: int = 4  # learn/forget requests admitted at once (one runs, the rest wait); more -> 429
     learn_linger: float = 0.05  # seconds the writer waits after a learn for others to commit with it
-    classify_workers: int = 2  # threads running predictions; each batches whatever is queued
+    classify_workers: int = 1  # threads classifying clips; each batches whatever is queued
+    window_workers: int = 1  # threads classifying long files window by window (their own queue)
     classify_batch: int = 32  # most clips in one prediction batch
     torch_threads: int = 1  # intra-op threads per worker: 1 avoids spin contention on a shared CPU
     classify_queue: int = 256  # classify requests waiting for a worker; more -> 429
@@ -49,8 +50,8 @@ class ServiceConfig:
     load_delay: float = 0.0  # seconds to wait before loading the model (tests use it to see "not ready")
 
     def __post_init__(self) -> None:
-        for name in ("max_request_bytes", "max_files", "learn_queue", "classify_workers", "classify_batch",
-                     "torch_threads", "classify_queue", "max_windows", "max_top_k", "compact_every"):
+        for name in ("max_request_bytes", "max_files", "learn_queue", "classify_workers", "window_workers",
+                     "classify_batch", "torch_threads", "classify_queue", "max_windows", "max_top_k", "compact_every"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.max_clip_seconds <= 0 or self.max_long_file_seconds <= 0:

@@ -333,41 +333,51 @@ class ClassifyJob:
 
 
 class Classifier:
-    """Worker threads that batch queued classify jobs into one ``predict`` call each."""
+    """Worker threads that batch queued classify jobs into one ``predict`` call each.
 
-    def __init__(self, holder: ModelHolder, workers: int, batch: int, max_queue: int) -> None:
+    Clips and long files (``window`` given) have their own queues and threads: a file of hours, classified
+    window by window, never holds up the clips behind it, while the clips share one worker by default. A
+    second clip worker gains little, because both run the encoder's many small ops under one GIL; the
+    batching of whatever is queued does the scaling instead.
+    """
+
+    def __init__(self, holder: ModelHolder, workers: int, batch: int, max_queue: int, window_workers: int = 1) -> None:
         self.holder = holder
         self.batch = batch
         self.queue: queue.Queue[ClassifyJob | None] = queue.Queue(max_queue)
-        self.threads = [threading.Thread(target=self._run, name=f"earmark-classify-{i}", daemon=True)
-                        for i in range(workers)]
-        for t in self.threads:
+        self.window_queue: queue.Queue[ClassifyJob | None] = queue.Queue(max_queue)
+        self.threads = [threading.Thread(target=self._run, args=(self.queue,), name=f"earmark-classify-{i}",
+                                         daemon=True) for i in range(workers)]
+        self.window_threads = [threading.Thread(target=self._run, args=(self.window_queue,), daemon=True,
+                                                name=f"earmark-windows-{i}") for i in range(window_workers)]
+        for t in self.threads + self.window_threads:
             t.start()
 
     def submit(self, job: ClassifyJob) -> None:
         try:
-            self.queue.put_nowait(job)
+            (self.window_queue if job.window is not None else self.queue).put_nowait(job)
         except queue.Full:
             raise ClientError(429, "too many classify requests waiting; retry shortly", {"Retry-After": "1"}) from None
 
     def close(self) -> None:
-        for _ in self.threads:
-            self.queue.put(None)
-        for t in self.threads:
+        for q, threads in ((self.queue, self.threads), (self.window_queue, self.window_threads)):
+            for _ in threads:
+                q.put(None)
+        for t in self.threads + self.window_threads:
             t.join(timeout=10)
 
     # -- worker side
-    def _take(self, first: ClassifyJob) -> list[ClassifyJob]:
+    def _take(self, first: ClassifyJob, jobs_queue: queue.Queue) -> list[ClassifyJob]:
         jobs, clips = [first], first.clips
         if first.window is not None:
             return jobs  # a windowed file is a batch of its own
         while clips < self.batch:
             try:
-                job = self.queue.get_nowait()
+                job = jobs_queue.get_nowait()
             except queue.Empty:
                 break
             if job is None:
-                self.queue.put(None)  # leave the stop signal for this or another worker
+                jobs_queue.put(None)  # leave the stop signal for this or another worker
                 break
             if job.window is not None or job.unknown != first.unknown or clips + job.clips > self.batch:
                 self._run_jobs([job])  # does not fit this batch: run it right after on its own
@@ -376,12 +386,12 @@ class Classifier:
             clips += job.clips
         return jobs
 
-    def _run(self) -> None:
+    def _run(self, jobs_queue: queue.Queue) -> None:
         while True:
-            job = self.queue.get()
+            job = jobs_queue.get()
             if job is None:
                 return
-            self._run_jobs(self._take(job))
+            self._run_jobs(self._take(job, jobs_queue))
 
     def _run_jobs(self, jobs: list[ClassifyJob]) -> None:
         ok: list[ClassifyJob] = []
