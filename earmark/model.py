@@ -388,24 +388,24 @@ class Model:
 
     def decode(
         self, paths: Sequence[AudioSource], on_error: str = "fail", names: Sequence[str] | None = None,
-        digests: bool = True,
+        digests: bool = True, max_seconds: float | None = None,
     ) -> Decoded:
         """Decode clips at the model's rate and length; unreadable, empty or silent files fail (or are skipped).
 
         Sources are paths or in-memory clips (:class:`AudioBytes`); ``digests=False`` skips the clip digests
-        that only learning and forgetting need."""
+        that only learning and forgetting need; a file over ``max_seconds`` fails (``AudioTooLongError``)."""
         if on_error not in ("fail", "skip"):
             raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
         out = Decoded()
         for k, path in enumerate(paths):
             name = str(names[k]) if names is not None else str(path)
             try:
-                wave = load_audio(path, self.embedder.audio_config)
+                wave = load_audio(path, self.embedder.audio_config, max_seconds)
                 if float(np.abs(wave).max()) < SILENCE:
                     raise AudioDecodeError(name, "contains only silence")
             except AudioDecodeError as exc:
                 if names is not None:
-                    exc = AudioDecodeError(name, exc.reason)
+                    exc = type(exc)(name, exc.reason)
                 if on_error == "fail":
                     raise exc from None
                 out.skipped.append((name, exc.reason))
@@ -430,16 +430,17 @@ class Model:
 
     def learn(
         self, paths: Sequence[AudioSource], labels: str | Sequence[str], *, on_error: str = "fail",
-        names: Sequence[str] | None = None,
+        names: Sequence[str] | None = None, max_seconds: float | None = None,
     ) -> dict[str, Any]:
         """Learn clips (new labels or more examples of known ones). On any error nothing is learned.
 
-        ``names`` are what errors and the journal call the files (e.g. an upload's filename).
+        ``names`` are what errors and the journal call the files (e.g. an upload's filename); a file over
+        ``max_seconds`` is refused (``AudioTooLongError``).
         A clip already learned (same decoded audio) is refused, so nothing is ever counted twice.
         """
         self._require_writable()
         paths, labels = learn_request(paths, labels)
-        decoded = self.decode(paths, on_error, names)
+        decoded = self.decode(paths, on_error, names, max_seconds=max_seconds)
         seen = {e["clip"]: e["label"] for e in self.journal}
         keep, batch = [], set()
         for j, digest in enumerate(decoded.digests):
@@ -520,7 +521,7 @@ class Model:
     def predict(
         self, paths: Sequence[AudioSource], top_k: int = 5, window: float | None = None, hop: float | None = None,
         *, on_error: str = "fail", names: Sequence[str] | None = None, unknown_threshold: float | None = None,
-        reject_unknown: bool = True,
+        reject_unknown: bool = True, max_seconds: float | None = None,
     ) -> Predictions:
         """Top-k labels with probabilities per clip, or per window of each file when ``window`` is given.
 
@@ -530,7 +531,8 @@ class Model:
         A clip whose known-ness score (its best calibrated probability) is below the threshold gets
         ``("unknown", score)`` as top-1, then its best known labels. ``unknown_threshold``: None = the stored
         threshold (chosen for 5% false rejections of known sounds), a float = this threshold for this call;
-        ``reject_unknown=False`` never answers unknown.
+        ``reject_unknown=False`` never answers unknown. A file over ``max_seconds`` fails (or is skipped)
+        from its header, before its samples are read (``AudioTooLongError``).
         """
         reject = (unknown_threshold, reject_unknown)
         self._require_labels()
@@ -538,7 +540,7 @@ class Model:
             raise ModelError(f"top_k must be >= 1, got {top_k}")
         top_k = min(top_k, self.learner.n_classes_)
         if window is None:
-            decoded = self.decode(paths, on_error, names, digests=False)
+            decoded = self.decode(paths, on_error, names, digests=False, max_seconds=max_seconds)
             if not decoded.waves:
                 return Predictions([], decoded.skipped)
             tops = self._top(decoded.waves, top_k, *reject)
@@ -548,20 +550,20 @@ class Model:
         for k, path in enumerate(paths):
             name = str(names[k]) if names is not None else str(path)
             try:
-                out += list(self.predict_stream(path, name, window, hop, top_k, 64, *reject))
+                out += list(self.predict_stream(path, name, window, hop, top_k, 64, *reject, max_seconds=max_seconds))
             except AudioDecodeError as exc:
                 if on_error == "fail":
-                    raise AudioDecodeError(name, exc.reason) from None
+                    raise type(exc)(name, exc.reason) from None
                 out.skipped.append((name, exc.reason))
         return out
 
     def predict_stream(self, path: AudioSource, name: str, window: float, hop: float, top_k: int = 5,
                        batch_size: int = 64, unknown_threshold: float | None = None,
-                       reject_unknown: bool = True) -> Iterator[Prediction]:
+                       reject_unknown: bool = True, max_seconds: float | None = None) -> Iterator[Prediction]:
         """Windows are decoded block by block and classified a batch at a time: memory stays flat."""
         pending: list[tuple[float, np.ndarray]] = []
         reject = (unknown_threshold, reject_unknown)
-        for item in iter_windows(path, window, hop, self.embedder.audio_config):
+        for item in iter_windows(path, window, hop, self.embedder.audio_config, max_seconds=max_seconds):
             pending.append(item)
             if len(pending) == batch_size:
                 yield from self._window_batch(pending, name, window, top_k, reject)
@@ -591,7 +593,7 @@ class Model:
 
     def forget(
         self, label: str | None = None, files: Sequence[AudioSource] | None = None, *,
-        names: Sequence[str] | None = None,
+        names: Sequence[str] | None = None, max_seconds: float | None = None,
     ) -> dict[str, Any]:
         """Exact unlearning of a label, or of specific clips that were learned; nothing else changes."""
         self._require_writable()
@@ -603,7 +605,7 @@ class Model:
         if label is not None:
             counts = self._commit(Change("forget-label", [self._names[self._id_of(label)]], time=_now()))
             return {"forgot": counts[label], "labels": counts, "removed_labels": [label]}
-        decoded = self.decode(list(files), "fail", names)
+        decoded = self.decode(list(files), "fail", names, max_seconds=max_seconds)
         entries = {e["clip"]: e for e in self.journal}
         rows, chosen = [], set()
         for name, digest in zip(decoded.names, decoded.digests, strict=True):

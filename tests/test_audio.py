@@ -238,3 +238,17 @@ def test_in_memory_clip_decodes_like_its_file_and_errors_name_it(tmp_path):
     with pytest.raises(AudioDecodeError, match=r"^broken\.wav: cannot be decoded") as info:
         load_audio(AudioBytes("broken.wav", b"RIFF not really a wave file"))
     assert info.value.path.name == "broken.wav"
+
+
+def test_a_file_over_max_seconds_is_refused_from_its_header(tmp_path):
+    from earmark.audio import AudioTooLongError
+    from earmark.audio.stream import iter_windows
+
+    p = tmp_path / "long.wav"
+    sf.write(p, _tone(16000, 3.0), 16000)
+    assert load_audio(p, AudioConfig(clip_seconds=1.0), max_seconds=3.0).shape == (16000,)
+    with pytest.raises(AudioTooLongError, match=r"long\.wav: 3\.0 s long; the limit is 2 s"):
+        load_audio(p, AudioConfig(clip_seconds=1.0), max_seconds=2.0)
+    with pytest.raises(AudioTooLongError):
+        next(iter_windows(p, 1.0, 1.0, AudioConfig(), max_seconds=2.5))
+    assert len(list(iter_windows(p, 1.0, 1.0, AudioConfig(), max_seconds=3.0))) == 3

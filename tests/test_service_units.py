@@ -82,7 +82,7 @@ class _Model:
     def __init__(self):
         self.calls: list[list[str]] = []
 
-    def predict(self, paths, top_k=5, window=None, hop=None, names=None):
+    def predict(self, paths, top_k=5, window=None, hop=None, names=None, max_seconds=None):
         self.calls.append(list(paths))
         if any("bad" in p for p in paths):
             raise ValueError("bad audio")
@@ -183,7 +183,7 @@ class _Learner:
         other.logged, other.unlogged = self.logged, list(self.unlogged)
         return other
 
-    def learn(self, paths, labels, names=None):
+    def learn(self, paths, labels, names=None, max_seconds=None):
         self.learn_calls += 1
         labels = [labels] * len(paths) if isinstance(labels, str) else labels
         if any("bad" in p for p in paths):

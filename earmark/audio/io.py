@@ -26,6 +26,10 @@ class AudioDecodeError(ValueError):
         super().__init__(f"{self.path}: {reason}")
 
 
+class AudioTooLongError(AudioDecodeError):
+    """A file longer than the caller accepts (e.g. a service's limit), refused from its header alone."""
+
+
 class AudioWarning(UserWarning):
     """A file decoded, but not as its header says or shorter than a usable clip (the message names it).
 
@@ -81,20 +85,27 @@ def source_name(source: AudioSource) -> Path:
     return Path(source.name) if isinstance(source, AudioBytes) else Path(source)
 
 
-def open_audio(source: AudioSource, config: AudioConfig, stacklevel: int = 3) -> sf.SoundFile:
-    """Open a file (or in-memory clip) once and check its header against ``config``; the caller closes it."""
+def open_audio(
+    source: AudioSource, config: AudioConfig, stacklevel: int = 3, max_seconds: float | None = None
+) -> sf.SoundFile:
+    """Open a file (or in-memory clip) once and check its header against ``config`` (and ``max_seconds``,
+    :class:`AudioTooLongError`); the caller closes it."""
     path = source_name(source)
     if not isinstance(source, AudioBytes):
         if not path.exists():
             raise AudioDecodeError(path, "file does not exist")
         if path.is_dir():
             raise AudioDecodeError(path, "is a directory, not an audio file")
+    handle = io.BytesIO(source.data) if isinstance(source, AudioBytes) else str(path)
     try:
-        fh = sf.SoundFile(io.BytesIO(source.data) if isinstance(source, AudioBytes) else str(path))
+        fh = sf.SoundFile(handle)
     except Exception as exc:  # soundfile raises several types for undecodable input
-        raise AudioDecodeError(path, f"cannot be decoded ({exc})") from exc
+        said = str(exc).replace(repr(handle), repr(str(path))) if isinstance(source, AudioBytes) else str(exc)
+        raise AudioDecodeError(path, f"cannot be decoded ({said})") from exc
     try:
         _check_header(fh, path, config, stacklevel + 1)
+        if max_seconds is not None and fh.frames > max_seconds * fh.samplerate:
+            raise AudioTooLongError(path, f"{fh.frames / fh.samplerate:.1f} s long; the limit is {max_seconds:g} s")
     except BaseException:
         fh.close()
         raise
@@ -142,11 +153,13 @@ def fix_length(x: np.ndarray, n: int) -> np.ndarray:
     return np.pad(x, (0, n - len(x)))
 
 
-def load_audio(path: AudioSource, config: AudioConfig | None = None) -> np.ndarray:
-    """Decode, downmix, resample and pad/crop one file (or in-memory clip) to a float32 waveform."""
+def load_audio(path: AudioSource, config: AudioConfig | None = None, max_seconds: float | None = None) -> np.ndarray:
+    """Decode, downmix, resample and pad/crop one file (or in-memory clip) to a float32 waveform.
+
+    ``max_seconds``: refuse a longer file (:class:`AudioTooLongError`) before reading its samples."""
     config = config or AudioConfig()
     name = source_name(path)
-    with open_audio(path, config) as fh:
+    with open_audio(path, config, max_seconds=max_seconds) as fh:
         rate, frames = fh.samplerate, fh.frames
         stop = None
         if config.clip_samples is not None:

@@ -17,17 +17,19 @@ def iter_windows(
     hop_seconds: float,
     config: AudioConfig | None = None,
     block_seconds: float = 30.0,
+    max_seconds: float | None = None,
 ) -> Iterator[tuple[float, np.ndarray]]:
     """Yield (start time in s, mono float32 window at the model rate); the last window is zero-padded.
 
     The file is decoded ``block_seconds`` at a time and resampled with a streaming soxr resampler,
-    so only one block plus one window is ever held in memory.
+    so only one block plus one window is ever held in memory. ``max_seconds``: refuse a longer file
+    (:class:`AudioTooLongError`) from its header.
     """
     config = config or AudioConfig()
     if window_seconds <= 0 or hop_seconds <= 0:
         raise ValueError("window and hop must be positive")
     path = source_name(source)
-    fh = open_audio(source, config)
+    fh = open_audio(source, config, max_seconds=max_seconds)
     rate = fh.samplerate
     sr = config.sample_rate
     win, hop = int(round(window_seconds * sr)), int(round(hop_seconds * sr))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import io
 import logging
 import math
 import tempfile
@@ -66,7 +65,7 @@ def _model_api():
 
 def client_error(exc: BaseException, uploads: Uploads | None = None) -> ClientError | None:
     """The 4xx a model-side exception stands for, with temp paths told back as the client's filenames."""
-    from earmark.audio import AudioDecodeError
+    from earmark.audio import AudioDecodeError, AudioTooLongError
 
     api = _model_api()
     clean = uploads.clean if uploads is not None else (lambda s: s)
@@ -74,7 +73,7 @@ def client_error(exc: BaseException, uploads: Uploads | None = None) -> ClientEr
         return exc
     if isinstance(exc, AudioDecodeError):
         name = uploads.original(exc.path) if uploads is not None else exc.path.name
-        return ClientError(400, f"{name}: {clean(exc.reason)}")
+        return ClientError(413 if isinstance(exc, AudioTooLongError) else 400, f"{name}: {clean(exc.reason)}")
     unknown = getattr(api, "UnknownLabelError", None)
     if unknown is not None and isinstance(exc, unknown):
         return ClientError(404, clean(_message(exc)))
@@ -117,20 +116,6 @@ def precheck(uploads: Uploads) -> None:
             raise ClientError(400, f"{f.name}: empty file (0 bytes)")
         if f.content_type.startswith(NOT_AUDIO_PREFIXES):
             raise ClientError(415, f"{f.name}: content type {f.content_type} is not audio")
-
-
-def check_audio(uploads: Uploads, max_seconds: float) -> None:
-    """Each file's header: decodable, has samples, not longer than ``max_seconds`` (worker thread)."""
-    for f in uploads.files:
-        try:
-            info = sf.info(str(f.path) if f.path is not None else io.BytesIO(f.data))
-        except Exception as exc:
-            raise ClientError(400, f"{f.name}: not decodable audio ({uploads.clean(str(exc))})") from None
-        if info.frames <= 0 or info.samplerate <= 0:
-            raise ClientError(400, f"{f.name}: contains no samples")
-        seconds = info.frames / info.samplerate
-        if seconds > max_seconds:
-            raise ClientError(413, f"{f.name}: {seconds:.1f} s long; the limit is {max_seconds:g} s")
 
 
 def _top(pred, k: int) -> list[dict]:
@@ -274,10 +259,10 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
             raise
         return uploads
 
-    async def write(change=None, uploads: Uploads | None = None, validate=None, learn=None) -> tuple[dict, Snapshot]:
+    async def write(change=None, uploads: Uploads | None = None, learn=None) -> tuple[dict, Snapshot]:
         """Admitted already; queue a write for the writer thread and wait until it is saved and published."""
         cleanup = uploads.close if uploads is not None else (lambda: None)
-        fut = holder.submit(WriteJob(Future(), cleanup, validate, change, learn))
+        fut = holder.submit(WriteJob(Future(), cleanup, None, change, learn, config.max_clip_seconds))
         try:
             return await asyncio.wrap_future(fut)
         except Exception as exc:
@@ -334,8 +319,9 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
                 longest = min(longest, window + hop * (config.max_windows - 1))
             unknown = {} if unknown_threshold is None and reject_unknown else \
                 {"unknown_threshold": unknown_threshold, "reject_unknown": reject_unknown}
+            # no separate header check: the decoder refuses a file over `longest` from its header (413)
             job = ClassifyJob(uploads.sources, uploads.names, top_k, window, hop, Future(), uploads.close,
-                              validate=lambda: check_audio(uploads, longest), unknown=unknown)
+                              unknown=unknown, max_seconds=longest)
             try:
                 runtime["classifier"].submit(job)
             except ClientError:
@@ -381,8 +367,7 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
 
         async def run():
             uploads = await receive(request)
-            report, snap = await write(uploads=uploads, validate=lambda: check_audio(uploads, config.max_clip_seconds),
-                                       learn=(uploads.sources, name, uploads.names))
+            report, snap = await write(uploads=uploads, learn=(uploads.sources, name, uploads.names))
             return written(snap, report, label=name)
 
         return await with_admission(request, run)
@@ -412,14 +397,14 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
             uploads = await receive(request)
 
             def change(m):
-                report = m.forget(files=uploads.sources, names=uploads.names)
+                report = m.forget(files=uploads.sources, names=uploads.names, max_seconds=config.max_clip_seconds)
                 others = sorted(set(report.get("labels", {})) - {name})
                 if others:  # raised before the save: the changed clone is dropped, nothing is applied
                     raise ClientError(400, f"some clips were learned as {', '.join(map(repr, others))}, not "
                                            f"{name!r}; nothing forgotten")
                 return report
 
-            report, snap = await write(change, uploads, lambda: check_audio(uploads, config.max_clip_seconds))
+            report, snap = await write(change, uploads)
             return written(snap, report, label=name)
 
         return await with_admission(request, run)

@@ -52,14 +52,16 @@ class Snapshot:
 
 @dataclass
 class WriteJob:
-    """One learn or forget. A learn is given as (paths, label, names) so queued learns can be committed
-    together; anything else is a ``change(clone) -> report`` run alone."""
+    """One learn or forget. A learn is given as (sources, label, names) so queued learns can be committed
+    together (files over ``max_seconds`` are refused from their header); anything else is a
+    ``change(model) -> report`` run alone."""
 
     future: Future
     cleanup: Callable[[], None]
     validate: Callable[[], None] | None = None
     change: Callable[[Any], dict] | None = None
-    learn: tuple[list[str], str, list[str]] | None = None
+    learn: tuple[list, str, list[str]] | None = None
+    max_seconds: float | None = None
 
 
 class ModelHolder:
@@ -210,14 +212,16 @@ class ModelHolder:
             try:
                 self._change(lambda m: m.learn([p for j in group for p in j.learn[0]],
                                                [j.learn[1] for j in group for _ in j.learn[0]],
-                                               names=[n for j in group for n in j.learn[2]]))
+                                               names=[n for j in group for n in j.learn[2]],
+                                               max_seconds=_limit(group)))
                 done = [(j, _learn_report(j, known)) for j in group]
             except Exception:
                 known = set(self.model.counts())  # nothing was applied: one by one, so one bad clip fails alone
         if not done:
             for j in group:
                 try:
-                    self._change(lambda m, j=j: m.learn(j.learn[0], j.learn[1], names=j.learn[2]))
+                    self._change(lambda m, j=j: m.learn(j.learn[0], j.learn[1], names=j.learn[2],
+                                                        max_seconds=j.max_seconds))
                 except BaseException as exc:
                     _finish(j.future, exc=exc)
                     continue
@@ -291,6 +295,12 @@ class ModelHolder:
             log.exception("compacting the change log failed")
 
 
+def _limit(group: list[WriteJob]) -> float | None:
+    """The strictest of the group's duration limits (they come from one config, so all alike)."""
+    limits = [j.max_seconds for j in group if j.max_seconds is not None]
+    return min(limits) if limits else None
+
+
 def _learn_report(job: WriteJob, known: set[str]) -> dict:
     """What ``Model.learn`` reports, for one request of a group (``known`` grows as labels appear)."""
     paths, label, _ = job.learn
@@ -326,6 +336,7 @@ class ClassifyJob:
     cleanup: Callable[[], None]
     validate: Callable[[], None] | None = None
     unknown: dict = field(default_factory=dict)  # predict's unknown_threshold / reject_unknown, when given
+    max_seconds: float | None = None  # longer files are refused from their header (413)
     clips: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -379,7 +390,8 @@ class Classifier:
             if job is None:
                 jobs_queue.put(None)  # leave the stop signal for this or another worker
                 break
-            if job.window is not None or job.unknown != first.unknown or clips + job.clips > self.batch:
+            if (job.window is not None or job.unknown != first.unknown or job.max_seconds != first.max_seconds
+                    or clips + job.clips > self.batch):
                 self._run_jobs([job])  # does not fit this batch: run it right after on its own
                 continue
             jobs.append(job)
@@ -414,12 +426,13 @@ class Classifier:
             if len(ok) == 1:
                 job = ok[0]
                 self._finish(job, (snap, snap.model.predict(job.paths, top_k=job.top_k, window=job.window,
-                                                            hop=job.hop, names=job.names, **job.unknown)))
+                                                            hop=job.hop, names=job.names, max_seconds=job.max_seconds,
+                                                            **job.unknown)))
                 return
             paths = [p for job in ok for p in job.paths]
             names = [n for job in ok for n in job.names]
             k = max(job.top_k for job in ok)
-            preds = snap.model.predict(paths, top_k=k, names=names, **ok[0].unknown)
+            preds = snap.model.predict(paths, top_k=k, names=names, max_seconds=ok[0].max_seconds, **ok[0].unknown)
         except BaseException as exc:
             if len(ok) == 1:
                 self._finish(ok[0], exc=exc)
@@ -428,7 +441,7 @@ class Classifier:
             for job in ok:
                 try:
                     self._finish(job, (snap, snap.model.predict(job.paths, top_k=job.top_k, names=job.names,
-                                                                **job.unknown)))
+                                                                max_seconds=job.max_seconds, **job.unknown)))
                 except BaseException as exc2:
                     self._finish(job, exc=exc2)
             return
