@@ -817,6 +817,11 @@ class HeldOutCalibration:
         self.calibration.detector.fit(known)
         return self.calibration
 
+    def nbytes(self) -> int:
+        """Bytes of the tensors ``state()`` saves, counted without building them (a model's info asks after
+        every change, and a state dict would fold the shadow's pending statistics each time)."""
+        return self.shadow.nbytes() + sum(t.numel() * t.element_size() for t in (self.pool_X, self.pool_y))
+
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """(tensors, JSON-able meta) to save beside a model: the shadow's state, the pool, the calibration."""
         tensors = {f"shadow.{k}": v for k, v in self.shadow.state_dict().items()}

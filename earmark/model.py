@@ -710,10 +710,8 @@ class Model:
         """What calibration keeps (a shadow learner and held-out embeddings), in bytes, so nobody is surprised."""
         if self.calibration is None:
             return None
-        tensors, meta = self.calibration.state()
         cal = self.calibration.calibration
-        return {"held_out_clips": len(self.calibration.pool_y), "bytes": sum(t.numel() * t.element_size()
-                                                                              for t in tensors.values()),
+        return {"held_out_clips": len(self.calibration.pool_y), "bytes": self.calibration.nbytes(),
                 "temperature": cal.calibrator.temperature, "transform": cal.calibrator.transform,
                 "top_label": cal.calibrator.top_label.kind, "score": cal.detector.score,
                 "threshold": cal.detector.threshold if math.isfinite(cal.detector.threshold) else None}

@@ -255,3 +255,13 @@ def test_evaluate_open_set_takes_validation_clips_by_session():
     _, _, rows = evaluate_open_set(make_learner("ncm"), sc, X, row_of, validation_indices=test0)
     assert rows[0]["temperature"] != plain[0]["temperature"]
     assert rows[0]["accuracy"] == plain[0]["accuracy"] and rows[0]["ece_floor"] >= 0
+
+
+@pytest.mark.parametrize("name", ["ncm", "lda", "analytic", "ranpac"])
+def test_calibration_bytes_are_counted_without_building_the_state(name):
+    X, y, _ = blobs(list(range(5)), 12, d=16, seed=0)
+    params = {"analytic": {"buffer_size": 64}, "ranpac": {"projection_size": 64}}.get(name, {})
+    cal = HeldOutCalibration(make_learner(name, **params))
+    cal.update(X, y)
+    tensors, _ = cal.state()
+    assert cal.nbytes() == sum(t.numel() * t.element_size() for t in tensors.values()) > 0
