@@ -657,8 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(default: the system's temp dir)")
     srv.add_argument("--upload-memory", type=_bytes, default=8 * 2**20,
                      help="a request's files held in memory before they spill to --temp-dir (default 8MiB)")
-    srv.add_argument("--learn-linger", type=float, default=0.05,
-                     help="seconds the writer waits after a learn for others to commit with it (default 0.05)")
+    srv.add_argument("--learn-linger", type=float, default=0.0,
+                     help="seconds the writer waits after a learn for others to commit with it (default 0)")
     srv.add_argument("--compact-every", type=int, default=64,
                      help="changes acknowledged through the model's change log before a full save folds it in")
     srv.add_argument("--no-access-log", action="store_true")

@@ -760,17 +760,23 @@ class Model:
             generation = (int(on_disk.get("generation", 0)) if on_disk else 0) + 1
             blobs = path / "blobs"
             blobs.mkdir(parents=True, exist_ok=True)
-            embedder_bytes = tensors_bytes(self.embedder.state_tensors(), self.embedder.describe())
+            files = {}
+            kept = (on_disk or {}).get("files", {}).get("embedder") if same else None
+            if kept and kept.get("sha256") == self.embedder.digest and (path / kept["path"]).is_file() \
+                    and (path / kept["path"]).stat().st_size == kept.get("bytes"):
+                files["embedder"] = dict(kept)  # the blob it was loaded from (and checked against) is still there
+                blobs_out = []
+            else:
+                blobs_out = [("embedder", tensors_bytes(self.embedder.state_tensors(), self.embedder.describe()),
+                              "safetensors")]
             learner_bytes = tensors_bytes(self.learner.state_dict(), {
                 "kind": "learner", "name": self.learner.name, "config": dataclasses.asdict(self.learner.config)})
             journal_bytes = (json.dumps({"clips": self.journal, "history": self.history}, indent=0) + "\n").encode()
-            blobs_out = [("embedder", embedder_bytes, "safetensors"), ("learner", learner_bytes, "safetensors"),
-                         ("journal", journal_bytes, "json")]
+            blobs_out += [("learner", learner_bytes, "safetensors"), ("journal", journal_bytes, "json")]
             if self.calibration is not None:
                 cal_tensors, cal_meta = self.calibration.state()
                 blobs_out.append(("calibration", tensors_bytes(cal_tensors, {"kind": "calibration", **cal_meta}),
                                   "safetensors"))
-            files = {}
             for role, data, suffix in blobs_out:
                 digest = _sha256(data)
                 rel = f"blobs/{role}-{digest[:20]}.{suffix}"
@@ -783,7 +789,7 @@ class Model:
             atomic_write_text(path / MANIFEST, json.dumps(body, indent=2, sort_keys=True) + "\n")
             _fsync_dir(path)
             self.generation = generation
-            self.embedder.digest = _sha256(embedder_bytes)
+            self.embedder.digest = files["embedder"]["sha256"]
             self.path = path
             self.unlogged, self.logged, self._log_end, self._unloggable = [], 0, 0, False
             _collect_garbage(path, {f["path"] for f in files.values()})

@@ -35,7 +35,7 @@ class ServiceConfig:
     max_top_k: int = 50
     # concurrency
     learn_queue: int = 4  # learn/forget requests admitted at once (one runs, the rest wait); more -> 429
-    learn_linger: float = 0.05  # seconds the writer waits after a learn for others to commit with it
+    learn_linger: float = 0.0  # seconds the writer waits after a learn for others to commit with it
     classify_workers: int = 1  # threads classifying clips; each batches whatever is queued
     window_workers: int = 1  # threads classifying long files window by window (their own queue)
     classify_batch: int = 32  # most clips in one prediction batch
