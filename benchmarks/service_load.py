@@ -8,6 +8,9 @@ Starts the real server in a subprocess on 127.0.0.1 (a small model built on synt
 latency per endpoint and errors, and checks that
   * the final labels and clip counts equal what the acknowledged learn requests imply, and
   * every learn is visible to the next classify its client sends (its version is at least the learn's).
+Beside the clients' latencies (which include the load generator's own threads) it prints the server's
+view from /metrics: the share of classify requests answered within 100 ms and the histogram bucket
+that holds their p99 (first byte in to last byte out).
 Bounded: at most --seconds per run (120 at most) and --max-requests per run; loopback only.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -148,6 +152,34 @@ class Run:
         return time.perf_counter() - start
 
 
+_BUCKET = re.compile(r'^earmark_request_seconds_bucket\{(?P<labels>[^}]*)\} (?P<n>[0-9.e+]+)$', re.MULTILINE)
+
+
+def server_buckets(url: str, endpoint: str = "/classify") -> dict[float, float]:
+    """Cumulative counts of the server's latency histogram for one endpoint: upper bound (s) -> requests."""
+    import httpx
+
+    out: dict[float, float] = {}
+    for m in _BUCKET.finditer(httpx.get(url + "/metrics", timeout=30).text):
+        labels = dict(kv.split("=", 1) for kv in m["labels"].split(","))
+        if labels.get("endpoint", "").strip('"') == endpoint:
+            le = labels["le"].strip('"')
+            out[float("inf") if le == "+Inf" else float(le)] = float(m["n"])
+    return out
+
+
+def server_view(before: dict[float, float], after: dict[float, float], within: float = 0.1) -> str:
+    """The run's classify requests as the server timed them: share within ``within`` s, the p99's bucket."""
+    delta = {le: after.get(le, 0.0) - before.get(le, 0.0) for le in after}
+    total = delta.get(float("inf"), 0.0)
+    if not total:
+        return "server side: no classify requests"
+    share = delta.get(within, 0.0) / total
+    p99 = next(le for le in sorted(delta) if delta[le] >= 0.99 * total)
+    return (f"server side: {share:.1%} of classify requests within {within * 1000:.0f} ms; "
+            f"p99 in the bucket <= {p99 * 1000:.0f} ms")
+
+
 def report(run: Run, elapsed: float, label: str) -> None:
     total = sum(len(v) for v in run.lat.values())
     print(f"\n== {label}: {elapsed:.1f} s, {total / elapsed:.1f} ok requests/s, load average {load_average()}")
@@ -216,8 +248,10 @@ def main(argv: list[str] | None = None) -> int:
             for i, rate in enumerate(rates):
                 run = Run(srv.url, args.clients, seconds, args.learn, args.clip_seconds, args.max_requests,
                           rate, seed=i)
+                before = server_buckets(srv.url)
                 elapsed = run.go()
                 report(run, elapsed, f"open loop at {rate:g} req/s" if rate else "closed loop")
+                print(server_view(before, server_buckets(srv.url)))
                 for name, n in run.acked.items():
                     acked[name] = acked.get(name, 0) + n
                 ok &= sum(run.errors.values()) == 0 and run.visibility_failures == 0
