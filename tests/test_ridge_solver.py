@@ -133,3 +133,28 @@ def test_too_many_pending_rows_fold_on_their_own():
     assert len(stats._pending) == stats.max_pending - 1
     stats.add(H[-1:], torch.zeros(1, dtype=torch.long))
     assert not stats._pending and rel_err(stats._buffers["gram"], H.T @ H) < 1e-13
+
+
+def test_class_factor_rows_wait_and_every_read_sees_them_mixed_in():
+    from earmark.learners.statistics import ClassFactors
+
+    g = torch.Generator().manual_seed(5)
+    f = ClassFactors()
+    f.reset(6)
+    f.grow(2)
+    H = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    cols = torch.tensor([0, 1, 0, 0, 1, 0, 0, 0, 0])
+    for i in range(9):
+        f.add(H[i:i + 1], cols[i:i + 1])
+    assert f._pending and f._buffers["rows"].shape[0] == 0
+    n_before = f.unfolded_bytes()
+    assert n_before == (6 + 2) * 6 * 8  # class 0 keeps at most 6 (= width) rows, class 1 its 2
+    saved = f.state_dict()
+    assert not f._pending and saved["rows"].shape == (8, 6) and saved["sizes"].tolist() == [6, 2]
+    for c in (0, 1):
+        want = H[cols == c].T @ H[cols == c]
+        assert rel_err(f.gram(c), want) < 1e-12
+    f.add(H[:1] * 2, torch.tensor([1]))
+    F = f.drop(0)  # a read folds first, then the class goes
+    assert rel_err(F.T @ F, H[cols == 0].T @ H[cols == 0]) < 1e-12
+    assert rel_err(f.gram(0), H[cols == 1].T @ H[cols == 1] + 4 * H[:1].T @ H[:1]) < 1e-12

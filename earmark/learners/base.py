@@ -316,9 +316,12 @@ class IncrementalLearner(ResizableBuffersModule):
         return torch.softmax(self._proba_logits(self._checked_scores(X)), dim=1).float()
 
     def nbytes(self) -> int:
-        """Bytes held by all state tensors (buffers and parameters), for memory-footprint accounting."""
+        """Bytes held by all state tensors (buffers and parameters) as saved, for memory-footprint accounting.
+
+        Statistics that fold waiting rows in lazily (``unfolded_bytes``) are counted as folded."""
         tensors = itertools.chain(self.parameters(), self.buffers())
-        return sum(t.numel() * t.element_size() for t in tensors)
+        waiting = sum(m.unfolded_bytes() for m in self.modules() if hasattr(type(m), "unfolded_bytes"))
+        return sum(t.numel() * t.element_size() for t in tensors) + waiting
 
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)

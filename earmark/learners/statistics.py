@@ -56,14 +56,55 @@ class ClassFactors(ResizableBuffersModule):
     """Per-class Gram factors ``F_c`` (``F_c' F_c = sum over the class of h h'``), packed in one tensor.
 
     ``rows`` stacks every class's factor (classes in column order); ``sizes[c]`` is class c's row count.
+    Rows added wait (in memory, never in a state dict) until anything reads ``rows`` or ``sizes``, or
+    ``max_pending`` rows wait: re-mixing a class's factor costs an eigendecomposition of its row count
+    squared, so a service learning one clip at a time would pay O(m^3) per clip for a class of m rows.
     """
+
+    max_pending = 64
 
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("rows", torch.zeros(0, 0, dtype=torch.float64))
         self.register_buffer("sizes", torch.zeros(0, dtype=torch.long))
+        self._pending: dict[int, list[Tensor]] = {}
+
+    def __getattr__(self, name: str):
+        if name in ("rows", "sizes") and self.__dict__.get("_pending"):
+            self._fold()
+        return super().__getattr__(name)
+
+    def _fold(self) -> None:
+        pending, self._pending = self._pending, {}
+        if pending:
+            parts = self._split()
+            for col, blocks in pending.items():
+                parts[col] = _factor(torch.cat([parts[col], *blocks]))
+            self._rebuild(parts)
+
+    def _save_to_state_dict(self, *args, **kwargs) -> None:
+        self._fold()
+        super()._save_to_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._fold()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._pending = {}
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def unfolded_bytes(self) -> int:
+        """What folding the waiting rows will add to ``rows`` (a class keeps at most ``width`` rows), so memory
+        accounting counts the state as it will be saved without folding it."""
+        rows, sizes = self._buffers["rows"], self._buffers["sizes"]
+        width = rows.shape[1] if rows.ndim == 2 else 0
+        extra = sum(min(int(sizes[c]) + sum(len(b) for b in blocks), width) - int(sizes[c])
+                    for c, blocks in self._pending.items())
+        return extra * width * rows.element_size()
 
     def reset(self, width: int) -> None:
+        self._pending = {}
         self.rows = torch.zeros(0, width, dtype=torch.float64, device=self.rows.device)
         self.sizes = torch.zeros(0, dtype=torch.long, device=self.rows.device)
 
@@ -84,11 +125,11 @@ class ClassFactors(ResizableBuffersModule):
         self.sizes = torch.as_tensor([p.shape[0] for p in parts], dtype=torch.long, device=self.sizes.device)
 
     def add(self, H: Tensor, cols: Tensor) -> None:
-        """Fold rows ``H`` (float64) into the factors of their classes."""
-        parts = self._split()
+        """Rows ``H`` (float64) join the factors of their classes (mixed in at the next fold)."""
         for col in torch.unique(cols).tolist():
-            parts[col] = _factor(torch.cat([parts[col], H[cols == col]]))
-        self._rebuild(parts)
+            self._pending.setdefault(col, []).append(H[cols == col])
+        if sum(len(b) for blocks in self._pending.values() for b in blocks) >= self.max_pending:
+            self._fold()
 
     def remove(self, H: Tensor, cols: Tensor) -> None:
         """Take rows that were added earlier out of their classes' factors.
