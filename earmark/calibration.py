@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from earmark.learners.base import ArrayLike, IncrementalLearner
+from earmark.learners.statistics import RidgeStatistics
 
 UNKNOWN = -1  # the label of a rejected prediction
 SCORES = ("msp", "energy", "max_score", "mahalanobis", "relative_mahalanobis")
@@ -681,6 +682,9 @@ class HeldOutCalibration:
         if learner.is_fitted:
             raise ValueError("HeldOutCalibration shadows a learner from its first session: pass it unfitted")
         self.shadow = copy.deepcopy(learner)
+        for part in self.shadow.modules():  # its scores only feed T and the threshold: no 1e-11 error probe
+            if isinstance(part, RidgeStatistics):
+                part.solver.probe = False
         self.holdout = holdout
         self.seed = seed
         self.max_per_class = max_per_class

@@ -158,3 +158,17 @@ def test_class_factor_rows_wait_and_every_read_sees_them_mixed_in():
     F = f.drop(0)  # a read folds first, then the class goes
     assert rel_err(F.T @ F, H[cols == 0].T @ H[cols == 0]) < 1e-12
     assert rel_err(f.gram(0), H[cols == 1].T @ H[cols == 1] + 4 * H[:1].T @ H[:1]) < 1e-12
+
+
+def test_a_calibration_shadow_skips_the_error_probe_and_stays_close():
+    from earmark.calibration import HeldOutCalibration
+
+    X, y, _ = blobs(list(range(6)), 20, d=12, seed=2)
+    learner = make_learner("analytic", buffer_size=64, gamma=10.0)
+    cal = HeldOutCalibration(learner)
+    assert learner.stats.solver.probe and not cal.shadow.stats.solver.probe
+    cal.update(X[:60], y[:60])
+    for i in range(60, 70):  # one clip at a time: low-rank answers, none probed
+        cal.update(X[i:i + 1], y[i:i + 1])
+    assert cal.shadow.stats.solver.factorizations == 1 and len(cal.shadow.stats.solver.U) > 0
+    assert rel_err(cal.shadow.weights, fresh_solve(cal.shadow.stats, 10.0)) < 1e-8

@@ -199,9 +199,14 @@ class LowRankSolver:
     An estimated error above ``tol`` relative (or above ``slack`` times what the fresh solve itself reached
     along the probe, when that is worse), a change of lam, a merge, a load, or more than ``max_rows``
     rows in U make the next solve a full Cholesky of the current statistics. Not state: nothing here is saved.
+    ``probe=False`` skips the probe (the capacitance's condition check stays): for a learner whose answers
+    only feed a fit that needs a few digits, such as a calibration's shadow; the probe costs two triangular
+    solves and a D x D product per answer.
     """
 
-    def __init__(self, max_rows: int = 256, tol: float = 1e-11, slack: float = 10.0, max_cond: float = 1e4) -> None:
+    def __init__(self, max_rows: int = 256, tol: float = 1e-11, slack: float = 10.0, max_cond: float = 1e4,
+                 probe: bool = True) -> None:
+        self.probe = probe
         self.max_rows = max_rows
         self.max_cond = max_cond
         self.tol = tol
@@ -301,6 +306,8 @@ class LowRankSolver:
             return A0_inv_B - self.K @ torch.linalg.lu_solve(lu, piv, self.U @ A0_inv_B)
 
         W = apply(targets, self.Z)
+        if not self.probe:
+            return W
         err = self._probe_error(gram, targets, lam, W, lambda r: apply(r, chol_solve(r, self.L)))
         if not err <= max(self.tol, self.slack * self.floor):
             self.rejected += 1
