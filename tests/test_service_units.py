@@ -424,3 +424,28 @@ def test_uploads_stay_in_memory_until_the_budget_then_spill(tmp_path):
     assert up.original(second) == "two.wav" and second.parent == up.dir and up.dir.parent == tmp_path
     up.close()
     assert not up.dir.exists()
+
+
+def test_the_process_wide_memory_budget_spills_what_it_cannot_hold_and_is_given_back(tmp_path):
+    import asyncio
+
+    from earmark.audio import AudioBytes
+    from earmark.service.uploads import MemoryBudget, receive_uploads
+
+    budget = MemoryBudget(10_000)
+    first = asyncio.run(receive_uploads(_request(_multipart([("a.wav", b"a" * 6000)])), 10**6, 8, str(tmp_path),
+                                        memory_bytes=10**6, budget=budget))
+    assert isinstance(first.sources[0], AudioBytes) and budget.used == 6000
+    second = asyncio.run(receive_uploads(_request(_multipart([("b.wav", b"b" * 6000)])), 10**6, 8, str(tmp_path),
+                                         memory_bytes=10**6, budget=budget))
+    spilled = second.sources[0]
+    assert not isinstance(spilled, AudioBytes) and spilled.read_bytes() == b"b" * 6000  # on disk, whole
+    assert budget.used == 6000  # the spilled bytes were given back
+    second.close()
+    first.close()
+    assert budget.used == 0
+    third = asyncio.run(receive_uploads(_request(_multipart([("c.wav", b"c" * 6000)])), 10**6, 8, str(tmp_path),
+                                        memory_bytes=10**6, budget=budget))
+    assert isinstance(third.sources[0], AudioBytes)  # room again
+    third.close()
+    assert budget.used == 0

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from earmark.service.config import ServiceConfig
 from earmark.service.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
 from earmark.service.state import Classifier, ClassifyJob, ClientError, ModelHolder, Snapshot, WriteJob
-from earmark.service.uploads import UploadError, Uploads, receive_uploads
+from earmark.service.uploads import MemoryBudget, UploadError, Uploads, receive_uploads
 
 log = logging.getLogger("earmark.service")
 STATIC = Path(__file__).parent / "static"
@@ -152,6 +152,7 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
                          loader=lambda: _model_api().Model.load(path, device=config.device))
     metrics = Metrics(lambda: holder.snapshot.metrics() if holder.snapshot else None)
     token = (config.token or "").encode()
+    upload_budget = MemoryBudget(config.upload_memory_total)  # uploads in memory across requests
     runtime: dict[str, Any] = {}
 
     def load() -> None:
@@ -251,7 +252,7 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
     async def receive(request: Request) -> Uploads:
         """The request's uploads, prechecked; on a refusal the temporary files are removed at once."""
         uploads = await receive_uploads(request, config.max_request_bytes, config.max_files, config.temp_dir,
-                                        config.upload_memory_bytes)
+                                        config.upload_memory_bytes, upload_budget)
         try:
             precheck(uploads)
         except BaseException:

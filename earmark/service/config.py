@@ -43,6 +43,7 @@ class ServiceConfig:
     classify_queue: int = 256  # classify requests waiting for a worker; more -> 429
     temp_dir: str | None = None  # where uploads spill (default: the system temp dir)
     upload_memory_bytes: int = 8 * 2**20  # a request's files kept in memory before they spill to temp_dir
+    upload_memory_total: int = 64 * 2**20  # all requests' in-memory files together; past it new bytes spill
     # durability: a change is acknowledged once its record is fsynced to the model's change log; the log is
     # folded into a full save after this many changes, or once no write came for compact_idle seconds
     compact_every: int = 64
@@ -56,6 +57,8 @@ class ServiceConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if self.max_clip_seconds <= 0 or self.max_long_file_seconds <= 0:
             raise ConfigError("clip duration limits must be positive")
+        if self.upload_memory_total < 0:
+            raise ConfigError("upload_memory_total must be >= 0")
         if self.upload_memory_bytes < 0:
             raise ConfigError("upload_memory_bytes must be >= 0 (0: every upload goes to temp_dir)")
         if not 0 <= self.learn_linger <= 5:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -26,6 +27,28 @@ from earmark.audio.io import AudioBytes, AudioSource
 MAX_FIELD_BYTES = 1024  # a plain form field (top_k, window, ...)
 MAX_FIELDS = 16
 MEMORY_BYTES = 8 * 2**20  # a request's files held in memory before they spill to disk
+
+
+class MemoryBudget:
+    """Bytes of uploads held in memory across all requests in flight: past ``limit`` new bytes go to disk.
+
+    Why: a per-request budget alone lets a full classify queue (hundreds of requests) hold gigabytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
 
 
 class UploadError(Exception):
@@ -59,6 +82,13 @@ class Uploads:
     files: list[Upload] = field(default_factory=list)
     fields: dict[str, str] = field(default_factory=dict)
     parent: str | None = None
+    budget: MemoryBudget | None = None
+    held: int = 0  # bytes of ``budget`` this request holds
+
+    def release(self) -> None:
+        if self.budget is not None and self.held:
+            self.budget.give(self.held)
+        self.held = 0
 
     def spill_dir(self) -> Path:
         if self.dir is None:
@@ -90,6 +120,7 @@ class Uploads:
         return text.replace(str(self.dir) + "/", "").replace(str(self.dir), "")
 
     def close(self) -> None:
+        self.release()
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -128,9 +159,9 @@ def _disposition(headers: dict[str, bytes]) -> tuple[str | None, str | None]:
 
 
 async def receive_uploads(request: Request, max_bytes: int, max_files: int, temp_dir: str | None = None,
-                          memory_bytes: int = MEMORY_BYTES) -> Uploads:
-    """Read a multipart/form-data body into memory, spilling to a temp dir past ``memory_bytes``;
-    raises :class:`UploadError` (413/415/400)."""
+                          memory_bytes: int = MEMORY_BYTES, budget: MemoryBudget | None = None) -> Uploads:
+    """Read a multipart/form-data body into memory, spilling to a temp dir past ``memory_bytes`` (or when
+    the process-wide ``budget`` is spent); raises :class:`UploadError` (413/415/400)."""
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data":
         shown = ctype.decode("latin-1") or "none"
@@ -142,7 +173,7 @@ async def receive_uploads(request: Request, max_bytes: int, max_files: int, temp
     if length is not None and length.isdigit() and int(length) > max_bytes:
         raise UploadError(413, f"request body is {int(length)} bytes; the limit is {max_bytes} bytes")
 
-    uploads = Uploads(parent=temp_dir)
+    uploads = Uploads(parent=temp_dir, budget=budget)
     state: dict = {"headers": {}, "field": None, "value": b"", "file": None, "upload": None, "error": None,
                    "buffer": None, "in_memory": 0}
     header_name = bytearray()
@@ -198,6 +229,9 @@ async def receive_uploads(request: Request, max_bytes: int, max_files: int, temp
         state["file"] = fh = open(up.path, "wb")  # noqa: SIM115 - closed in on_part_end or below
         fh.write(buffer)
         state["in_memory"] -= len(buffer)
+        if budget is not None:
+            budget.give(len(buffer))
+            uploads.held -= len(buffer)
         state["buffer"] = None
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
@@ -209,11 +243,17 @@ async def receive_uploads(request: Request, max_bytes: int, max_files: int, temp
             fh.write(data[start:end])
             state["upload"].size += end - start
         elif buffer is not None:
-            buffer += data[start:end]
-            state["upload"].size += end - start
-            state["in_memory"] += end - start
-            if state["in_memory"] > memory_bytes:
-                spill(state["upload"], buffer)
+            n = end - start
+            state["upload"].size += n
+            granted = budget is None or budget.take(n)
+            if granted:
+                buffer += data[start:end]
+                state["in_memory"] += n
+                uploads.held += n if budget is not None else 0
+            if not granted or state["in_memory"] > memory_bytes:
+                spill(state["upload"], buffer)  # what was in memory goes to disk and is given back
+                if not granted:
+                    state["file"].write(data[start:end])
         elif state["field"] is not None:
             state["value"] += data[start:end]
             if len(state["value"]) > MAX_FIELD_BYTES:
