@@ -52,7 +52,36 @@ def _pinv_psd(S: Tensor) -> Tensor:
     return (vecs * inv) @ vecs.T
 
 
-class ClassFactors(ResizableBuffersModule):
+class FoldsOnRead(ResizableBuffersModule):
+    """Statistics whose latest changes wait in ``_pending`` and are folded into the buffers named in
+    ``fold_on_read`` by ``_fold()``: on any read of those buffers, before a state dict is taken, and before
+    a move or cast; loading a state drops what waits. Subclasses define ``_fold`` and an empty ``_pending``.
+    Why: a change of a few rows would otherwise rewrite the whole buffer each time."""
+
+    fold_on_read: tuple[str, ...] = ()
+
+    def __getattr__(self, name: str):
+        if name in self.fold_on_read and self.__dict__.get("_pending"):
+            self._fold()
+        return super().__getattr__(name)
+
+    def _fold(self) -> None:
+        raise NotImplementedError
+
+    def _save_to_state_dict(self, *args, **kwargs) -> None:
+        self._fold()
+        super()._save_to_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._fold()  # moves and casts see the whole state
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._pending = type(self._pending)()
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+class ClassFactors(FoldsOnRead):
     """Per-class Gram factors ``F_c`` (``F_c' F_c = sum over the class of h h'``), packed in one tensor.
 
     ``rows`` stacks every class's factor (classes in column order); ``sizes[c]`` is class c's row count.
@@ -62,17 +91,13 @@ class ClassFactors(ResizableBuffersModule):
     """
 
     max_pending = 64
+    fold_on_read = ("rows", "sizes")
 
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("rows", torch.zeros(0, 0, dtype=torch.float64))
         self.register_buffer("sizes", torch.zeros(0, dtype=torch.long))
         self._pending: dict[int, list[Tensor]] = {}
-
-    def __getattr__(self, name: str):
-        if name in ("rows", "sizes") and self.__dict__.get("_pending"):
-            self._fold()
-        return super().__getattr__(name)
 
     def _fold(self) -> None:
         pending, self._pending = self._pending, {}
@@ -81,18 +106,6 @@ class ClassFactors(ResizableBuffersModule):
             for col, blocks in pending.items():
                 parts[col] = _factor(torch.cat([parts[col], *blocks]))
             self._rebuild(parts)
-
-    def _save_to_state_dict(self, *args, **kwargs) -> None:
-        self._fold()
-        super()._save_to_state_dict(*args, **kwargs)
-
-    def _apply(self, fn, *args, **kwargs):
-        self._fold()
-        return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._pending = {}
-        super()._load_from_state_dict(*args, **kwargs)
 
     def unfolded_bytes(self) -> int:
         """What folding the waiting rows will add to ``rows`` (a class keeps at most ``width`` rows), so memory
@@ -337,7 +350,7 @@ class PendingGram:
         return self.stats.gram
 
 
-class RidgeStatistics(ResizableBuffersModule):
+class RidgeStatistics(FoldsOnRead):
     """``G = H'H``, ``Q = H'Y`` (one-hot Y) and per-class factors, float64: a ridge is one solve away.
 
     ``class_factors=False`` saves the factors' memory; then a whole class cannot be forgotten
@@ -350,6 +363,7 @@ class RidgeStatistics(ResizableBuffersModule):
     """
 
     max_pending = 64
+    fold_on_read = ("gram",)
 
     def __init__(self, class_factors: bool = True) -> None:
         super().__init__()
@@ -358,11 +372,6 @@ class RidgeStatistics(ResizableBuffersModule):
         self.factors = ClassFactors() if class_factors else None
         self.solver = LowRankSolver()
         self._pending: list[tuple[Tensor, float]] = []
-
-    def __getattr__(self, name: str):
-        if name == "gram" and self.__dict__.get("_pending"):
-            self._fold()
-        return super().__getattr__(name)
 
     def _pending_rows(self) -> tuple[Tensor, Tensor]:
         P = torch.cat([H for H, _ in self._pending])
@@ -381,16 +390,7 @@ class RidgeStatistics(ResizableBuffersModule):
             self._pending = []
             self._buffers["gram"].addmm_(P.T, s.unsqueeze(1) * P)
 
-    def _save_to_state_dict(self, *args, **kwargs) -> None:
-        self._fold()
-        super()._save_to_state_dict(*args, **kwargs)
-
-    def _apply(self, fn, *args, **kwargs):
-        self._fold()  # moves and casts see the whole Gram
-        return super()._apply(fn, *args, **kwargs)
-
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._pending = []
         self.solver.invalidate()
         super()._load_from_state_dict(*args, **kwargs)
 
