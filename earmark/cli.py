@@ -506,7 +506,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         learn_queue=args.learn_queue, classify_workers=args.workers,
         window_workers=args.window_workers, torch_threads=args.torch_threads,
         load_delay=args.load_delay, temp_dir=args.temp_dir, compact_every=args.compact_every,
-        upload_memory_bytes=args.upload_memory, learn_linger=args.learn_linger,
+        upload_memory_bytes=args.upload_memory,
     )
     try:
         serve(config, access_log=not args.no_access_log, log_level=args.log_level)
@@ -657,8 +657,6 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(default: the system's temp dir)")
     srv.add_argument("--upload-memory", type=_bytes, default=8 * 2**20,
                      help="a request's files held in memory before they spill to --temp-dir (default 8MiB)")
-    srv.add_argument("--learn-linger", type=float, default=0.0,
-                     help="seconds the writer waits after a learn for others to commit with it (default 0)")
     srv.add_argument("--compact-every", type=int, default=64,
                      help="changes acknowledged through the model's change log before a full save folds it in")
     srv.add_argument("--no-access-log", action="store_true")

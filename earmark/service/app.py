@@ -148,7 +148,7 @@ def create_app(config: ServiceConfig, *, locked: bool = False) -> FastAPI:
     config.check()
     path = Path(config.model)
     holder = ModelHolder(path, config.learn_queue, compact_every=config.compact_every,
-                         compact_idle=config.compact_idle, linger=config.learn_linger,
+                         compact_idle=config.compact_idle,
                          loader=lambda: _model_api().Model.load(path, device=config.device))
     metrics = Metrics(lambda: holder.snapshot.metrics() if holder.snapshot else None)
     token = (config.token or "").encode()

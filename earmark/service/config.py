@@ -35,7 +35,6 @@ class ServiceConfig:
     max_top_k: int = 50
     # concurrency
     learn_queue: int = 4  # learn/forget requests admitted at once (one runs, the rest wait); more -> 429
-    learn_linger: float = 0.0  # seconds the writer waits after a learn for others to commit with it
     classify_workers: int = 1  # threads classifying clips; each batches whatever is queued
     window_workers: int = 1  # threads classifying long files window by window (their own queue)
     classify_batch: int = 32  # most clips in one prediction batch
@@ -61,8 +60,6 @@ class ServiceConfig:
             raise ConfigError("upload_memory_total must be >= 0")
         if self.upload_memory_bytes < 0:
             raise ConfigError("upload_memory_bytes must be >= 0 (0: every upload goes to temp_dir)")
-        if not 0 <= self.learn_linger <= 5:
-            raise ConfigError("learn_linger must be between 0 and 5 seconds")
 
     @property
     def mutating(self) -> bool:

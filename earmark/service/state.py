@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -68,19 +67,15 @@ class ModelHolder:
     """Holds the writer's model, the published snapshot, the writer thread and the learn queue's admission count.
 
     The writer commits queued learns as a group: one ``learn`` call over all their clips, one log append,
-    one publish, then every request of the group is answered. It waits up to ``linger`` seconds after a
-    group's first learn for more to join: a learn's cost is mostly per group (the learner's and the
-    calibration's solves, the log's fsync), so under a stream of learns this buys throughput for the
-    classifications sharing the CPU, at up to ``linger`` more latency per learn. If the group's learn fails
-    (one request's clip is bad or a duplicate), each request is applied on its own: ``Model.learn`` refuses
-    bad input before it changes anything, and a change that fails half-way (``Model.torn``) sends the writer
-    back to the model on disk.
+    one publish, then every request of the group is answered. If the group's learn fails (one request's
+    clip is bad or a duplicate), each request is applied on its own: ``Model.learn`` refuses bad input
+    before it changes anything, and a change that fails half-way (``Model.torn``) sends the writer back
+    to the model on disk.
     """
 
     def __init__(self, path: Path, learn_queue: int, max_group: int = 32, compact_every: int = 64,
-                 compact_idle: float = 5.0, loader: Callable[[], Any] | None = None, linger: float = 0.0) -> None:
+                 compact_idle: float = 5.0, loader: Callable[[], Any] | None = None) -> None:
         self.path = path
-        self.linger = linger
         self.compact_every = compact_every
         self.compact_idle = compact_idle
         self.loader = loader  # rebuilds the model from disk (everything acknowledged is there)
@@ -154,11 +149,9 @@ class ModelHolder:
             group = [job]
             if job.learn is not None:
                 clips = len(job.learn[0])
-                until = time.monotonic() + self.linger
                 while len(group) < self.max_group and clips < MAX_GROUP_CLIPS:
                     try:
-                        wait = until - time.monotonic()
-                        nxt = self._jobs.get(timeout=wait) if wait > 0 else self._jobs.get_nowait()
+                        nxt = self._jobs.get_nowait()
                     except queue.Empty:
                         break
                     if nxt is None or nxt.learn is None:
