@@ -23,9 +23,16 @@ as the learner itself for the closed-form heads. The real learner learns everyth
 is untouched; the calibration it gets is the shadow's (trained on ~80% of the data, so slightly more
 cautious than needed). Nothing from a test fold is used.
 
+The Mahalanobis scores need class Gaussians. LDA keeps them; for any other head ``HeldOutCalibration``
+keeps a *density*: a streaming LDA over the same embeddings (class sums and counts, the Gram, per-class
+factors), which learns, forgets and merges with the head, so the head's own scores stay as they are
+while "unknown" is judged by the Gaussians. Two of them, like the learner and its shadow: the density of
+everything learned scores new clips, the shadow's density (without the held-out share) scores the pool
+for the threshold.
+
 Everything stored is plain floats and tensors: ``to_dict()/from_dict()`` for the calibrator, the
 detector and ``OpenSetCalibration`` (both together); ``HeldOutCalibration.state()`` adds the shadow's
-``state_dict`` and the pool.
+``state_dict``, the densities' and the pool.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import torch
 from torch import Tensor
 
 from earmark.learners.base import ArrayLike, IncrementalLearner
+from earmark.learners.lda import LDAConfig, StreamingLDALearner
 from earmark.learners.statistics import RidgeStatistics
 
 UNKNOWN = -1  # the label of a rejected prediction
@@ -49,11 +57,26 @@ SCORE_HELP = {
     "energy": "T * logsumexp(scores / T), the negative free energy (any learner)",
     "max_score": "the best raw score: cosine for ncm, ridge output for analytic/ranpac (any learner)",
     "mahalanobis": "minus the smallest squared Mahalanobis distance to a class mean under the shared "
-                   "shrunk covariance (lda only)",
+                   "shrunk covariance (lda's own; any other head: a density kept beside it)",
     "relative_mahalanobis": "the mahalanobis score minus the same distance to one Gaussian of all known clips "
                             "(Ren et al. 2021): what is far from every class but also from the data as a whole "
-                            "counts less (lda only)",
+                            "counts less (lda's own Gaussians; any other head: a density kept beside it)",
 }
+GAUSSIAN_SCORES = ("mahalanobis", "relative_mahalanobis")
+
+
+def is_gaussian(learner: IncrementalLearner) -> bool:
+    """Whether the learner keeps LDA's class Gaussians itself (``means_``, ``covariance_``, ``config.shrinkage``)."""
+    return all(hasattr(type(learner), a) for a in ("means_", "covariance_")) and hasattr(learner.config, "shrinkage")
+
+
+def new_density(shrinkage: float = 1e-4) -> StreamingLDALearner:
+    """The class Gaussians kept beside a head that has none, for the Mahalanobis scores.
+
+    Shrinkage 1e-4 (Deep SLDA's default, LDA's here): on the embedded default's session 0 it gave the relative
+    score's best AUROC among 1e-4, 1e-2, 0.1 and 0.3 (docs/unknown.md).
+    """
+    return StreamingLDALearner(LDAConfig(shrinkage=shrinkage))
 
 
 def _f64(scores: ArrayLike) -> Tensor:
@@ -455,8 +478,7 @@ def mahalanobis_distances(learner: IncrementalLearner, X: ArrayLike) -> Tensor:
     Uses the learner's ``means_``, ``covariance_`` and ``config.shrinkage`` (the ``lda`` learner);
     ``(1 - eps) S + eps I`` is factored once by Cholesky and both sides whitened.
     """
-    needed = ("means_", "covariance_")
-    if not all(hasattr(type(learner), a) for a in needed) or not hasattr(learner.config, "shrinkage"):
+    if not is_gaussian(learner):
         raise TypeError(
             f"the mahalanobis score needs an LDA-style learner (means_, covariance_, config.shrinkage); "
             f"{type(learner).__name__} has none"
@@ -480,7 +502,7 @@ def default_score(learner: IncrementalLearner) -> str:
     at session 0 against 0.58 for the plain one at lda's shrinkage 1e-4); the others are within a few
     points of each other (docs/unknown.md).
     """
-    if all(hasattr(type(learner), a) for a in ("means_", "covariance_")) and hasattr(learner.config, "shrinkage"):
+    if is_gaussian(learner):
         return "relative_mahalanobis"
     return "max_score" if learner.name in ("ncm", "teen") else "energy"
 
@@ -514,18 +536,18 @@ def known_score_from(scores: ArrayLike, kind: str = "msp", temperature: float = 
 
 def known_score(
     learner: IncrementalLearner, X: ArrayLike, kind: str = "msp", calibrator: Calibrator | None = None,
-    scores: Tensor | None = None,
+    scores: Tensor | None = None, density: IncrementalLearner | None = None,
 ) -> Tensor:
     """Known-ness of each row of ``X`` under ``learner`` (higher = more likely a known class), float64 ``(n,)``.
 
     ``scores``: the learner's ``decision_function(X)`` when already computed. With a ``calibrator``, ``msp`` is
-    its calibrated top-1 probability and ``energy`` uses its transformed scores and temperature.
+    its calibrated top-1 probability and ``energy`` uses its transformed scores and temperature. ``density``:
+    the class Gaussians the Mahalanobis kinds read (default: the learner's own, an LDA-style learner's).
     """
-    if kind == "mahalanobis":
-        return -mahalanobis_distances(learner, X).min(1).values
-    if kind == "relative_mahalanobis":
-        nearest = mahalanobis_distances(learner, X).min(1).values  # first: its TypeError off LDA-style learners
-        return background_distances(learner, X) - nearest
+    if kind in GAUSSIAN_SCORES:
+        gauss = learner if density is None else density
+        nearest = mahalanobis_distances(gauss, X).min(1).values  # first: its TypeError off LDA-style learners
+        return -nearest if kind == "mahalanobis" else background_distances(gauss, X) - nearest
     if scores is None:
         scores = learner.decision_function(X)
     if calibrator is not None and kind == "msp":
@@ -610,22 +632,26 @@ class OpenSetCalibration:
     def proba(self, learner: IncrementalLearner, X: ArrayLike) -> Tensor:
         return self.calibrator.predict_proba(learner, X)
 
-    def score(self, learner: IncrementalLearner, X: ArrayLike, scores: Tensor | None = None) -> Tensor:
-        return known_score(learner, X, self.detector.score, self.calibrator, scores)
+    def score(
+        self, learner: IncrementalLearner, X: ArrayLike, scores: Tensor | None = None,
+        density: IncrementalLearner | None = None,
+    ) -> Tensor:
+        return known_score(learner, X, self.detector.score, self.calibrator, scores, density)
 
     @torch.no_grad()
     def predict(
-        self, learner: IncrementalLearner, X: ArrayLike, threshold: float | None = None, reject_unknown: bool = True
+        self, learner: IncrementalLearner, X: ArrayLike, threshold: float | None = None, reject_unknown: bool = True,
+        density: IncrementalLearner | None = None,
     ) -> OpenSetPrediction:
         """Calibrated probabilities, the best label, and ``UNKNOWN`` where the known-ness score is too low.
 
         ``threshold``: None uses the stored one, a float overrides it for this call;
-        ``reject_unknown=False`` never rejects (the scores are still returned).
+        ``reject_unknown=False`` never rejects (the scores are still returned). ``density``: see ``known_score``.
         """
         scores = learner.decision_function(X)
         proba = self.calibrator.proba(scores)
         best = learner.classes_[scores.argmax(1)].cpu()
-        score = self.score(learner, X, scores)
+        score = self.score(learner, X, scores, density)
         thr = self.detector.threshold if threshold is None else float(threshold)
         rejected = self.detector.reject(score, thr) if reject_unknown else torch.zeros(len(best), dtype=torch.bool)
         labels = torch.where(rejected, torch.full_like(best, UNKNOWN), best)
@@ -673,11 +699,15 @@ class HeldOutCalibration:
     ``partial_fit(X, y)``): the shadow learns the session minus its held-out share, the held-out clips
     join the pool (at most ``max_per_class`` per class are kept), then T is refitted on the shadow's
     pool scores and the threshold on the pool's calibrated known-ness scores.
+
+    ``density``: keep class Gaussians beside a learner that has none (see the module docstring); None (the
+    default) keeps them exactly when ``score`` is a Mahalanobis kind and the learner is not LDA-style.
     """
 
     def __init__(
         self, learner: IncrementalLearner, *, holdout: float = 0.2, seed: int = 0, score: str = "msp",
         target_frr: float = 0.05, max_per_class: int | None = 50, calibrator: Calibrator | None = None,
+        density: bool | None = None,
     ) -> None:
         if learner.is_fitted:
             raise ValueError("HeldOutCalibration shadows a learner from its first session: pass it unfitted")
@@ -694,6 +724,15 @@ class HeldOutCalibration:
         self.pool_y = torch.zeros(0, dtype=torch.long)
         self.steps = 0
         self.last_held_out = torch.zeros(0, dtype=torch.long)  # rows of the last update's X that were held out
+        if density is None:
+            density = score in GAUSSIAN_SCORES and not is_gaussian(learner)
+        if density and is_gaussian(learner):
+            raise ValueError(f"{learner.name} keeps its own class Gaussians: it needs no density beside it")
+        if not density and score in GAUSSIAN_SCORES and not is_gaussian(learner):
+            raise ValueError(f"the {score} score on {learner.name} needs the density beside it (density=True)")
+        # Class Gaussians of everything learned (scores new clips) and of what the shadow learned (the pool).
+        self.density = new_density() if density else None
+        self.shadow_density = new_density() if density else None
 
     @torch.no_grad()
     def update(
@@ -715,6 +754,10 @@ class HeldOutCalibration:
         self.last_held_out = held
         if len(fit):
             self.shadow.partial_fit(Xt[fit], yt[fit])
+        if self.density is not None and len(yt):
+            self.density.partial_fit(Xt, yt)
+            if len(fit):
+                self.shadow_density.partial_fit(Xt[fit], yt[fit])
         if len(held):
             Xh = Xt[held].to(device="cpu", dtype=torch.float32)
             self.pool_X = Xh if self.pool_X.numel() == 0 else torch.cat([self.pool_X, Xh])
@@ -748,8 +791,9 @@ class HeldOutCalibration:
         if label is not None:
             keep = self.pool_y != int(label)
             self.pool_X, self.pool_y = self.pool_X[keep], self.pool_y[keep]
-            if self.shadow.is_fitted and int(label) in self.shadow.classes_.tolist():
-                self.shadow.forget_class(int(label))
+            for part in (self.shadow, self.density, self.shadow_density):
+                if part is not None and part.is_fitted and int(label) in part.classes_.tolist():
+                    part.forget_class(int(label))
         if X is not None:
             Xt = torch.as_tensor(np.asarray(X), dtype=torch.float32) if not isinstance(X, Tensor) else X.float().cpu()
             yt = torch.as_tensor(np.asarray(y)).reshape(-1).long()
@@ -761,8 +805,12 @@ class HeldOutCalibration:
                     keep[hit[0]] = False
                     in_pool[r] = True
             self.pool_X, self.pool_y = self.pool_X[keep], self.pool_y[keep]
+            if self.density is not None:
+                self.density.forget_samples(Xt, yt)  # it learned every clip, held out or not
             if bool((~in_pool).any()):
                 self.shadow.forget_samples(Xt[~in_pool], yt[~in_pool])
+                if self.shadow_density is not None:
+                    self.shadow_density.forget_samples(Xt[~in_pool], yt[~in_pool])
         self.refit()
 
     @torch.no_grad()
@@ -771,8 +819,13 @@ class HeldOutCalibration:
 
         ``solve=False`` defers the shadow's solve and the refit to a later merge with ``solve=True``.
         """
+        if (self.density is None) != (other.density is None):
+            raise ValueError("cannot merge a calibration with class densities and one without")
         if other.shadow.is_fitted:
             self.shadow.merge(other.shadow.relabeled(mapping), solve=solve)
+        for mine, theirs in ((self.density, other.density), (self.shadow_density, other.shadow_density)):
+            if theirs is not None and theirs.is_fitted:
+                mine.merge(theirs.relabeled(mapping), solve=solve)
         if len(other.pool_y):
             y = torch.as_tensor([mapping[int(c)] for c in other.pool_y.tolist()], dtype=torch.long)
             self.pool_X = other.pool_X.clone() if self.pool_X.numel() == 0 else torch.cat([self.pool_X, other.pool_X])
@@ -789,8 +842,23 @@ class HeldOutCalibration:
         """
         out = copy.copy(self)
         out.shadow = self.shadow.frozen()
+        if self.density is not None:
+            out.density, out.shadow_density = self.density.frozen(), self.shadow_density.frozen()
         out.calibration = copy.deepcopy(self.calibration)
         return out
+
+    @torch.no_grad()
+    def predict(
+        self, learner: IncrementalLearner, X: ArrayLike, threshold: float | None = None, reject_unknown: bool = True,
+    ) -> OpenSetPrediction:
+        """``OpenSetCalibration.predict`` for the learner this calibration follows, with its density."""
+        return self.calibration.predict(learner, X, threshold, reject_unknown, self.density)
+
+    def score(self, learner: IncrementalLearner, X: ArrayLike, kind: str | None = None,
+              scores: Tensor | None = None) -> Tensor:
+        """Known-ness of ``X`` under ``learner`` (the stored score kind, or ``kind``), with this density."""
+        kind = self.calibration.detector.score if kind is None else kind
+        return known_score(learner, X, kind, self.calibration.calibrator, scores, self.density)
 
     @torch.no_grad()
     def pool_scores(self) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -817,21 +885,27 @@ class HeldOutCalibration:
         pool_X, scores, cols = pooled
         self.calibration.calibrator.fit(scores, cols)
         known = known_score(self.shadow, pool_X, self.calibration.detector.score,
-                            self.calibration.calibrator, scores)
+                            self.calibration.calibrator, scores, self.shadow_density)
         self.calibration.detector.fit(known)
         return self.calibration
 
     def nbytes(self) -> int:
         """Bytes of the tensors ``state()`` saves, counted without building them (a model's info asks after
         every change, and a state dict would fold the shadow's pending statistics each time)."""
-        return self.shadow.nbytes() + sum(t.numel() * t.element_size() for t in (self.pool_X, self.pool_y))
+        densities = sum(d.nbytes() for d in (self.density, self.shadow_density) if d is not None)
+        return self.shadow.nbytes() + densities + sum(t.numel() * t.element_size() for t in (self.pool_X, self.pool_y))
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """(tensors, JSON-able meta) to save beside a model: the shadow's state, the pool, the calibration."""
         tensors = {f"shadow.{k}": v for k, v in self.shadow.state_dict().items()}
         tensors |= {"pool_X": self.pool_X.contiguous(), "pool_y": self.pool_y.contiguous()}
+        density = None
+        if self.density is not None:
+            for prefix, part in (("density.", self.density), ("shadow_density.", self.shadow_density)):
+                tensors |= {prefix + k: v for k, v in part.state_dict().items()}
+            density = {"shrinkage": float(self.density.config.shrinkage)}
         meta = {"holdout": self.holdout, "seed": self.seed, "max_per_class": self.max_per_class,
-                "steps": self.steps, "calibration": self.calibration.to_dict()}
+                "steps": self.steps, "calibration": self.calibration.to_dict(), "density": density}
         return tensors, meta
 
     @classmethod
@@ -840,9 +914,16 @@ class HeldOutCalibration:
     ) -> HeldOutCalibration:
         """Rebuild from ``state()``; ``learner``: an unfitted learner of the same config (the shadow's shell)."""
         cal = OpenSetCalibration.from_dict(meta["calibration"])
+        density = meta.get("density")  # absent in calibrations saved before densities: none
         out = cls(learner, holdout=meta["holdout"], seed=meta["seed"], score=cal.detector.score,
-                  target_frr=cal.detector.target_frr, max_per_class=meta["max_per_class"], calibrator=cal.calibrator)
+                  target_frr=cal.detector.target_frr, max_per_class=meta["max_per_class"], calibrator=cal.calibrator,
+                  density=density is not None)
         out.shadow.load_state_dict({k[len("shadow."):]: v for k, v in tensors.items() if k.startswith("shadow.")})
+        if density is not None:
+            for prefix in ("density.", "shadow_density."):
+                part = new_density(float(density["shrinkage"]))
+                part.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+                setattr(out, prefix[:-1], part)
         out.pool_X, out.pool_y = tensors["pool_X"], tensors["pool_y"].long()
         out.steps = int(meta["steps"])
         out.calibration = cal
@@ -863,9 +944,11 @@ __all__ = [
     "default_calibrator",
     "default_score",
     "fit_temperature",
+    "is_gaussian",
     "known_score",
     "known_score_from",
     "mahalanobis_distances",
+    "new_density",
     "recalibrate_top",
     "stratified_holdout",
     "temperature_nll",

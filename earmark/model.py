@@ -584,7 +584,7 @@ class Model:
         if cal is None or cal.calibrator.n_samples == 0:  # nothing held out yet: the learner's own softmax
             proba, rejected, score = self.learner.predict_proba(X).cpu(), torch.zeros(len(X), dtype=torch.bool), None
         else:
-            out = cal.predict(self.learner, X, threshold, reject)
+            out = self.calibration.predict(self.learner, X, threshold, reject)
             proba, rejected, score = out.proba, out.rejected, out.score
         p, idx = proba.topk(k, dim=1)
         names = self.labels

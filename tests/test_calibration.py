@@ -12,12 +12,14 @@ from earmark.calibration import (
     Calibrator,
     HeldOutCalibration,
     fit_temperature,
+    known_score,
     stratified_holdout,
     temperature_nll,
 )
 from earmark.data.dataset import AudioDataset
 from earmark.experiments.evaluate import evaluate_learner, evaluate_open_set
 from earmark.learners import make_learner
+from earmark.learners.lda import LDAConfig, StreamingLDALearner
 from earmark.metrics.calibration import calibration_bins, expected_calibration_error, negative_log_likelihood
 from earmark.scenarios import ClassIncremental
 from tests.learner_data import blobs
@@ -210,12 +212,89 @@ def test_evaluate_open_set_matches_evaluate_learner():
     json.dumps(rows, allow_nan=False)
 
 
-def test_evaluate_open_set_mahalanobis_only_for_lda():
+def test_evaluate_open_set_mahalanobis_from_a_density_beside_other_heads():
+    # lda reads its own Gaussians; ncm and analytic a density (an LDA at shrinkage 1e-4) kept beside them:
+    # the same data, so the same Mahalanobis figures as lda at that shrinkage, session by session
     sc, X, row_of = _dataset_with_embeddings()
-    _, _, rows = evaluate_open_set(make_learner("ncm"), sc, X, row_of, extra_scores=("mahalanobis",))
-    assert "auroc_mahalanobis" not in rows[0]
-    _, _, rows = evaluate_open_set(make_learner("lda", shrinkage=0.1), sc, X, row_of, extra_scores=("mahalanobis",))
-    assert rows[0]["auroc_mahalanobis"] is not None
+    kinds = ("mahalanobis", "relative_mahalanobis")
+    _, _, ref = evaluate_open_set(make_learner("lda", shrinkage=1e-4), sc, X, row_of, extra_scores=kinds)
+    for name in ("ncm", "analytic"):
+        _, _, rows = evaluate_open_set(make_learner(name), sc, X, row_of, extra_scores=kinds)
+        for r, q in zip(rows[:-1], ref[:-1], strict=True):
+            for k in ("auroc_mahalanobis", "auroc_relative_mahalanobis"):
+                assert r[k] is not None and r[k] == pytest.approx(q[k], abs=1e-12)
+    _, _, rows = evaluate_open_set(make_learner("ncm"), sc, X, row_of, extra_scores=("energy",))
+    assert "auroc_mahalanobis" not in rows[0]  # no density unless a Mahalanobis score asks for one
+
+
+def _same_gaussians(a, b):
+    order_a, order_b = torch.argsort(a.classes_), torch.argsort(b.classes_)
+    return (torch.equal(a.classes_[order_a], b.classes_[order_b]) and torch.allclose(a.covariance_, b.covariance_)
+            and torch.allclose(a.means_[order_a], b.means_[order_b]))
+
+
+def _density_calibration(name="ncm", target_frr=0.05):
+    return HeldOutCalibration(make_learner(name), score="relative_mahalanobis", seed=3, target_frr=target_frr)
+
+
+def test_density_forgets_and_merges_as_the_joint_density():
+    X, y, _ = blobs([0, 1, 2], 20, d=6, seed=4, spread=1.0)
+    a = _density_calibration()
+    a.update(X, y)
+    assert a.density is not None and a.shadow_density is not None
+    ref = StreamingLDALearner(LDAConfig(shrinkage=1e-4)).partial_fit(X[y != 2], y[y != 2])
+    a.forget(label=2)
+    assert sorted(a.density.classes_.tolist()) == [0, 1] and _same_gaussians(a.density, ref)
+    # forgetting clips: the density drops all of them, the shadow's density the ones it learned
+    b = _density_calibration()
+    b.update(X, y)
+    gone = torch.arange(0, 60, 7)
+    b.forget(X[gone], y[gone])
+    keep = torch.ones(60, dtype=torch.bool)
+    keep[gone] = False
+    ref = StreamingLDALearner(LDAConfig(shrinkage=1e-4)).partial_fit(X[keep], y[keep])
+    assert _same_gaussians(b.density, ref)
+    assert int(b.shadow_density.class_counts.sum()) == int(b.shadow.class_counts.sum())
+    # merging two halves' calibrations: the densities add up to the density of all
+    c, d = _density_calibration(), _density_calibration()
+    c.update(X[:30], y[:30])
+    d.update(X[30:], y[30:])
+    c.merge(d, {0: 0, 1: 1, 2: 2})
+    ref = StreamingLDALearner(LDAConfig(shrinkage=1e-4)).partial_fit(X, y)
+    assert _same_gaussians(c.density, ref)
+    with pytest.raises(ValueError, match="densities"):
+        c.merge(HeldOutCalibration(make_learner("ncm")), {})
+
+
+def test_density_round_trips_and_scores_the_pool_with_the_shadows():
+    X, y, _ = blobs([0, 1, 2, 3], 15, d=6, seed=5, spread=1.0)
+    cal = _density_calibration("analytic", target_frr=0.25)
+    cal.update(X, y)
+    # the threshold comes from the shadow's density: the pool's clips are new to it
+    pool_known = known_score(cal.shadow, cal.pool_X, "relative_mahalanobis", density=cal.shadow_density)
+    j = math.floor(0.25 * (len(pool_known) + 1))
+    assert cal.calibration.detector.n_samples == len(pool_known) and j >= 1
+    assert cal.calibration.detector.threshold == pytest.approx(float(torch.sort(pool_known).values[j - 1]))
+    tensors, meta = cal.state()
+    assert meta["density"] == {"shrinkage": 1e-4} and any(k.startswith("shadow_density.") for k in tensors)
+    back = HeldOutCalibration.from_state(make_learner("analytic"), tensors, meta)
+    Z = X[:7] + 0.3
+    assert torch.equal(back.score(make_learner("analytic").partial_fit(X, y), Z),
+                       cal.score(make_learner("analytic").partial_fit(X, y), Z))
+    assert back.nbytes() == cal.nbytes() > cal.shadow.nbytes() + cal.pool_X.numel() * 4
+    frozen = cal.frozen()
+    assert torch.equal(frozen.predict(make_learner("analytic").partial_fit(X, y), Z).score,
+                       cal.score(make_learner("analytic").partial_fit(X, y), Z))
+    # saved without a density (before it existed): loads without one
+    old = HeldOutCalibration(make_learner("ncm"), score="max_score")
+    old.update(X, y)
+    t, m = old.state()
+    m.pop("density")
+    assert HeldOutCalibration.from_state(make_learner("ncm"), t, m).density is None
+    with pytest.raises(ValueError, match="keeps its own"):
+        HeldOutCalibration(make_learner("lda"), score="relative_mahalanobis", density=True)
+    with pytest.raises(ValueError, match="needs the density"):
+        HeldOutCalibration(make_learner("ncm"), score="mahalanobis", density=False)
 
 
 def test_ece_sampling_floor():

@@ -193,7 +193,8 @@ def evaluate_open_set(
     temperature scaling fitted on the same held-out scores (``ece_temperature``), for comparison. Known vs
     unknown: the seen classes' test clips against the test clips of the classes still to come (the unknown
     sounds of that moment): AUROC and FAR@95 of the known-ness ``score`` (and
-    of each of ``extra_scores``), and the false rejections / acceptances at the stored threshold.
+    of each of ``extra_scores``), and the false rejections / acceptances at the stored threshold. The
+    Mahalanobis kinds read the class Gaussians of an LDA-style learner, or of a density kept beside any other.
     None where there is nothing to measure (no future classes in the last session).
     ``seconds`` times the learner's own ``partial_fit`` only, as ``evaluate_learner``.
 
@@ -203,17 +204,18 @@ def evaluate_open_set(
     on the base session's training clips, so a held-out share of those is held out from the learner
     but not from the encoder, and its embeddings are cleaner than test ones (too small a temperature).
     """
-    from earmark.calibration import Calibrator, HeldOutCalibration, known_score
+    from earmark.calibration import GAUSSIAN_SCORES, Calibrator, HeldOutCalibration, is_gaussian
     from earmark.metrics.calibration import ece_sampling_floor, expected_calibration_error, negative_log_likelihood
     from earmark.metrics.openset import auroc, far_at_tar, rejection_rates
 
+    kinds = [score, *[k for k in extra_scores if k != score]]
+    density = not is_gaussian(learner) and any(k in GAUSSIAN_SCORES for k in kinds)  # Gaussians beside the head
     cal = HeldOutCalibration(learner, holdout=holdout, seed=seed, score=score, target_frr=target_frr,
-                             calibrator=calibrator)
+                             calibrator=calibrator, density=density)
     matrix = AccuracyMatrix.empty(len(scenario))
     seconds: list[float] = []
     per_session: list[dict] = []
     everything = embedded(scenario[-1].test_indices, row_of)
-    kinds = [score, *[k for k in extra_scores if k != score]]
     for session in scenario:
         train, test = embedded(session.train_indices, row_of), embedded(session.test_indices, row_of)
         Xtr, ytr = X[[row_of[i] for i in train]], scenario.dense_targets(train)
@@ -255,11 +257,8 @@ def evaluate_open_set(
             "threshold": calibration.detector.to_dict()["threshold"],
         }
         for k, kind in enumerate(kinds):
-            try:
-                known = known_score(learner, Xte, kind, calibration.calibrator, scores).numpy()
-            except TypeError:  # a score this learner family does not support (mahalanobis off lda)
-                continue
-            unknown = known_score(learner, Xfu, kind, calibration.calibrator).numpy() if Xfu is not None else None
+            known = cal.score(learner, Xte, kind, scores).numpy()
+            unknown = cal.score(learner, Xfu, kind).numpy() if Xfu is not None else None
             suffix = "" if k == 0 else f"_{kind}"
             row[f"auroc{suffix}"] = None if unknown is None else auroc(known, unknown)
             row[f"far95{suffix}"] = None if unknown is None else far_at_tar(known, unknown, 0.95)
